@@ -1,0 +1,31 @@
+"""megatron_onereason: Megatron-style training for reasoning generative recommendation (OneReason family)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_onereason",
+    version="0.1.0",
+    description="Megatron-core training system for OneRec / OpenOneRec / OneReason reasoning recommenders",
+    packages=find_packages(include=["megatron_onereason", "megatron_onereason.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # megatron-core 0.16 is the newest for Python 3.11; 0.17-0.19 (Python >= 3.12) are supported too.
+        "megatron-core>=0.16,<0.20",
+        "torch>=2.4",
+        "transformers>=4.51",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tensorboard>=2.14",
+        "psutil>=5.9",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "faiss-cpu>=1.8",
+        "pyarrow>=14",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
+        # Transformer Engine and apex are NOT installable from PyPI as binary wheels: they come with the
+        # NGC PyTorch container (see Dockerfile). This extra only documents the versions we run with.
+        "gpu": [],
+    },
+)
