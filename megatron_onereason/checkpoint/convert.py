@@ -1,0 +1,156 @@
+"""HF safetensors ⇄ megatron-core ``torch_dist`` conversion of Qwen3, streaming tensor by tensor."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+
+from megatron_onereason.checkpoint.hf_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    HFCheckpointReader,
+    ShardedSafetensorsWriter,
+    copy_hf_assets,
+    write_hf_config,
+)
+from megatron_onereason.checkpoint.hf_mapping import (
+    EMBEDDING,
+    FINAL_NORM,
+    OUTPUT_LAYER,
+    LAYER_PREFIX,
+    expected_hf_shapes,
+    hf_layer_to_mcore,
+    mcore_tensor_to_hf,
+)
+from megatron_onereason.checkpoint.mcore_io import (
+    HF_ASSETS,
+    RELEASE,
+    TRACKER_FILE,
+    CheckpointModelInfo,
+    checkpoint_iteration_dir,
+    global_sharded_state_dict,
+    iter_checkpoint_tensors,
+)
+from megatron_onereason.fileio import atomic_directory
+from megatron_onereason.model.builder import ModelBuildConfig, check_parallel_layout
+from megatron_onereason.model.qwen3_config import Qwen3Config, padded_vocab_size
+
+log = logging.getLogger(__name__)
+
+
+def _ensure_process_group() -> None:
+    """dist_checkpointing needs a process group; a converter run alone gets a single-process one."""
+    from megatron_onereason.platform import initialize_distributed
+
+    initialize_distributed()
+
+
+def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, overwrite: bool = False,
+                        make_vocab_size_divisible_by: int = 128) -> CheckpointModelInfo:
+    """Write ``out_dir`` as a megatron checkpoint of the HF model in ``hf_dir``.
+
+    ``tp`` fixes the vocab padding (a multiple of ``128 × tp``) and is validated against the heads, like ``pp``
+    against the layers; the stored tensors are global, so the checkpoint loads at any TP dividing the padded
+    vocab and any PP dividing the layers.
+    """
+    from megatron.core import dist_checkpointing
+
+    cfg = Qwen3Config.from_hf_dir(hf_dir)
+    check_parallel_layout(cfg, ModelBuildConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
+    reader = HFCheckpointReader(hf_dir)
+    reader.check_against(expected_hf_shapes(cfg))
+    padded = padded_vocab_size(cfg.vocab_size, tp, make_vocab_size_divisible_by)
+    info = CheckpointModelInfo(cfg, padded)
+    _ensure_process_group()
+    start = time.time()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        sd = global_sharded_state_dict(
+            cfg,
+            padded,
+            embedding=reader.get("model.embed_tokens.weight"),
+            final_norm=reader.get("model.norm.weight"),
+            output_layer=None if cfg.tie_word_embeddings else reader.get("lm_head.weight"),
+            layers=((i, hf_layer_to_mcore(reader.get, i, cfg)) for i in range(cfg.num_layers)),
+        )
+        iter_dir = os.path.join(tmp, RELEASE)
+        os.makedirs(iter_dir)
+        dist_checkpointing.save(sd, iter_dir)
+        info.save(tmp)
+        assets = os.path.join(tmp, HF_ASSETS)
+        os.makedirs(assets)
+        copy_hf_assets(hf_dir, assets, skip=())
+        with open(os.path.join(tmp, TRACKER_FILE), "w") as f:  # written last: marks the checkpoint complete
+            f.write(RELEASE)
+    log.info("converted %s -> %s (%d layers, vocab %d padded to %d) in %.1fs", hf_dir, out_dir, cfg.num_layers,
+             cfg.vocab_size, padded, time.time() - start)
+    return info
+
+
+def convert_mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Qwen3Config:
+    """Write ``out_dir`` as a HF model directory (sharded safetensors, config.json, tokenizer files)."""
+    info = CheckpointModelInfo.load(mcore_dir)
+    cfg = info.config
+    iter_dir = checkpoint_iteration_dir(mcore_dir)
+    _ensure_process_group()
+    assets = os.path.join(mcore_dir, HF_ASSETS)
+    template = None
+    if os.path.exists(os.path.join(assets, "config.json")):
+        with open(os.path.join(assets, "config.json")) as f:
+            template = json.load(f)
+    start = time.time()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        dtype = None
+        hf_names = {EMBEDDING: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight",
+                    OUTPUT_LAYER: "lm_head.weight"}
+        for key, tensor in iter_checkpoint_tensors(iter_dir, info):
+            if key in hf_names:
+                dtype = dtype or tensor.dtype
+                writer.add(hf_names[key], tensor)
+                continue
+            for layer in range(cfg.num_layers):
+                for name, t in mcore_tensor_to_hf(key[len(LAYER_PREFIX):], tensor[layer], layer, cfg).items():
+                    writer.add(name, t)
+        writer.finish()
+        write_hf_config(tmp, cfg, template, dtype=str(dtype).replace("torch.", ""))
+        if os.path.isdir(assets):
+            copy_hf_assets(assets, tmp)
+    log.info("exported %s -> %s in %.1fs", mcore_dir, out_dir, time.time() - start)
+    return cfg
+
+
+def verify_logits(hf_dir: str, mcore_dir: str, num_tokens: int = 64, batch: int = 2, seed: int = 0,
+                  tolerance: Optional[float] = 1e-4) -> float:
+    """Max |Δ| between HF and megatron (TP1, PP1, fp32, CPU or GPU) logits on random tokens.
+
+    Raises ``AssertionError`` if it exceeds ``tolerance``. Needs memory for both models in fp32.
+    """
+    import transformers
+
+    from megatron_onereason.checkpoint.mcore_io import load_into_model
+    from megatron_onereason.model.builder import build_qwen3_model
+    from megatron_onereason.model.forward import forward_logits
+    from megatron_onereason.platform import device
+
+    _ensure_process_group()
+    info = CheckpointModelInfo.load(mcore_dir)
+    cfg = info.config
+    model = build_qwen3_model(cfg, ModelBuildConfig(padded_vocab_size=info.padded_vocab_size, layer_spec="local"))
+    model.to(device())
+    load_into_model([model], mcore_dir)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, num_tokens), generator=generator).to(device())
+    mc_logits = forward_logits([model], tokens, vocab_size=cfg.vocab_size).float()
+    del model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device()).eval()
+    with torch.no_grad():
+        hf_logits = hf(tokens).logits.float()
+    diff = (mc_logits - hf_logits).abs().max().item()
+    log.info("verify: max |logits(HF) - logits(megatron)| = %.3g over %s tokens", diff, tuple(tokens.shape))
+    if tolerance is not None and diff > tolerance:
+        raise AssertionError(f"logits differ by {diff:.3g} > {tolerance} between {hf_dir} and {mcore_dir}")
+    return diff

@@ -1,0 +1,216 @@
+"""megatron-core ``dist_checkpointing`` (``torch_dist``) checkpoints of Qwen3.
+
+Layout of a checkpoint directory (Megatron-LM's, plus two files of ours)::
+
+    CKPT/latest_checkpointed_iteration.txt   "release" or the iteration number
+    CKPT/release/ | CKPT/iter_0000100/       the torch_dist checkpoint (metadata.json, *.distcp, common.pt)
+    CKPT/onereason_model.json                Qwen3Config + padded vocab size
+    CKPT/hf/                                 HF config.json and tokenizer files carried along for export
+
+``torch_dist`` stores *global* tensors (the layout does not depend on TP/PP), so one process can write a
+checkpoint from full tensors and any TP/PP can load it, as long as TP divides the stored padded vocab size.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from megatron_onereason.checkpoint.hf_mapping import (
+    EMBEDDING,
+    FC1,
+    FINAL_NORM,
+    LAYER_PREFIX,
+    OUTPUT_LAYER,
+    LayerTensor,
+    expected_layer_shapes,
+)
+from megatron_onereason.model.qwen3_config import Qwen3Config
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_JSON = "onereason_model.json"
+HF_ASSETS = "hf"
+RELEASE = "release"
+
+
+@dataclass(frozen=True)
+class CheckpointModelInfo:
+    config: Qwen3Config
+    padded_vocab_size: int
+
+    def save(self, ckpt_root: str) -> None:
+        with open(os.path.join(ckpt_root, MODEL_JSON), "w") as f:
+            json.dump({"qwen3": self.config.to_dict(), "padded_vocab_size": self.padded_vocab_size}, f, indent=2)
+
+    @classmethod
+    def load(cls, ckpt_root: str) -> "CheckpointModelInfo":
+        path = os.path.join(ckpt_root, MODEL_JSON)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: not a megatron_onereason checkpoint (no {MODEL_JSON})")
+        with open(path) as f:
+            d = json.load(f)
+        return cls(Qwen3Config.from_dict(d["qwen3"]), int(d["padded_vocab_size"]))
+
+
+def checkpoint_iteration_dir(ckpt_root: str) -> str:
+    """The directory the tracker file points at (``release`` or ``iter_XXXXXXX``)."""
+    tracker = os.path.join(ckpt_root, TRACKER_FILE)
+    if not os.path.exists(tracker):
+        raise FileNotFoundError(f"{tracker}: missing; {ckpt_root} is not a complete megatron checkpoint")
+    with open(tracker) as f:
+        it = f.read().strip()
+    sub = RELEASE if it == RELEASE else f"iter_{int(it):07d}"
+    path = os.path.join(ckpt_root, sub)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: named by {tracker} but missing")
+    return path
+
+
+def _layer_key(suffix: str) -> str:
+    return LAYER_PREFIX + suffix
+
+
+def _sharded(key: str, tensor: torch.Tensor, layer: Optional[int], num_layers: int, extra_offsets=()):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if layer is None:
+        return ShardedTensor.from_rank_offsets(key, tensor, *extra_offsets, replica_id=0)
+    return ShardedTensor.from_rank_offsets(key, tensor, (0, layer, num_layers), *extra_offsets, replica_id=0,
+                                           prepend_axis_num=1)
+
+
+def pad_vocab_rows(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
+    if weight.shape[0] == padded_rows:
+        return weight
+    pad = weight.new_zeros((padded_rows - weight.shape[0],) + tuple(weight.shape[1:]))
+    return torch.cat([weight, pad], dim=0)
+
+
+def global_sharded_state_dict(
+    cfg: Qwen3Config,
+    padded_vocab: int,
+    embedding: torch.Tensor,
+    final_norm: torch.Tensor,
+    output_layer: Optional[torch.Tensor],
+    layers: Iterator[Tuple[int, Dict[str, LayerTensor]]],
+) -> Dict[str, object]:
+    """A sharded state dict of full tensors that megatron-core's ``GPTModel`` loads at any TP/PP.
+
+    The SwiGLU ``FC1`` pair is written as two shards of one key (gate rows first), exactly as megatron's
+    SwiGLU factory does, so nothing is concatenated in memory.
+    """
+    sd = {
+        EMBEDDING: _sharded(EMBEDDING, pad_vocab_rows(embedding, padded_vocab), None, cfg.num_layers),
+        FINAL_NORM: _sharded(FINAL_NORM, final_norm, None, cfg.num_layers),
+    }
+    if output_layer is not None:
+        sd[OUTPUT_LAYER] = _sharded(OUTPUT_LAYER, pad_vocab_rows(output_layer, padded_vocab), None, cfg.num_layers)
+    for layer, tensors in layers:
+        for suffix, t in tensors.items():
+            key = _layer_key(suffix)
+            if suffix == FC1:
+                gate, up = t
+                sd[f"{key}.{layer}.gate"] = _sharded(key, gate, layer, cfg.num_layers, [(1, 0, 2)])
+                sd[f"{key}.{layer}.up"] = _sharded(key, up, layer, cfg.num_layers, [(1, 1, 2)])
+            else:
+                sd[f"{key}.{layer}"] = _sharded(key, t, layer, cfg.num_layers)
+    return sd
+
+
+def checkpoint_tensor_shapes(iter_dir: str) -> Dict[str, Tuple[int, ...]]:
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(iter_dir)
+    return {k: tuple(v.global_shape) for k, v in meta.items()}
+
+
+def validate_checkpoint(iter_dir: str, info: CheckpointModelInfo) -> Dict[str, Tuple[int, ...]]:
+    """Check every tensor the config needs is in the checkpoint with the right global shape."""
+    cfg = info.config
+    found = checkpoint_tensor_shapes(iter_dir)
+    expected = {_layer_key(s): (cfg.num_layers,) + shape for s, shape in expected_layer_shapes(cfg).items()}
+    expected[EMBEDDING] = (info.padded_vocab_size, cfg.hidden_size)
+    expected[FINAL_NORM] = (cfg.hidden_size,)
+    if not cfg.tie_word_embeddings:
+        expected[OUTPUT_LAYER] = (info.padded_vocab_size, cfg.hidden_size)
+    for key, shape in expected.items():
+        if key not in found:
+            raise ValueError(f"{iter_dir}: tensor {key} missing from the checkpoint (config {MODEL_JSON} needs it)")
+        if found[key] != shape:
+            raise ValueError(
+                f"{iter_dir}: tensor {key} has global shape {found[key]}, but {MODEL_JSON} implies {shape}"
+            )
+    return found
+
+
+def _load_full(iter_dir: str, key: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """One checkpoint key as a full tensor (all layers of a stacked per-layer key)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load({key: _sharded(key, torch.empty(shape, dtype=dtype), None, 0)}, iter_dir)[key]
+
+
+def iter_checkpoint_tensors(iter_dir: str, info: CheckpointModelInfo):
+    """Yield ``(key, tensor)`` for every model tensor of the checkpoint, one key in memory at a time.
+
+    Keys are checkpoint keys; per-layer keys come as the full ``[num_layers, ...]`` stack (a single process
+    cannot read a subset of one key's shards through ``torch_dist``). Vocab rows are cut to the true vocab.
+    """
+    from megatron.core import dist_checkpointing
+
+    cfg = info.config
+    validate_checkpoint(iter_dir, info)
+    meta = dist_checkpointing.load_tensors_metadata(iter_dir)
+    keys = [EMBEDDING, FINAL_NORM] + ([] if cfg.tie_word_embeddings else [OUTPUT_LAYER])
+    keys += [_layer_key(s) for s in expected_layer_shapes(cfg)]
+    for key in keys:
+        tensor = _load_full(iter_dir, key, tuple(meta[key].global_shape), meta[key].dtype)
+        yield key, tensor[: cfg.vocab_size] if key in (EMBEDDING, OUTPUT_LAYER) else tensor
+
+
+def load_into_model(model_chunks: List[torch.nn.Module], ckpt_root: str, strict: bool = True) -> str:
+    """Load a checkpoint's model weights into this rank's model chunks (any TP/PP); returns the iteration dir.
+
+    Missing ``_extra_state`` entries are tolerated (a converted checkpoint has none); any other missing tensor,
+    and any shape mismatch, is an error naming the tensor.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    iter_dir = checkpoint_iteration_dir(ckpt_root)
+    info = CheckpointModelInfo.load(ckpt_root)
+    found = validate_checkpoint(iter_dir, info)
+    if len(model_chunks) == 1:
+        sharded = {"model": model_chunks[0].sharded_state_dict()}
+    else:
+        sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+    _check_model_matches(sharded, found, iter_dir)
+    loaded, missing, _unexpected = dist_checkpointing.load(sharded, iter_dir, strict=StrictHandling.RETURN_ALL)
+    hard_missing = sorted(k for k in missing if not k.endswith("_extra_state"))
+    if hard_missing:
+        raise ValueError(f"{iter_dir}: checkpoint lacks {len(hard_missing)} tensors the model needs, e.g. "
+                         f"{hard_missing[:3]}")
+    for i, chunk in enumerate(model_chunks):
+        state = loaded["model" if len(model_chunks) == 1 else f"model{i}"]
+        result = chunk.load_state_dict(state, strict=False)
+        bad = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if strict and (bad or result.unexpected_keys):
+            raise ValueError(f"{iter_dir}: model chunk {i} state mismatch: missing {bad[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
+    return iter_dir
+
+
+def _check_model_matches(sharded: Dict, found: Dict[str, Tuple[int, ...]], iter_dir: str) -> None:
+    """Compare the model's global shapes with the checkpoint's before loading, for a readable error."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensor) and value.key in found and tuple(value.global_shape) != found[value.key]:
+            raise ValueError(
+                f"{iter_dir}: tensor {value.key} has global shape {found[value.key]} in the checkpoint, the model "
+                f"built from its config wants {tuple(value.global_shape)} (wrong TP padding or config?)"
+            )

@@ -1,0 +1,60 @@
+"""Forward passes through megatron-core's pipeline schedules, for evaluation and conversion checks."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    """megatron-core ``PackedSeqParams`` (``thd``) for one pack whose document boundaries are ``cu_seqlens``."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens.to(dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
+                           max_seqlen_kv=max_len)
+
+
+def forward_logits(
+    model_chunks: List[torch.nn.Module],
+    tokens: torch.Tensor,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    vocab_size: Optional[int] = None,
+) -> Optional[torch.Tensor]:
+    """Logits ``[B, S, V]`` (gathered over TP, cut to ``vocab_size``) on the last pipeline stage; None elsewhere.
+
+    ``cu_seqlens`` marks packed documents (``B`` must be 1): each attends only within itself and its positions
+    restart at 0. Every rank of the model-parallel group calls this with the same ``tokens``.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if cu_seqlens is not None and tokens.size(0) != 1:
+        raise ValueError(f"packed forward takes one pack per call, got batch {tokens.size(0)}")
+    batch, seq = tokens.shape
+    position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
+    psp = packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
+
+    def forward_step(data_iterator, model):
+        toks = next(data_iterator)
+        out = model(toks, position_ids, None, packed_seq_params=psp, runtime_gather_output=True)
+        return out, lambda output, non_loss_data=True: output
+
+    for chunk in model_chunks:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter([tokens]) for _ in model_chunks] if len(model_chunks) > 1 else iter([tokens]),
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=1,
+            seq_length=seq,
+            micro_batch_size=batch,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    logits = outputs[0]
+    return logits[..., :vocab_size] if vocab_size is not None else logits

@@ -1,0 +1,126 @@
+"""Process-group set-up for torchrun, SLURM (``srun``), mpirun and plain single-process runs.
+
+All distributed plumbing of the project starts here: :func:`initialize_distributed` creates the default process
+group (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups, then seeds megatron's RNG tracker.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "openmpi" | "mpich" | "single"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: ``"gpu[03-05,9],cpu1"`` → ``"gpu03"``."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """Rank, world size and rendezvous address from whichever launcher started this process.
+
+    torchrun's variables win (``srun torchrun ...`` is common); then SLURM's ``srun`` one-task-per-GPU layout,
+    then OpenMPI and MPICH/Intel MPI. With none of them it is a single process on a free local port.
+    """
+    env = os.environ if environ is None else environ
+
+    def port(default: int) -> int:
+        return int(env.get("MASTER_PORT", default))
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), port(29500), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST")
+                                                          or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        # A port derived from the job id lets concurrent jobs on shared nodes avoid each other.
+        job_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         addr, port(job_port), "slurm")
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                         int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
+                         port(29500), "openmpi")
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return LaunchEnv(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), port(29500), "mpich")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", port(_free_port()), "single")
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> LaunchEnv:
+    """Create the default process group and megatron-core's parallel groups (idempotent per process)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_onereason.platform import setup
+
+    setup()
+    launch = detect_launch_env()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if launch.world_size % model_parallel:
+        raise ValueError(
+            f"world size {launch.world_size} is not divisible by TP×PP×CP = {tensor_model_parallel_size}×"
+            f"{pipeline_model_parallel_size}×{context_parallel_size}"
+        )
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(launch.local_rank)
+        torch.distributed.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    model_parallel_cuda_manual_seed(seed)
+    return launch
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,175 @@
+"""Multi-teacher on-policy distillation, MOPD (OneReason §6.3, eqs. 16–20), and the itemic-token penalty of
+OpenOneRec's general-domain on-policy distillation (OpenOneRec §5.2, eqs. 6–7).
+
+Token tensors are ``[B, T]`` with a response ``mask`` as in :mod:`megatron_onereason.rl.losses`; log-probs are
+those of the token the student sampled, so a teacher only scores single points (no full distributions).
+"""
+from __future__ import annotations
+
+from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_onereason.rl.losses import (
+    aggregate_token_losses,
+    check_token_tensor,
+    masked_mean,
+    token_mask,
+)
+from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+
+
+def mopd_advantages(
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    mask: torch.Tensor,
+    clip: Optional[Tuple[float, float]] = None,
+) -> torch.Tensor:
+    """Eq. 16: ``Â_t = sg[log π_teacher(y_t) − log π_θ(y_t)]`` (the per-token negative reverse KL), 0 off the mask.
+
+    ``clip=(α, β)`` clamps it to ``[α, β]`` — OpenOneRec eq. 7's reward clipping, needed when
+    :func:`itemic_penalty` has set a teacher log-prob to −1e9.
+    """
+    mask = token_mask("mask", mask, teacher_logp.shape)
+    check_token_tensor("teacher_logp", teacher_logp, teacher_logp.shape, mask)
+    check_token_tensor("student_logp", student_logp, teacher_logp.shape, mask)
+    gap = teacher_logp.detach() - student_logp.detach()
+    if clip is not None:
+        low, high = clip
+        if not low <= high:
+            raise ValueError(f"clip must be (alpha, beta) with alpha <= beta, got {clip}")
+        gap = gap.clamp(low, high)
+    return torch.where(mask, gap, torch.zeros((), dtype=gap.dtype))
+
+
+def truncated_is_weights(
+    train_logp: torch.Tensor,
+    rollout_logp: torch.Tensor,
+    low: float,
+    high: float,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Eq. 17: ``w_t = sg[π_θ/μ_θ]`` where ``low ≤ π_θ/μ_θ ≤ high``, else exactly 0.
+
+    ``train_logp`` is π_θ from the training engine, ``rollout_logp`` is μ_θ from the inference engine. Without a
+    ``mask`` every position must be finite; with one, positions off the mask get weight 0 and are not checked.
+    """
+    if not 0.0 <= low <= high:
+        raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
+    shape = train_logp.shape
+    mask = torch.ones(shape, dtype=torch.bool) if mask is None else token_mask("mask", mask, shape)
+    check_token_tensor("train_logp", train_logp, shape, mask)
+    check_token_tensor("rollout_logp", rollout_logp, shape, mask)
+    zero = torch.zeros((), dtype=train_logp.dtype)
+    ratio = (torch.where(mask, train_logp.detach(), zero) - torch.where(mask, rollout_logp.detach(), zero)).exp()
+    return torch.where(mask & (ratio >= low) & (ratio <= high), ratio, zero)
+
+
+def mopd_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    is_weights: torch.Tensor,
+    mask: torch.Tensor,
+    loss_normalizer: Optional[float] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Eq. 18: ``L = −E_y[(1/|y|) Σ_t w_t Â_t log π_θ(y_t)]``, ``|y|`` = the trajectory's masked token count.
+
+    ``advantages`` (eq. 16) and ``is_weights`` (eq. 17) are stop-gradient: gradients flow through ``logp`` only.
+    ``loss_normalizer`` is the number of trajectories in the global batch (the expectation's denominator).
+    Metrics (detached): ``pg_loss``, ``adv_mean``, ``adv_abs_mean``, ``is_weight_mean``, ``is_zero_frac`` (share
+    of tokens whose IS weight was truncated to 0).
+    """
+    shape = logp.shape
+    mask = token_mask("mask", mask, shape)
+    check_token_tensor("logp", logp, shape, mask)
+    check_token_tensor("advantages", advantages, shape, mask)
+    check_token_tensor("is_weights", is_weights, shape, mask)
+    zero = torch.zeros((), dtype=logp.dtype)
+    scale = torch.where(mask, is_weights.detach() * advantages.detach(), zero)
+    token_loss = -scale * torch.where(mask, logp, zero)
+    loss = aggregate_token_losses(token_loss, mask, "seq-mean-token-mean", loss_normalizer)
+    with torch.no_grad():
+        metrics = {
+            "pg_loss": loss.detach(),
+            "adv_mean": masked_mean(advantages, mask),
+            "adv_abs_mean": masked_mean(advantages.abs(), mask),
+            "is_weight_mean": masked_mean(is_weights, mask),
+            "is_zero_frac": masked_mean((is_weights == 0).float(), mask),
+        }
+    return loss, metrics
+
+
+def information_gain_scores(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 19: ``s(y_j) = (1/T_j) Σ_t |Â_{j,t}|`` per trajectory ``[B]`` (0 for a trajectory with no token)."""
+    mask = token_mask("mask", mask, advantages.shape)
+    check_token_tensor("advantages", advantages, advantages.shape, mask)
+    gap = torch.where(mask, advantages.detach().abs(), torch.zeros((), dtype=advantages.dtype))
+    return gap.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def information_gain_filter(scores: torch.Tensor, rho: float) -> torch.Tensor:
+    """Eq. 20: indices of the smallest top-score prefix whose share of ``Σ s`` is ``≥ ρ``.
+
+    scores: ``[B]`` non-negative informativeness scores (eq. 19). Sorting is descending and stable, so equal scores
+    keep batch order (the lower index is kept first). All-zero scores carry no information to rank by: keep all.
+    Returns the kept indices as a LongTensor in ascending batch order.
+    """
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    if scores.dim() != 1 or scores.numel() == 0:
+        raise ValueError(f"scores must be a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    s = scores.detach().double()
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError("scores must be finite and non-negative")
+    order = torch.sort(s, descending=True, stable=True).indices
+    cumulative = s[order].cumsum(0)
+    total = cumulative[-1]
+    if total == 0:
+        return torch.arange(s.numel())
+    kept = int((cumulative / total < rho).sum()) + 1  # shares are non-decreasing: count those still below ρ
+    return order[:kept].sort().values
+
+
+def route_to_teachers(domains: Sequence[str], teachers: Mapping[str, Hashable]) -> Dict[Hashable, torch.Tensor]:
+    """Group trajectory indices by the teacher of their domain (§6.3: a prompt goes to its domain expert).
+
+    domains: the domain of each trajectory; teachers: domain → teacher key (several domains may share one
+    teacher, e.g. a general-domain teacher). Returns teacher → ascending LongTensor of trajectory indices, for
+    teachers with at least one trajectory, in order of first use.
+    """
+    groups: Dict[Hashable, list] = {}
+    for i, domain in enumerate(domains):
+        if domain not in teachers:
+            raise ValueError(f"trajectory {i} has domain {domain!r} with no teacher (teachers for: {list(teachers)})")
+        groups.setdefault(teachers[domain], []).append(i)
+    return {teacher: torch.tensor(idx, dtype=torch.long) for teacher, idx in groups.items()}
+
+
+def itemic_token_mask(token_ids: torch.Tensor, vocab: ItemicVocab) -> torch.Tensor:
+    """True where ``token_ids`` is an itemic token (a domain begin or code token) of ``vocab``."""
+    return (token_ids >= vocab.first_id) & (token_ids < vocab.end_id)
+
+
+def itemic_penalty(
+    teacher_logp: torch.Tensor,
+    token_is_itemic: torch.Tensor,
+    penalty: float = -1e9,
+    truncate: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """OpenOneRec §5.2: on a general-domain prompt an itemic token gets teacher log-prob ``penalty``.
+
+    The teacher (the original Qwen3) cannot know itemic tokens, so a sampled itemic token is scored as (nearly)
+    impossible; with ``truncate`` the trajectory ends after the first one. Returns ``(teacher_logp, keep_mask)``
+    ``[B, T]``: the penalised log-probs and a mask that is True up to and including each row's first itemic token
+    (all True without ``truncate``); AND it into the response mask, and clip the advantages
+    (``mopd_advantages(..., clip=(α, β))``) so the penalty stays a bounded signal.
+    """
+    is_itemic = token_mask("token_is_itemic", token_is_itemic, teacher_logp.shape)
+    if not teacher_logp.dtype.is_floating_point:
+        raise ValueError(f"teacher_logp must be a float tensor, got {teacher_logp.dtype}")
+    penalised = torch.where(is_itemic, torch.tensor(penalty, dtype=teacher_logp.dtype), teacher_logp)
+    if not truncate:
+        return penalised, torch.ones_like(is_itemic)
+    # Number of itemic tokens strictly before t: zero means t is at or before the first itemic token.
+    before = is_itemic.long().cumsum(-1) - is_itemic.long()
+    return penalised, before == 0

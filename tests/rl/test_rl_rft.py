@@ -1,0 +1,59 @@
+"""RFT data selection (eq. 14)."""
+import pytest
+import torch
+
+from megatron_onereason.rl.rft import DROP_REASONS, select_rft_trajectories
+from megatron_onereason.tokenizer.itemic_tokens import format_item
+
+HIST = format_item("video", (1, 2, 3))
+GOOD = format_item("video", (4, 5, 6))
+OTHER = format_item("prod", (7, 8, 9))
+
+
+def think(cot, answer):
+    return f"<think>\n{cot}\n</think>\n\n{answer}"
+
+
+def test_selection_by_reason():
+    samples = [
+        dict(user_id="u1", teacher="video", response=think(f"liked {HIST}", GOOD)),  # kept
+        dict(user_id="u1", teacher="video", response=think("x", OTHER)),  # miss
+        dict(user_id="u1", teacher="prod", response=think("x", "<|prod_begin|><a_1><c_2>")),  # malformed pattern
+        dict(user_id="u2", teacher="prod", response=f"<think>\nnever closed {GOOD}"),  # malformed: unclosed think
+        dict(user_id="u2", teacher="prod", response=think(f"liked {GOOD}", "no item here")),  # malformed: no answer
+        dict(user_id="u2", teacher="ad", response=think("x", format_item("ad", (0, 0, 0)))),  # illegal item
+        dict(user_id="u1", teacher="ad", response=think(f"liked {HIST}", GOOD)),  # duplicate of sample 0
+        dict(user_id="u1", teacher="prod", response=think("y", GOOD)),  # kept (2nd for u1)
+        dict(user_id="u1", teacher="prod", response=think("z", OTHER)),  # over the cap of 2 for u1
+        dict(user_id="u3", teacher="prod", response=OTHER),  # kept: non-thinking answer
+    ]
+    hit = [True, False, True, True, True, True, True, True, True, True]
+    legal = [("video", (1, 2, 3)), ("video", (4, 5, 6)), ("prod", [7, 8, 9])]
+    out = select_rft_trajectories(samples, torch.tensor(hit), max_per_user=2, legal_items=legal)
+    assert out.kept == [samples[0], samples[7], samples[9]]
+    assert out.dropped == {"miss": 1, "malformed": 3, "illegal": 1, "duplicate": 1, "over_cap": 1}
+    assert set(out.dropped) == set(DROP_REASONS)
+
+
+def test_defaults_keep_every_wellformed_hit_and_duplicates_without_dedupe():
+    samples = [dict(user_id=1, response=GOOD, teacher="a"), dict(user_id=1, response=GOOD, teacher="b"),
+               dict(user_id=2, response=GOOD)]
+    assert len(select_rft_trajectories(samples, [True] * 3).kept) == 2
+    assert select_rft_trajectories(samples, [True] * 3, dedupe=False).kept == samples
+    # Without a legal set any well-formed item is accepted.
+    assert select_rft_trajectories([dict(user_id=1, response=format_item("ad", (9, 9, 9)))], [True]).kept
+
+
+def test_levels_follow_the_vocabulary():
+    two_level = "<|sid_begin|><a_1><b_2>"
+    assert select_rft_trajectories([dict(user_id=1, response=two_level)], [True], levels=2).dropped["malformed"] == 0
+    assert select_rft_trajectories([dict(user_id=1, response=two_level)], [True]).dropped["malformed"] == 1
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="hit has 1"):
+        select_rft_trajectories([dict(user_id=1, response=GOOD)] * 2, [True])
+    with pytest.raises(ValueError, match=r"samples\[0\] needs"):
+        select_rft_trajectories([dict(response=GOOD)], [True])
+    with pytest.raises(ValueError, match="max_per_user"):
+        select_rft_trajectories([], [], max_per_user=0)
