@@ -131,17 +131,13 @@ def verify_logits(hf_dir: str, mcore_dir: str, num_tokens: int = 64, batch: int 
     """
     import transformers
 
-    from megatron_onereason.checkpoint.mcore_io import load_into_model
-    from megatron_onereason.model.builder import build_qwen3_model
+    from megatron_onereason.checkpoint.mcore_io import build_model_from_checkpoint
     from megatron_onereason.model.forward import forward_logits
     from megatron_onereason.platform import device
 
     _ensure_process_group()
-    info = CheckpointModelInfo.load(mcore_dir)
+    model, info = build_model_from_checkpoint(mcore_dir, layer_spec="local")
     cfg = info.config
-    model = build_qwen3_model(cfg, ModelBuildConfig(padded_vocab_size=info.padded_vocab_size, layer_spec="local"))
-    model.to(device())
-    load_into_model([model], mcore_dir)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch, num_tokens), generator=generator).to(device())
     mc_logits = forward_logits([model], tokens, vocab_size=cfg.vocab_size).float()

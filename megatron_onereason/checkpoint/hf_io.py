@@ -1,16 +1,19 @@
 """Hugging Face safetensors checkpoints, read and written tensor by tensor.
 
-Reading memory-maps each file (copy-on-write), so a tensor costs RAM only while it is being used and an 8B
-model converts within 24 GB. Writing produces ``model-0000i-of-0000N.safetensors`` shards of at most 5 GB plus
-``model.safetensors.index.json``, as ``save_pretrained`` does.
+Nothing here materialises a whole checkpoint. Reading memory-maps each file (copy-on-write), so a tensor costs
+RAM only while it is used and an 8B model converts within 24 GB; byte-range copies (:func:`source_tensors`,
+:func:`write_safetensors`) rewrite a shard leaving untouched tensors bit-identical. Writing converted models
+produces ``model-0000i-of-0000N.safetensors`` shards of at most 5 GB plus ``model.safetensors.index.json``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
-from typing import Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +24,130 @@ from megatron_onereason.model.qwen3_config import Qwen3Config
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
-WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".h5",
+                   ".msgpack", ".gguf")
+
+_COPY_BLOCK = 64 << 20  # bytes per read when copying a byte range
+# Bytes per element of the safetensors dtype names (https://github.com/huggingface/safetensors, format spec).
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+# ---------------------------------------------------------------------------------------------- files
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` to ``dst`` (free for multi-GB shards), copying when the filesystem refuses."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------- weight maps
+def read_weight_map(hf_dir: str) -> Tuple[Dict[str, str], Optional[Dict[str, Any]]]:
+    """``(tensor name -> safetensors file name, index json or None)`` of a single-file or sharded directory."""
+    index_path = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+        if not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{index_path}: no 'weight_map' object")
+        for fname in set(index["weight_map"].values()):
+            if not os.path.exists(os.path.join(hf_dir, fname)):
+                raise FileNotFoundError(f"{index_path}: shard {fname} is listed but missing")
+        return dict(index["weight_map"]), index
+    single = os.path.join(hf_dir, SINGLE_FILE)
+    if not os.path.exists(single):
+        raise FileNotFoundError(
+            f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors are supported)"
+        )
+    header, _ = read_safetensors_header(single)
+    return {name: SINGLE_FILE for name in header if name != "__metadata__"}, None
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+def read_safetensors_header(path: str) -> Tuple[Dict[str, Any], int]:
+    """The header dict of a safetensors file and the file offset where its data buffer starts."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        raw = f.read(header_len)
+    if len(raw) != header_len:
+        raise ValueError(f"{path}: truncated safetensors header")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: safetensors header is not JSON ({e})") from None
+    return header, 8 + header_len
+
+
+def read_byte_range(path: str, start: int, end: int) -> Iterator[bytes]:
+    """The bytes ``[start, end)`` of a file, in bounded blocks."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            block = f.read(min(left, _COPY_BLOCK))
+            if not block:
+                raise ValueError(f"{path}: ends before byte {end}")
+            left -= len(block)
+            yield block
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    """One tensor to write: name, safetensors dtype, shape, and a producer of its raw little-endian bytes."""
+
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    chunks: Callable[[], Iterable[Any]]  # each item supports the buffer protocol (bytes, a uint8 array)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_ITEMSIZE[self.dtype]
+
+
+def source_tensors(path: str) -> List[TensorBytes]:
+    """Every tensor of a safetensors file as a byte-range copy, in file order."""
+    header, data_start = read_safetensors_header(path)
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    return [
+        TensorBytes(
+            name,
+            info["dtype"],
+            tuple(info["shape"]),
+            lambda s=data_start + info["data_offsets"][0], e=data_start + info["data_offsets"][1]: read_byte_range(
+                path, s, e
+            ),
+        )
+        for name, info in entries
+    ]
+
+
+def write_safetensors(path: str, tensors: Sequence[TensorBytes], metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a safetensors file tensor by tensor (memory: one chunk), checking each tensor's byte count."""
+    header: Dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the reference writer pads the header so the data buffer is 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors:
+            written = 0
+            for chunk in t.chunks():
+                f.write(chunk)
+                written += memoryview(chunk).nbytes
+            if written != t.nbytes:
+                raise ValueError(f"{path}: tensor {t.name} produced {written} bytes, expected {t.nbytes}")
+
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,18 +158,9 @@ _DTYPES = {
 
 def _mmap_safetensors(path: str) -> Dict[str, torch.Tensor]:
     """All tensors of one safetensors file as zero-copy views of a copy-on-write memory map."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
-        (header_len,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    header, base = read_safetensors_header(path)
     size = os.path.getsize(path)
-    buf = np.memmap(path, dtype=np.uint8, mode="c") if size > 8 + header_len else np.zeros(0, np.uint8)
-    base = 8 + header_len
+    buf = np.memmap(path, dtype=np.uint8, mode="c") if size > base else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -63,27 +180,9 @@ class HFCheckpointReader:
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
-        index_path = os.path.join(hf_dir, INDEX_FILE)
-        single = os.path.join(hf_dir, SINGLE_FILE)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not weight_map:
-                raise ValueError(f"{index_path}: no weight_map")
-            self._file_of = {name: os.path.join(hf_dir, fn) for name, fn in weight_map.items()}
-        elif os.path.exists(single):
-            self._file_of = None
-            self._files = {single: _mmap_safetensors(single)}
-        else:
-            found = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else []
-            raise FileNotFoundError(
-                f"{hf_dir}: no {SINGLE_FILE} or {INDEX_FILE} (found: {found[:10]}); only safetensors is supported"
-            )
-        if self._file_of is not None:
-            self._files = {}
-            for path in sorted(set(self._file_of.values())):
-                if not os.path.exists(path):
-                    raise FileNotFoundError(f"{path}: listed in {index_path} but missing")
+        weight_map, _ = read_weight_map(hf_dir)
+        self._file_of = {name: os.path.join(hf_dir, fn) for name, fn in weight_map.items()}
+        self._files: Dict[str, Dict[str, torch.Tensor]] = {}
 
     def _tensors(self, path: str) -> Dict[str, torch.Tensor]:
         if path not in self._files:
@@ -91,16 +190,12 @@ class HFCheckpointReader:
         return self._files[path]
 
     def names(self) -> List[str]:
-        if self._file_of is not None:
-            return sorted(self._file_of)
-        return sorted(next(iter(self._files.values())))
+        return sorted(self._file_of)
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._file_of.get(name) if self._file_of is not None else next(iter(self._files))
-        tensors = self._tensors(path) if path is not None else {}
-        if name not in tensors:
+        if name not in self._file_of:
             raise KeyError(f"{self.hf_dir}: tensor {name!r} not found in the checkpoint")
-        return tensors[name]
+        return self._tensors(self._file_of[name])[name]
 
     def shape(self, name: str) -> Tuple[int, ...]:
         return tuple(self.get(name).shape)
@@ -165,14 +260,14 @@ class ShardedSafetensorsWriter:
 
 
 def copy_hf_assets(src_dir: str, dst_dir: str, skip: Iterable[str] = ("config.json",)) -> List[str]:
-    """Copy tokenizer and other non-weight files (tokenizer.json, chat template, itemic_tokens.json, ...)."""
+    """Copy everything but weights: tokenizer files, chat template, itemic_tokens.json, README, subfolders."""
     copied = []
     skip = set(skip)
     for fn in sorted(os.listdir(src_dir)):
         path = os.path.join(src_dir, fn)
-        if fn in skip or fn.endswith(WEIGHT_SUFFIXES) or not os.path.isfile(path) or fn.startswith("."):
+        if fn in skip or fn.endswith(WEIGHT_SUFFIXES) or fn.startswith("."):
             continue
-        shutil.copy2(path, os.path.join(dst_dir, fn))
+        (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, os.path.join(dst_dir, fn))
         copied.append(fn)
     return copied
 

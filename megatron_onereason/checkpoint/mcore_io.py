@@ -214,3 +214,19 @@ def _check_model_matches(sharded: Dict, found: Dict[str, Tuple[int, ...]], iter_
                 f"{iter_dir}: tensor {value.key} has global shape {found[value.key]} in the checkpoint, the model "
                 f"built from its config wants {tuple(value.global_shape)} (wrong TP padding or config?)"
             )
+
+
+def build_model_from_checkpoint(ckpt_root: str, tensor_model_parallel_size: int = 1,
+                                pipeline_model_parallel_size: int = 1, layer_spec: str = "auto", **build_kwargs):
+    """This rank's Qwen3 model built from a checkpoint's config and loaded with its weights (parallel state must
+    already be initialised with the same TP/PP). Returns ``(model, CheckpointModelInfo)``."""
+    from megatron_onereason.model.builder import ModelBuildConfig, build_qwen3_model
+    from megatron_onereason.platform import device
+
+    info = CheckpointModelInfo.load(ckpt_root)
+    build = ModelBuildConfig(tensor_model_parallel_size=tensor_model_parallel_size,
+                             pipeline_model_parallel_size=pipeline_model_parallel_size,
+                             padded_vocab_size=info.padded_vocab_size, layer_spec=layer_spec, **build_kwargs)
+    model = build_qwen3_model(info.config, build).to(device())
+    load_into_model([model], ckpt_root)
+    return model, info

@@ -98,9 +98,12 @@ def initialize_distributed(
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)
+        # env:// rather than tcp://: under torchrun the agent may already host the store on MASTER_PORT.
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
         torch.distributed.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            init_method="env://",
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

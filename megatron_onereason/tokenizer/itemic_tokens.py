@@ -100,7 +100,7 @@ class ItemicVocab:
     ``levels`` blocks of ``codebook_size`` code tokens.
     """
 
-    original_vocab_size: int  # rows of the pretrained model before extension (= first new row index)
+    original_vocab_size: int  # embedding rows of the pretrained model (Qwen3 pads past len(tokenizer))
     first_id: int  # token id of the first new token
     levels: int = DEFAULT_LEVELS
     codebook_size: int = DEFAULT_CODEBOOK_SIZE

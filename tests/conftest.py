@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random Qwen3 HF checkpoints (the oracle side) and a launcher for real multi-process runs."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
+from megatron_onereason.model.qwen3_config import qwen3_preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dirs(tmp_path_factory):
+    """Two tiny GQA Qwen3 HF directories in fp32: tied (single file) and untied with an unpadded vocab (sharded)."""
+    root = tmp_path_factory.mktemp("hf")
+    cfg = qwen3_preset("tiny")
+    tied = str(root / "tied")
+    make_hf_qwen3(cfg, seed=1).save_pretrained(tied)
+    untied = str(root / "untied")
+    untied_cfg = dataclasses.replace(cfg, tie_word_embeddings=False, vocab_size=1000)
+    make_hf_qwen3(untied_cfg, seed=2).save_pretrained(untied, max_shard_size="300KB")
+    return {"tied": tied, "untied": untied}
+
+
+def hf_logits(hf_dir, tokens):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def run_torchrun(script, nproc, args, timeout=400):
+    """Run ``script`` under torchrun with ``nproc`` CPU processes (gloo); fail with its output on error."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun {script} timed out after {timeout}s:\n{(e.stdout or '')[-3000:]}\n{(e.stderr or '')[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
