@@ -45,6 +45,7 @@ class ModelBuildConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     context_parallel_size: int = 1
     params_dtype: torch.dtype = torch.float32
@@ -55,6 +56,8 @@ class ModelBuildConfig:
     padded_vocab_size: Optional[int] = None
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     init_method_std: float = 0.02
+    # Training: the loss is a sum over tokens and megatron divides gradients by the global token count.
+    calculate_per_token_loss: bool = False
 
     def resolved_layer_spec(self) -> str:
         if self.layer_spec == "auto":
@@ -80,8 +83,9 @@ def check_parallel_layout(cfg: Qwen3Config, build: ModelBuildConfig) -> None:
                     ("ffn_hidden_size", cfg.ffn_hidden_size)):
         if n % tp:
             raise ValueError(f"TP={tp} does not divide {what}={n}")
-    if cfg.num_layers % pp:
-        raise ValueError(f"PP={pp} does not divide num_layers={cfg.num_layers}")
+    stages = pp * (build.virtual_pipeline_model_parallel_size or 1)
+    if cfg.num_layers % stages:
+        raise ValueError(f"PP={pp} (× virtual stages) does not divide num_layers={cfg.num_layers}")
 
 
 def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig):
@@ -125,6 +129,8 @@ def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig):
         attention_softmax_in_fp32=True,
         tensor_model_parallel_size=build.tensor_model_parallel_size,
         pipeline_model_parallel_size=build.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=build.virtual_pipeline_model_parallel_size,
+        calculate_per_token_loss=build.calculate_per_token_loss,
         context_parallel_size=build.context_parallel_size,
         sequence_parallel=build.sequence_parallel,
         params_dtype=build.params_dtype,

@@ -1,0 +1,102 @@
+"""Which parameters a stage trains (OneReason §4.4: stage 1 trains only the itemic vocabulary rows).
+
+Whole parameters are frozen with ``requires_grad=False`` before the DDP wrapper and the optimizer are built, so
+they get no gradient buffer and no optimizer state. Row-level freezing (``itemic_rows``) keeps the embedding and
+untied output layer trainable but:
+
+* zeroes the frozen rows of ``main_grad`` after ``finalize_model_grads`` — where megatron actually accumulates
+  gradients (a ``.grad`` hook would miss the fused wgrad path) and after the DP/embedding all-reduces — so they
+  add nothing to the gradient norm and Adam's moments for them stay exactly 0 (update 0/(√0+ε) = 0);
+* disables weight decay on those matrices (decoupled weight decay cannot be restricted to rows and would move
+  frozen rows); the new rows therefore train without weight decay in stage 1.
+The fp32 master copy starts equal to the weights and only ever receives zero updates on frozen rows, so the
+frozen rows stay bit-identical in the model, the master copy and exported checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+
+log = logging.getLogger(__name__)
+
+ROW_RANGE_ATTR = "onereason_trainable_rows"  # (start, end) of trainable rows of this rank's shard
+VOCAB_MATRICES = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    trainable_params: int  # this rank's trainable elements (row-masked matrices count their trainable rows)
+    total_params: int  # this rank's elements
+
+
+def local_row_range(global_start: int, global_end: int, shard_rows: int, tp_rank: int):
+    """Rows ``[global_start, global_end)`` of a vocab-parallel matrix as local rows of TP shard ``tp_rank``."""
+    lo = min(max(global_start - tp_rank * shard_rows, 0), shard_rows)
+    hi = min(max(global_end - tp_rank * shard_rows, 0), shard_rows)
+    return lo, max(lo, hi)
+
+
+def apply_trainable(model_chunks: Sequence[torch.nn.Module], trainable: Sequence[str],
+                    itemic: Optional[ItemicVocab]) -> TrainableSummary:
+    """Set ``requires_grad`` (and row ranges) for ``trainable`` = ["all"] | ["itemic_rows"] | name regexes."""
+    from megatron.core import parallel_state
+
+    trainable = list(trainable)
+    rows_mode = trainable == ["itemic_rows"]
+    if rows_mode and itemic is None:
+        raise ValueError("train.trainable=[itemic_rows] needs an itemic vocabulary (itemic_tokens.json)")
+    if "itemic_rows" in trainable and not rows_mode:
+        raise ValueError(f"itemic_rows cannot be combined with other trainable patterns: {trainable}")
+    patterns = [re.compile(p) for p in trainable if p != "all"]
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    trained = total = 0
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            total += param.numel()
+            if rows_mode:
+                is_vocab = name.endswith(VOCAB_MATRICES)
+                param.requires_grad_(is_vocab)
+                if is_vocab:
+                    lo, hi = local_row_range(itemic.first_id, itemic.end_id, param.shape[0], tp_rank)
+                    setattr(param, ROW_RANGE_ATTR, (lo, hi))
+                    trained += (hi - lo) * param[0].numel()
+            elif patterns:
+                param.requires_grad_(any(p.search(name) for p in patterns))
+                trained += param.numel() if param.requires_grad else 0
+            else:
+                param.requires_grad_(True)
+                trained += param.numel()
+    if patterns and trained == 0:
+        raise ValueError(f"train.trainable={trainable} matches no parameter on this rank")
+    return TrainableSummary(trained, total)
+
+
+def row_frozen_params(model_chunks: Sequence[torch.nn.Module]) -> List[torch.nn.Parameter]:
+    return [p for chunk in model_chunks for p in chunk.parameters() if hasattr(p, ROW_RANGE_ATTR)]
+
+
+def mask_frozen_row_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Zero the gradient rows outside each parameter's trainable range (call after finalize_model_grads)."""
+    for param in params:
+        grad = getattr(param, "main_grad", None)
+        if grad is None:
+            grad = param.grad
+        if grad is None:
+            continue
+        lo, hi = getattr(param, ROW_RANGE_ATTR)
+        grad[:lo].zero_()
+        grad[hi:].zero_()
+
+
+def no_weight_decay_for_row_frozen():
+    """Optimizer override (megatron ``ParamKey``): no weight decay on row-frozen matrices."""
+    from megatron.core.optimizer.optimizer_config import ParamKey
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    return {ParamKey(attr=ROW_RANGE_ATTR): ParamGroupOverride(wd_mult=0.0)}
