@@ -27,5 +27,7 @@ setup(
         # Transformer Engine and apex are NOT installable from PyPI as binary wheels: they come with the
         # NGC PyTorch container (see Dockerfile). This extra only documents the versions we run with.
         "gpu": [],
+        # zarr embedding arrays for tools/build_itemic_tokenizer.py (.npy and .safetensors need nothing extra)
+        "zarr": ["zarr>=2.16"],
     },
 )

@@ -26,6 +26,19 @@ def tiny_hf_dirs(tmp_path_factory):
     return {"tied": tied, "untied": untied}
 
 
+@pytest.fixture(scope="session")
+def tokenizers_3x32(tmp_path_factory):
+    """Tiny Qwen3 HF dir ("base") and its itemic extension with 3 levels x 32 codes ("extended"), built once."""
+    from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
+    from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
+
+    root = tmp_path_factory.mktemp("itemic_tokenizer_3x32")
+    dirs = {"base": str(root / "base"), "extended": str(root / "extended")}
+    save_tiny_hf_qwen3(dirs["base"], preset="tiny")
+    extend_vocabulary(dirs["base"], dirs["extended"], levels=3, codebook_size=32)
+    return dirs
+
+
 def hf_logits(hf_dir, tokens):
     import transformers
 

@@ -5,16 +5,16 @@ import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 from megatron_onereason.checkpoint.hf_io import (
     DEFAULT_MAX_SHARD_BYTES,
     HFCheckpointReader,
-    ShardedSafetensorsWriter,
     copy_hf_assets,
     write_hf_config,
+    write_sharded_safetensors,
 )
 from megatron_onereason.checkpoint.hf_mapping import (
     EMBEDDING,
@@ -31,6 +31,7 @@ from megatron_onereason.checkpoint.mcore_io import (
     TRACKER_FILE,
     CheckpointModelInfo,
     checkpoint_iteration_dir,
+    checkpoint_key_shapes,
     global_sharded_state_dict,
     iter_checkpoint_tensors,
 )
@@ -39,6 +40,8 @@ from megatron_onereason.model.builder import ModelBuildConfig, check_parallel_la
 from megatron_onereason.model.qwen3_config import Qwen3Config, padded_vocab_size
 
 log = logging.getLogger(__name__)
+_HF_NAME_OF_TOP_KEY = {EMBEDDING: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight",
+                       OUTPUT_LAYER: "lm_head.weight"}
 
 
 def _ensure_process_group() -> None:
@@ -101,26 +104,32 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, overwrite: bool = False,
     if os.path.exists(os.path.join(assets, "config.json")):
         with open(os.path.join(assets, "config.json")) as f:
             template = json.load(f)
+    meta_plan = [(name, tuple(t.shape), t.dtype)
+                  for key, (shape, dtype) in checkpoint_key_shapes(iter_dir, info).items()
+                  for name, t in hf_tensors_of_key(key, torch.empty(shape, dtype=dtype, device="meta"), cfg)]
+    tensors = (item for key, tensor in iter_checkpoint_tensors(iter_dir, info)
+               for item in hf_tensors_of_key(key, tensor, cfg))
+    dtype = meta_plan[0][2]
     start = time.time()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        dtype = None
-        hf_names = {EMBEDDING: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight",
-                    OUTPUT_LAYER: "lm_head.weight"}
-        for key, tensor in iter_checkpoint_tensors(iter_dir, info):
-            if key in hf_names:
-                dtype = dtype or tensor.dtype
-                writer.add(hf_names[key], tensor)
-                continue
-            for layer in range(cfg.num_layers):
-                for name, t in mcore_tensor_to_hf(key[len(LAYER_PREFIX):], tensor[layer], layer, cfg).items():
-                    writer.add(name, t)
-        writer.finish()
+        write_sharded_safetensors(tmp, meta_plan, tensors, max_shard_bytes)
         write_hf_config(tmp, cfg, template, dtype=str(dtype).replace("torch.", ""))
         if os.path.isdir(assets):
             copy_hf_assets(assets, tmp)
     log.info("exported %s -> %s in %.1fs", mcore_dir, out_dir, time.time() - start)
     return cfg
+
+
+def hf_tensors_of_key(key: str, tensor: torch.Tensor, cfg: Qwen3Config) -> Iterator[Tuple[str, torch.Tensor]]:
+    """HF ``(name, tensor)`` pairs of one checkpoint key (a per-layer key holds the ``[layers, ...]`` stack).
+
+    Works on ``meta`` tensors too, which is how the export plans its shards before reading any data.
+    """
+    if key in _HF_NAME_OF_TOP_KEY:
+        yield _HF_NAME_OF_TOP_KEY[key], tensor
+        return
+    for layer in range(cfg.num_layers):
+        yield from mcore_tensor_to_hf(key[len(LAYER_PREFIX):], tensor[layer], layer, cfg).items()
 
 
 def verify_logits(hf_dir: str, mcore_dir: str, num_tokens: int = 64, batch: int = 2, seed: int = 0,

@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from megatron_onereason.model.qwen3_config import Qwen3Config
 
@@ -216,47 +215,45 @@ class HFCheckpointReader:
             raise ValueError(f"{self.hf_dir}: {len(extra)} tensors not part of a Qwen3 model, e.g. {extra[:3]}")
 
 
-class ShardedSafetensorsWriter:
-    """Write tensors one at a time into shards of at most ``max_shard_bytes``; :meth:`finish` names them."""
+SAFETENSORS_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: Dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: List[Tuple[str, List[str]]] = []
-        self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
+def write_sharded_safetensors(out_dir: str, plan: Sequence[Tuple[str, Tuple[int, ...], torch.dtype]],
+                              tensors: Iterator[Tuple[str, torch.Tensor]],
+                              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
+    """Write ``tensors`` (arriving in ``plan`` order) into shards of at most ``max_shard_bytes``, streaming.
 
-    def _flush(self) -> None:
-        tmp_name = f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, os.path.join(self.out_dir, tmp_name), metadata={"format": "pt"})
-        self._shards.append((tmp_name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+    ``plan`` lists every ``(name, shape, dtype)`` up front, so shard headers are known before the data and each
+    tensor goes to disk as it arrives: memory holds only what the producer holds. Writes the index json when
+    there is more than one shard, like ``save_pretrained``.
+    """
+    entries = [TensorBytes(name, SAFETENSORS_DTYPE_NAMES[dtype], tuple(shape), None) for name, shape, dtype in plan]
+    shards: List[List[TensorBytes]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
 
-    def finish(self) -> List[str]:
-        if self._pending:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            os.rename(os.path.join(self.out_dir, self._shards[0][0]), os.path.join(self.out_dir, SINGLE_FILE))
-            return [SINGLE_FILE]
-        weight_map, files = {}, []
-        for i, (tmp_name, names) in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(os.path.join(self.out_dir, tmp_name), os.path.join(self.out_dir, final))
-            weight_map.update({name: final for name in names})
-            files.append(final)
-        with open(os.path.join(self.out_dir, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
-        return files
+    def pull(expected: TensorBytes):
+        name, tensor = next(tensors)
+        if name != expected.name or tuple(tensor.shape) != expected.shape:
+            raise ValueError(f"expected tensor {expected.name} {expected.shape}, got {name} {tuple(tensor.shape)}")
+        yield tensor.contiguous().view(torch.uint8).numpy()
+
+    files = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fname, shard in zip(files, shards):
+        streamed = [TensorBytes(e.name, e.dtype, e.shape, lambda e=e: pull(e)) for e in shard]
+        write_safetensors(os.path.join(out_dir, fname), streamed, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {e.name: fname for fname, shard in zip(files, shards) for e in shard}
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}, f,
+                      indent=2)
+    return files
 
 
 def copy_hf_assets(src_dir: str, dst_dir: str, skip: Iterable[str] = ("config.json",)) -> List[str]:

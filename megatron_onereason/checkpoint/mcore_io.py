@@ -153,6 +153,24 @@ def _load_full(iter_dir: str, key: str, shape: Tuple[int, ...], dtype: torch.dty
     return dist_checkpointing.load({key: _sharded(key, torch.empty(shape, dtype=dtype), None, 0)}, iter_dir)[key]
 
 
+def checkpoint_key_shapes(iter_dir: str, info: CheckpointModelInfo) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+    """Model tensor keys in export order, with global shapes (vocab rows cut to the true vocab) and dtypes."""
+    from megatron.core import dist_checkpointing
+
+    cfg = info.config
+    validate_checkpoint(iter_dir, info)
+    meta = dist_checkpointing.load_tensors_metadata(iter_dir)
+    keys = [EMBEDDING, FINAL_NORM] + ([] if cfg.tie_word_embeddings else [OUTPUT_LAYER])
+    keys += [_layer_key(s) for s in expected_layer_shapes(cfg)]
+    out = {}
+    for key in keys:
+        shape = tuple(meta[key].global_shape)
+        if key in (EMBEDDING, OUTPUT_LAYER):
+            shape = (cfg.vocab_size,) + shape[1:]
+        out[key] = (shape, meta[key].dtype)
+    return out
+
+
 def iter_checkpoint_tensors(iter_dir: str, info: CheckpointModelInfo):
     """Yield ``(key, tensor)`` for every model tensor of the checkpoint, one key in memory at a time.
 
@@ -161,14 +179,10 @@ def iter_checkpoint_tensors(iter_dir: str, info: CheckpointModelInfo):
     """
     from megatron.core import dist_checkpointing
 
-    cfg = info.config
-    validate_checkpoint(iter_dir, info)
     meta = dist_checkpointing.load_tensors_metadata(iter_dir)
-    keys = [EMBEDDING, FINAL_NORM] + ([] if cfg.tie_word_embeddings else [OUTPUT_LAYER])
-    keys += [_layer_key(s) for s in expected_layer_shapes(cfg)]
-    for key in keys:
-        tensor = _load_full(iter_dir, key, tuple(meta[key].global_shape), meta[key].dtype)
-        yield key, tensor[: cfg.vocab_size] if key in (EMBEDDING, OUTPUT_LAYER) else tensor
+    for key, (shape, dtype) in checkpoint_key_shapes(iter_dir, info).items():
+        tensor = _load_full(iter_dir, key, tuple(meta[key].global_shape), dtype)
+        yield key, tensor[: shape[0]] if key in (EMBEDDING, OUTPUT_LAYER) else tensor
 
 
 def load_into_model(model_chunks: List[torch.nn.Module], ckpt_root: str, strict: bool = True) -> str:

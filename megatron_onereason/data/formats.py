@@ -1,0 +1,305 @@
+"""Training samples: parsing the input formats and turning them into token ids plus a loss-target mask.
+
+Two input formats, one JSON object per line (or one parquet row):
+
+- pre-training, ``{"segments": [{"text": str, "loss": bool}, ...], "source": str, "domain": str}``: noisy template
+  text goes in ``loss: false`` segments (conditioning context) and the loss stays on the target segments
+  (OneReason §4.2, "Data Composition Strategy");
+- chat / SFT, ``{"messages": [{"role": "system|user|assistant", "content": str, "reasoning": str}], "source": str}``,
+  rendered exactly as Qwen3's chat template renders it (see :func:`render_chat`) with loss on assistant turns only.
+
+Both become a list of :class:`Segment` (text, loss). Each segment is tokenized on its own, so a segment boundary is
+always a token boundary and the loss mask is exact; that is also how inference sees it (the prompt is tokenized,
+then the model continues). Itemic patterns inside text become their itemic tokens (they are added tokens of the
+extended tokenizer); every itemic token written in text is checked against the vocabulary first, and a code
+outside the codebook is an error (:class:`SampleError`), as is a tokenizer that does not map them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from megatron_onereason.tokenizer.itemic_tokens import LEVEL_LETTERS, ItemicPatternError, ItemicVocab, find_items
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+EOD_TOKEN = "<|endoftext|>"  # Qwen3's end-of-document (and pad) token
+CHAT_ROLES = ("system", "user", "assistant")
+UNKNOWN = "unknown"  # source / domain of a sample that names none
+
+_CODE_TOKEN_RE = re.compile(r"<([%s])_(\d+)>" % LEVEL_LETTERS)  # a code token, inside a pattern or on its own
+_MODE_SWITCH_RE = re.compile(r"/(no_)?think\b")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``reason`` is a short category for the skip statistics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    loss: bool  # the segment's tokens are loss targets
+
+
+@dataclass(frozen=True)
+class Sample:
+    segments: Tuple[Segment, ...]
+    source: str
+    domain: str
+    kind: str  # "segments" or "chat"
+    dropped_reasoning: int = 0  # chat: reasoning of assistant turns before the last user message (template drops it)
+
+
+@dataclass(frozen=True)
+class FormatConfig:
+    append_eod: bool = True  # end pre-training samples with <|endoftext|> (a target iff the last segment is)
+
+
+@dataclass
+class EncodedSample:
+    tokens: np.ndarray  # int32 [n]
+    lossmask: np.ndarray  # uint8 [n], 1 = loss target
+    itemic_tokens: int
+
+
+def parse_json_line(line: Union[str, bytes]) -> Dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as e:
+        raise SampleError("invalid_utf8", f"invalid UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise SampleError("invalid_json", f"invalid JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise SampleError("schema", f"a sample must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _optional_str(record: Dict[str, Any], key: str) -> Optional[str]:
+    """A string field, or None when absent (parquet writes absent struct fields as None)."""
+    value = record.get(key)
+    if value is not None and not isinstance(value, str):
+        raise SampleError("schema", f"{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_sample(record: Dict[str, Any]) -> Sample:
+    """A parsed record (JSON object / parquet row) → :class:`Sample`, or :class:`SampleError`."""
+    has_segments = record.get("segments") is not None
+    has_messages = record.get("messages") is not None
+    if has_segments == has_messages:
+        raise SampleError("schema", "a sample needs exactly one of 'segments' (pre-training) or 'messages' (chat)")
+    source = _optional_str(record, "source") or UNKNOWN
+    domain = _optional_str(record, "domain") or UNKNOWN
+    if has_segments:
+        return Sample(_parse_segments(record["segments"]), source, domain, "segments")
+    segments, dropped = render_chat(_parse_messages(record["messages"]))
+    return Sample(segments, source, domain, "chat", dropped)
+
+
+def _parse_segments(raw: Any) -> Tuple[Segment, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise SampleError("schema", "'segments' must be a non-empty list")
+    segments = []
+    for i, seg in enumerate(raw):
+        if not isinstance(seg, dict) or not isinstance(seg.get("text"), str) or not isinstance(seg.get("loss"), bool):
+            raise SampleError("schema", f"segment {i} must be an object with a string 'text' and a boolean 'loss'")
+        segments.append(Segment(seg["text"], seg["loss"]))
+    if not any(s.loss and s.text for s in segments):
+        raise SampleError("no_target", "no segment with loss: true and non-empty text (nothing to train on)")
+    return tuple(segments)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    reasoning: Optional[str] = None
+
+
+def _parse_messages(raw: Any) -> List[Message]:
+    if not isinstance(raw, list) or not raw:
+        raise SampleError("schema", "'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise SampleError("schema", f"message {i} must be an object")
+        role, content, reasoning = m.get("role"), _optional_str(m, "content"), _optional_str(m, "reasoning")
+        if role not in CHAT_ROLES:
+            raise SampleError("schema", f"message {i}: role must be one of {CHAT_ROLES}, got {role!r}")
+        if content is None:
+            raise SampleError("schema", f"message {i}: missing string 'content'")
+        if reasoning is not None and role != "assistant":
+            raise SampleError("schema", f"message {i}: only assistant messages may have 'reasoning'")
+        if role == "assistant" and any(t in content or t in (reasoning or "") for t in (THINK_START, THINK_END)):
+            # The template would re-split such content; reasoning belongs in the 'reasoning' field.
+            raise SampleError("schema", f"message {i}: {THINK_START}/{THINK_END} inside an assistant message; "
+                                        "put the reasoning in 'reasoning'")
+        messages.append(Message(role, content, reasoning))
+    if not any(m.role == "assistant" for m in messages):
+        raise SampleError("no_target", "no assistant message (nothing to train on)")
+    return messages
+
+
+def _last_query_index(messages: Sequence[Message]) -> int:
+    """Index of the last user message that is a real query (not a tool response), as Qwen3's template finds it."""
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        tool_response = m.content.startswith("<tool_response>") and m.content.endswith("</tool_response>")
+        if m.role == "user" and not tool_response:
+            return i
+    return len(messages) - 1
+
+
+def render_chat(messages: Sequence[Message]) -> Tuple[Tuple[Segment, ...], int]:
+    """Qwen3 chat-template rendering of a conversation as loss segments; returns (segments, dropped reasoning).
+
+    Mirrors the template (``QWEN3_CHAT_TEMPLATE``; ``reasoning`` is its ``reasoning_content``): every message is
+    ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. An assistant turn after the last user message is rendered
+    ``<think>\\n{reasoning}\\n</think>\\n\\n{content}`` when it is the final message or has reasoning — so a final
+    answer without reasoning gets the empty think block of the non-thinking mode. Assistant turns before the last
+    user message are rendered as plain content: the template drops their reasoning (counted in the return value).
+
+    Loss: each assistant turn's body and its closing ``<|im_end|>`` are targets; the ``<|im_start|>assistant\\n``
+    header, the newline after ``<|im_end|>`` and all system/user turns are not.
+
+    Mode switches: a ``/think`` or ``/no_think`` in a system/user message governs the assistant turns after it
+    (Qwen3's soft switch; the latest one wins). A rendered think block must agree with it: reasoning under
+    ``/no_think``, or an empty think block under ``/think``, is an error.
+    """
+    last_query = _last_query_index(messages)
+    segments: List[Segment] = []
+    context = ""  # no-loss text accumulated until the next assistant body
+    dropped = 0
+    switch = None  # latest mode switch seen: "think" or "no_think"
+    for i, m in enumerate(messages):
+        if m.role != "assistant":
+            context += f"{IM_START}{m.role}\n{m.content}{IM_END}\n"
+            found = _MODE_SWITCH_RE.findall(m.content)
+            if found:
+                switch = "no_think" if found[-1] else "think"
+            continue
+        reasoning = m.reasoning or ""
+        if i > last_query and (i == len(messages) - 1 or reasoning):
+            thought, answer = reasoning.strip("\n"), m.content.lstrip("\n")
+            if switch == "no_think" and thought:
+                raise SampleError("mode_switch", f"message {i}: reasoning given under /no_think")
+            if switch == "think" and not thought:
+                raise SampleError("mode_switch", f"message {i}: empty think block under /think")
+            body = f"{THINK_START}\n{thought}\n{THINK_END}\n\n{answer}"
+        else:
+            body = m.content
+            dropped += bool(reasoning)
+        segments.append(Segment(context + f"{IM_START}assistant\n", False))
+        segments.append(Segment(body + IM_END, True))
+        context = "\n"
+    segments.append(Segment(context, False))
+    return tuple(segments), dropped
+
+
+def count_itemic_references(text: str, vocab: ItemicVocab) -> int:
+    """Number of itemic tokens written in ``text``; raises :class:`SampleError` for any the vocabulary lacks.
+
+    Full patterns (``<|prod_begin|><a_1><b_2><c_3>``) must be well formed; bare code tokens (``<a_3664><b_3076>``,
+    the prefix semantics of token-granularity data) are allowed, but each must name a level and code that exist.
+    Also rejects text that is not valid Unicode (a lone surrogate from a JSON escape), on which the tokenizer would
+    fail for the whole batch.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SampleError("invalid_utf8", f"text is not valid Unicode: {e}") from None
+    if "<" not in text:
+        return 0
+    try:
+        items = find_items(text, vocab.levels) if "_begin|>" in text else []
+        for domain in {domain for _, _, domain, _ in items}:
+            vocab.begin_id(domain)
+        codes = _CODE_TOKEN_RE.findall(text)
+        for letter, code in set(codes):  # texts repeat codes: check each distinct one once
+            vocab.code_id(LEVEL_LETTERS.index(letter), int(code))
+    except ItemicPatternError as e:
+        raise SampleError("itemic", str(e)) from None
+    return len(items) + len(codes)
+
+
+class SampleEncoder:
+    """Tokenizes samples with an extended tokenizer's ``tokenizer.json`` (HF ``tokenizers``, batched)."""
+
+    def __init__(self, tokenizer_dir: str, config: FormatConfig = FormatConfig()) -> None:
+        from tokenizers import Tokenizer
+
+        path = os.path.join(tokenizer_dir, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no tokenizer.json (need a fast HF tokenizer directory)")
+        self.tokenizer = Tokenizer.from_file(path)
+        self.vocab = ItemicVocab.load(tokenizer_dir)
+        self.config = config
+        self.eod_id = self.tokenizer.token_to_id(EOD_TOKEN)
+        if self.eod_id is None:
+            raise ValueError(f"{path}: tokenizer has no {EOD_TOKEN} token")
+
+    def encode(self, samples: Sequence[Sample]) -> List[Union[EncodedSample, SampleError]]:
+        """Encode a batch; a sample that fails gets its :class:`SampleError` in its place."""
+        texts: List[str] = []
+        expected: List[Union[int, SampleError]] = []
+        for sample in samples:
+            try:
+                expected.append(sum(count_itemic_references(s.text, self.vocab) for s in sample.segments))
+            except SampleError as e:
+                expected.append(e)
+                continue
+            texts.extend(s.text for s in sample.segments if s.text)
+        encodings = iter(self.tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+        out: List[Union[EncodedSample, SampleError]] = []
+        for sample, want_itemic in zip(samples, expected):
+            if isinstance(want_itemic, SampleError):
+                out.append(want_itemic)
+                continue
+            ids, masks = [], []
+            for seg in sample.segments:
+                if seg.text:
+                    seg_ids = next(encodings).ids
+                    ids.append(np.asarray(seg_ids, dtype=np.int32))
+                    masks.append(np.full(len(seg_ids), seg.loss, dtype=np.uint8))
+            if sample.kind == "segments" and self.config.append_eod:
+                ids.append(np.array([self.eod_id], dtype=np.int32))
+                masks.append(np.array([sample.segments[-1].loss], dtype=np.uint8))
+            tokens = np.concatenate(ids)
+            itemic = int(np.count_nonzero((tokens >= self.vocab.first_id) & (tokens < self.vocab.end_id)))
+            if itemic != want_itemic:
+                out.append(SampleError(
+                    "itemic", f"text names {want_itemic} itemic tokens but the tokenizer produced {itemic} "
+                              "(not the extended tokenizer, or a code written with leading zeros?)"))
+                continue
+            out.append(EncodedSample(tokens, np.concatenate(masks), itemic))
+        return out
+
+
+def iter_input(path: str) -> Iterator[Tuple[int, Union[bytes, Dict[str, Any]]]]:
+    """``(line number, raw line)`` of a JSONL file, or ``(row number, row dict)`` of a parquet file (1-based).
+
+    Lines stay bytes: decoding happens in :func:`parse_json_line`, so bad UTF-8 is reported with its line.
+    """
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+        return
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line

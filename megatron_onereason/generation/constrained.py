@@ -1,0 +1,132 @@
+"""Constrained itemic decoding: once ``<|domain_begin|>`` is emitted, only catalog continuations a → b → c.
+
+The state of a sequence is read from its last ``levels + 1`` tokens — the last begin token there and the code
+tokens after it — so the same rule serves the batched transformers loop (:class:`ItemicConstraint`) and vLLM's
+per-request logits processors (:class:`RequestItemicProcessor`), with no per-request state to keep in sync. The
+catalog lookups are :class:`~megatron_onereason.tokenizer.item_trie.ItemTrie`'s.
+
+Outside an itemic pattern every token stays allowed except the begin tokens of domains with no catalog item (no
+continuation would exist). At an *item start* (the first item token when the begin token is not forced) only the
+begin tokens of domains with items are allowed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from megatron_onereason.tokenizer.item_trie import ItemTrie
+from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+
+ItemState = Tuple[str, Tuple[int, ...]]  # (domain, codes so far), fewer codes than levels
+
+
+def decode_code(vocab: ItemicVocab, token_id: int) -> Optional[Tuple[int, int]]:
+    """``(level, code)`` of a code token, else None."""
+    offset = int(token_id) - vocab.code_id(0, 0)
+    if not 0 <= offset < vocab.levels * vocab.codebook_size:
+        return None
+    return divmod(offset, vocab.codebook_size)
+
+
+def decode_begin(vocab: ItemicVocab, token_id: int) -> Optional[str]:
+    """The domain of a begin token, else None."""
+    index = int(token_id) - vocab.first_id
+    return vocab.domains[index] if 0 <= index < len(vocab.domains) else None
+
+
+def decode_item(vocab: ItemicVocab, token_ids: Sequence[int]) -> Optional[ItemState]:
+    """``(domain, codes)`` when ``token_ids`` is exactly one complete itemic pattern, else None."""
+    if len(token_ids) != vocab.levels + 1:
+        return None
+    domain = decode_begin(vocab, token_ids[0])
+    codes = [decode_code(vocab, t) for t in token_ids[1:]]
+    if domain is None or any(c is None or c[0] != level for level, c in enumerate(codes)):
+        return None
+    return domain, tuple(c[1] for c in codes)
+
+
+class ItemicConstraint:
+    def __init__(self, trie: ItemTrie, vocab: ItemicVocab, vocab_size: int):
+        """``vocab_size``: width of the logits (the model's, padding rows included)."""
+        if vocab.levels != trie.levels or vocab.codebook_size < trie.codebook_size:
+            raise ValueError(f"vocabulary has {vocab.levels} levels x {vocab.codebook_size} codes, the catalog "
+                             f"{trie.levels} x {trie.codebook_size}")
+        if vocab_size < vocab.end_id:
+            raise ValueError(f"logits width {vocab_size} is smaller than the itemic token range end {vocab.end_id}")
+        self.trie = trie
+        self.vocab = vocab
+        self.vocab_size = vocab_size
+        live = [vocab.begin_id(d) for d in vocab.domains if d in trie.domains]
+        if not live:
+            raise ValueError("the catalog has no item in any domain of the vocabulary")
+        self.live_begin_ids = tuple(live)
+        self.free_row = torch.ones(vocab_size, dtype=torch.bool)
+        self.free_row[[vocab.begin_id(d) for d in vocab.domains if vocab.begin_id(d) not in live]] = False
+        self.item_start_row = torch.zeros(vocab_size, dtype=torch.bool)  # an item's first token: a live begin
+        self.item_start_row[list(live)] = True
+
+    def item_state(self, token_ids: Sequence[int]) -> Optional[ItemState]:
+        """``(domain, codes)`` when ``token_ids`` ends inside an unfinished itemic pattern, else None."""
+        tail = [int(t) for t in token_ids[-(self.vocab.levels + 1):]]
+        for pos in range(len(tail) - 1, -1, -1):
+            domain = decode_begin(self.vocab, tail[pos])
+            if domain is not None:
+                break
+        else:
+            return None
+        codes = []
+        for level, tok in enumerate(tail[pos + 1:]):
+            decoded = decode_code(self.vocab, tok)
+            if decoded is None or decoded[0] != level:
+                return None  # a broken pattern: nothing to continue
+            codes.append(decoded[1])
+        return (domain, tuple(codes)) if len(codes) < self.vocab.levels else None
+
+    def allowed(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Boolean ``[B, vocab_size]``: the tokens allowed after each history (its last ``levels + 1`` tokens)."""
+        mask = self.free_row.expand(len(histories), -1).clone()
+        inside, domains, prefixes = [], [], []
+        for b, history in enumerate(histories):
+            state = self.item_state(history)
+            if state is not None:
+                inside.append(b)
+                domains.append(state[0])
+                prefixes.append(state[1])
+        if inside:
+            rows = self.trie.allowed_token_mask(self.vocab, domains, prefixes, vocab_size=self.vocab_size)
+            empty = (~rows.any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                b = empty[0]
+                raise ValueError(f"row {inside[b]}: no catalog item of domain {domains[b]!r} continues codes "
+                                 f"{list(prefixes[b])} (the pattern was generated without the constraint?)")
+            mask[inside] = rows
+        return mask
+
+
+class RequestItemicProcessor:
+    """Per-request logits processor ``(prompt_ids, output_ids, logits) -> logits`` (vLLM's request-level signature).
+
+    ``first_token_ids``: when given, the request's first output token must be one of them (an item start: the live
+    begin tokens, or the one forced begin token). ``banned_ids`` are never allowed (stop tokens inside a reasoning
+    trace). Columns past ``constraint.vocab_size`` (padding) are masked too.
+    """
+
+    def __init__(self, constraint: ItemicConstraint, first_token_ids: Optional[Sequence[int]] = None,
+                 banned_ids: Sequence[int] = ()):
+        self.constraint = constraint
+        self.first_token_ids = None if first_token_ids is None else list(first_token_ids)
+        self.banned_ids = list(banned_ids)
+
+    def __call__(self, prompt_ids: Sequence[int], output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        if self.first_token_ids is not None and not output_ids:
+            allowed = torch.zeros(self.constraint.vocab_size, dtype=torch.bool)
+            allowed[self.first_token_ids] = True
+        else:
+            levels = self.constraint.vocab.levels
+            allowed = self.constraint.allowed([list(prompt_ids[-(levels + 1):]) + list(output_ids)])[0]
+        allowed[self.banned_ids] = False
+        width = self.constraint.vocab_size
+        logits[:width].masked_fill_(~allowed.to(logits.device), float("-inf"))
+        logits[width:] = float("-inf")
+        return logits

@@ -1,0 +1,57 @@
+"""What to generate: the prompt (token ids + target domain) and the think-then-items decoding parameters.
+
+A rollout is a reasoning trace followed by K item completions (OneReason §6.1, eq. 6): N traces per prompt, K
+items per trace. The items of a trace come from one of three strategies:
+
+- ``sample``: K independent draws from the trie-constrained distribution (the RL rollout, ``SamplingParams(n=K)``);
+- ``beam``: beam search of width K over the whole itemic pattern (OneRec-Think's Rollout-Beam, eq. 7 there);
+- ``hierarchical``: beam search of width K up to the first code level, then greedy completion of each beam
+  (OneReason appendix A.4.2, the deployed strategy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+ITEM_STRATEGIES = ("sample", "beam", "hierarchical")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered chat prompt (see :func:`megatron_onereason.generation.prompts.chat_prompt_ids`).
+
+    ``domain``: the target domain; its ``<|domain_begin|>`` token is forced as the first answer token. ``None`` lets
+    the model choose the begin token (among the domains that have catalog items, when constrained).
+    """
+
+    token_ids: Tuple[int, ...]
+    domain: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.token_ids:
+            raise ValueError("Prompt.token_ids is empty")
+        object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    thinking: bool = True  # stage 1 samples a reasoning trace up to </think>; False: items follow the prompt directly
+    num_traces: int = 1  # N reasoning traces per prompt
+    num_items: int = 1  # K item completions per trace
+    item_strategy: str = "sample"
+    temperature: float = 1.0  # reasoning tokens; 0 = greedy
+    item_temperature: float = 1.0  # item tokens under "sample"; 0 = greedy
+    max_think_tokens: int = 256  # sampled reasoning tokens before </think> is forced
+    constrained: bool = True  # item tokens only continue catalog items (the trie); needs a catalog
+    constrain_reasoning: bool = True  # also constrain itemic patterns the reasoning writes (else γ_legal can be < 1)
+    seed: Optional[int] = None  # sampling generator seed; None draws from torch's global generator
+
+    def __post_init__(self):
+        if self.item_strategy not in ITEM_STRATEGIES:
+            raise ValueError(f"item_strategy must be one of {ITEM_STRATEGIES}, got {self.item_strategy!r}")
+        if self.num_traces < 1 or self.num_items < 1:
+            raise ValueError(f"num_traces and num_items must be >= 1, got {self.num_traces}, {self.num_items}")
+        if self.temperature < 0 or self.item_temperature < 0:
+            raise ValueError(f"temperatures must be >= 0, got {self.temperature}, {self.item_temperature}")
+        if self.max_think_tokens < 0:
+            raise ValueError(f"max_think_tokens must be >= 0, got {self.max_think_tokens}")

@@ -1,0 +1,64 @@
+"""Weights for an inference engine, named the Hugging Face way, from megatron-named (or HF-named) full tensors.
+
+The RL engine syncs the policy into the generation backend after each step with TP-gathered megatron tensors
+(``decoder.layers.3.self_attention.linear_qkv.weight``, ``embedding.word_embeddings.weight`` with padded vocab
+rows, ...). The per-layer layouts (QKV de-interleave, fc1 split, local-spec norm names) come from
+:func:`megatron_onereason.checkpoint.hf_mapping.mcore_tensor_to_hf`, the converter's mapping; HF names pass
+through unchanged.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Tuple
+
+import torch
+
+from megatron_onereason.checkpoint.hf_mapping import (
+    EMBEDDING,
+    FINAL_NORM,
+    LAYER_PREFIX,
+    OUTPUT_LAYER,
+    mcore_tensor_to_hf,
+)
+from megatron_onereason.model.qwen3_config import Qwen3Config
+
+HF_EMBEDDING = "model.embed_tokens.weight"
+HF_FINAL_NORM = "model.norm.weight"
+HF_LM_HEAD = "lm_head.weight"
+_WRAPPER_PREFIX = "module."  # DDP / Float16Module wrappers of a gathered megatron state dict
+
+
+def hf_named_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]],
+                     cfg: Qwen3Config) -> Iterator[Tuple[str, str, torch.Tensor]]:
+    """``(source_name, hf_name, tensor)`` per HF tensor; padded vocab rows are cut to ``cfg.vocab_size``.
+
+    Accepts megatron checkpoint or module names (local or TE spec; ``module.`` prefixes stripped; TE
+    ``_extra_state`` entries skipped) and HF names. Unknown names raise ``KeyError`` naming the tensor.
+    """
+    for name, tensor in named_tensors:
+        mc_name = name
+        while mc_name.startswith(_WRAPPER_PREFIX):
+            mc_name = mc_name[len(_WRAPPER_PREFIX):]
+        if mc_name.endswith("_extra_state"):
+            continue
+        if mc_name.startswith(("model.", "lm_head.")):
+            yield name, mc_name, tensor
+        elif mc_name in (EMBEDDING, OUTPUT_LAYER):
+            if mc_name == OUTPUT_LAYER and cfg.tie_word_embeddings:
+                raise KeyError(f"{name}: the model ties its embeddings, so it has no separate output layer")
+            if tensor.shape[0] < cfg.vocab_size:
+                raise ValueError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary's {cfg.vocab_size}")
+            yield name, (HF_EMBEDDING if mc_name == EMBEDDING else HF_LM_HEAD), tensor[: cfg.vocab_size]
+        elif mc_name == FINAL_NORM:
+            yield name, HF_FINAL_NORM, tensor
+        elif mc_name.startswith(LAYER_PREFIX):
+            layer_str, _, suffix = mc_name[len(LAYER_PREFIX):].partition(".")
+            if not layer_str.isdigit() or not 0 <= int(layer_str) < cfg.num_layers:
+                raise KeyError(f"{name}: expected {LAYER_PREFIX}<layer in [0, {cfg.num_layers})>.<tensor>")
+            try:
+                hf_tensors = mcore_tensor_to_hf(suffix, tensor, int(layer_str), cfg)
+            except KeyError as e:
+                raise KeyError(f"{name}: {e.args[0]}") from None
+            for hf_name, hf_tensor in hf_tensors.items():
+                yield name, hf_name, hf_tensor
+        else:
+            raise KeyError(f"{name}: not a megatron or HF Qwen3 weight name")

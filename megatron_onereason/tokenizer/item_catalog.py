@@ -1,0 +1,171 @@
+"""The item catalog: item id <-> (domain, codes), its files, and itemic-text <-> item id helpers.
+
+A catalog directory (written by :mod:`megatron_onereason.tokenizer.catalog_builder`) holds:
+
+- ``catalog.parquet``: one row per item in input order, columns ``item_id, domain, a, b, c`` (one column per level
+  letter) — the file other components read, through :meth:`ItemCatalog.load`;
+- ``codes_to_item.parquet``: the reverse map, the same rows sorted by code tuple (``a, b, c, domain, item_id``);
+- ``codebooks.safetensors`` and ``manifest.json`` (see the build module).
+
+Code tuples are unique across the whole catalog, not just per domain, so a tuple alone names one item; the domain
+in an itemic pattern must still match that item's domain.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_onereason.tokenizer.code_keys import pack_codes
+from megatron_onereason.tokenizer.itemic_tokens import (
+    DOMAINS,
+    LEVEL_LETTERS,
+    find_items,
+    format_item,
+    parse_item,
+)
+
+CATALOG_FILE = "catalog.parquet"
+REVERSE_MAP_FILE = "codes_to_item.parquet"
+MANIFEST_FILE = "manifest.json"
+
+
+class UnknownItemError(KeyError):
+    """An item id, or a well-formed itemic pattern, that the catalog does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+class ItemCatalog:
+    """Items with their domain and unique codes [n, levels]; lookups both ways."""
+
+    def __init__(self, item_ids: Sequence[str], domains: Sequence[str], codes: np.ndarray, codebook_size: int):
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[0] != len(item_ids) or len(domains) != len(item_ids):
+            raise ValueError(
+                f"catalog needs equal lengths: {len(item_ids)} ids, {len(domains)} domains, codes {codes.shape}"
+            )
+        if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
+            raise ValueError(f"codes outside [0, {codebook_size}): min {codes.min()}, max {codes.max()}")
+        unknown = sorted(set(domains) - set(DOMAINS))
+        if unknown:
+            raise ValueError(f"catalog has unknown domains {unknown} (known: {DOMAINS})")
+        self.item_ids = list(item_ids)
+        self.domains = list(domains)
+        self.codes = codes.astype(np.int32)
+        self.codebook_size = int(codebook_size)
+        self.keys = pack_codes(self.codes, self.codebook_size)
+        self._key_order = np.argsort(self.keys, kind="stable")
+        sorted_keys = self.keys[self._key_order]
+        if len(sorted_keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
+            dup = int((sorted_keys[1:] == sorted_keys[:-1]).sum())
+            raise ValueError(f"catalog has {dup} items sharing a code tuple with an earlier item")
+        self._sorted_keys = sorted_keys
+        self._row_by_id: Optional[Dict[str, int]] = None  # built on first use: 10M ids cost ~1 GB as a dict
+
+    @property
+    def levels(self) -> int:
+        return self.codes.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def _row_of(self, item_id: str) -> int:
+        if self._row_by_id is None:
+            self._row_by_id = {item_id: row for row, item_id in enumerate(self.item_ids)}
+            if len(self._row_by_id) != len(self.item_ids):
+                raise ValueError(f"catalog has {len(self.item_ids) - len(self._row_by_id)} duplicate item ids")
+        try:
+            return self._row_by_id[item_id]
+        except KeyError:
+            raise UnknownItemError(f"item id {item_id!r} is not in the catalog ({len(self)} items)") from None
+
+    def codes_for(self, item_id: str) -> Tuple[int, ...]:
+        return tuple(int(c) for c in self.codes[self._row_of(item_id)])
+
+    def domain_for(self, item_id: str) -> str:
+        return self.domains[self._row_of(item_id)]
+
+    def row_for_codes(self, codes: Sequence[int]) -> Optional[int]:
+        """Catalog row holding exactly ``codes``, or None."""
+        if len(codes) != self.levels or not all(0 <= int(c) < self.codebook_size for c in codes):
+            return None
+        key = int(pack_codes(np.asarray([codes]), self.codebook_size)[0])
+        i = int(np.searchsorted(self._sorted_keys, key))
+        if i < len(self._sorted_keys) and int(self._sorted_keys[i]) == key:
+            return int(self._key_order[i])
+        return None
+
+    def item_id_for(self, domain: str, codes: Sequence[int]) -> str:
+        row = self.row_for_codes(codes)
+        pattern = format_item(domain, codes)
+        if row is None:
+            raise UnknownItemError(f"no catalog item has codes {pattern}")
+        if self.domains[row] != domain:
+            raise UnknownItemError(f"codes of {pattern} belong to item {self.item_ids[row]!r} of domain "
+                                   f"{self.domains[row]!r}, not {domain!r}")
+        return self.item_ids[row]
+
+    # itemic text <-> item id
+    def item_text(self, item_id: str) -> str:
+        """``<|{domain}_begin|><a_i><b_j><c_k>`` for ``item_id``."""
+        row = self._row_of(item_id)
+        return format_item(self.domains[row], self.codes[row])
+
+    def item_id_from_text(self, text: str) -> str:
+        """Item id of a string that is exactly one itemic pattern; malformed text raises ItemicPatternError."""
+        domain, codes = parse_item(text, self.levels)
+        return self.item_id_for(domain, codes)
+
+    def item_ids_in_text(self, text: str) -> List[Tuple[int, int, str]]:
+        """``(start, end, item_id)`` for every itemic pattern in ``text``."""
+        return [
+            (start, end, self.item_id_for(domain, codes)) for start, end, domain, codes in find_items(text, self.levels)
+        ]
+
+    # files
+    def save(self, directory: str) -> None:
+        """Write ``catalog.parquet`` and ``codes_to_item.parquet`` into ``directory`` (which must exist)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        def table(rows: np.ndarray, first: List[str]) -> "pa.Table":
+            cols = {
+                "item_id": pa.array([self.item_ids[r] for r in rows], pa.string()),
+                "domain": pa.array([self.domains[r] for r in rows], pa.string()),
+            }
+            cols.update({LEVEL_LETTERS[lvl]: pa.array(self.codes[rows, lvl], pa.int32()) for lvl in range(self.levels)})
+            names = first + [c for c in cols if c not in first]
+            return pa.table({name: cols[name] for name in names})
+
+        letters = list(LEVEL_LETTERS[:self.levels])
+        pq.write_table(table(np.arange(len(self)), ["item_id", "domain"]), os.path.join(directory, CATALOG_FILE))
+        pq.write_table(table(self._key_order, letters), os.path.join(directory, REVERSE_MAP_FILE))
+
+    @classmethod
+    def load(cls, directory: str) -> "ItemCatalog":
+        """Load ``DIR/catalog.parquet``; the codebook size comes from ``DIR/manifest.json``."""
+        import pyarrow.parquet as pq
+
+        path = os.path.join(directory, CATALOG_FILE)
+        manifest_path = os.path.join(directory, MANIFEST_FILE)
+        for p in (path, manifest_path):
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"{p}: not found (build a catalog with tools/build_itemic_tokenizer.py)")
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        levels, size = int(manifest["levels"]), int(manifest["codebook_size"])
+        table = pq.read_table(path)
+        letters = list(LEVEL_LETTERS[:levels])
+        missing = [c for c in ["item_id", "domain"] + letters if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing} (has {table.column_names})")
+        codes = np.stack([table.column(c).to_numpy() for c in letters], axis=1) if len(table) else np.zeros((0, levels))
+        try:
+            return cls(table.column("item_id").to_pylist(), table.column("domain").to_pylist(), codes, size)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+

@@ -1,0 +1,133 @@
+"""The trie logits processor allows exactly the catalog's items: never an illegal triple, every legal one reachable."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_onereason.generation.constrained import (
+    ItemicConstraint,
+    RequestItemicProcessor,
+    decode_item,
+)
+from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.item_trie import ItemTrie
+from megatron_onereason.tokenizer.itemic_tokens import DOMAINS, ItemicVocab
+
+K = 5  # codebook size
+TEXT_TOKENS = 40  # ids below this are ordinary text
+VOCAB = ItemicVocab(original_vocab_size=TEXT_TOKENS, first_id=TEXT_TOKENS, levels=3, codebook_size=K,
+                    domains=list(DOMAINS))
+WIDTH = VOCAB.end_id + 7  # the model's logits are padded past the last token
+
+
+def _catalog(seed=3, n=30):
+    rng = np.random.default_rng(seed)
+    keys = rng.choice(K ** 3, size=n, replace=False)
+    codes = np.stack([keys // (K * K), keys // K % K, keys % K], axis=1)
+    domains = [("video", "prod")[i % 2] for i in range(n)]  # "ad", "living", "sid" have no items
+    return ItemCatalog([f"i{i}" for i in range(n)], domains, codes, K)
+
+
+CATALOG = _catalog()
+LEGAL = {(d, tuple(int(c) for c in codes)) for d, codes in zip(CATALOG.domains, CATALOG.codes)}
+CONSTRAINT = ItemicConstraint(ItemTrie.from_catalog(CATALOG), VOCAB, WIDTH)
+
+
+def item_tokens(domain, codes):
+    return VOCAB.item_ids(domain, codes)
+
+
+def test_item_state_reads_the_tail_by_hand():
+    video, (a, b, c) = "video", (1, 2, 3)
+    text = [5, 7, 11]
+    state = CONSTRAINT.item_state
+    assert state(text) is None
+    assert state(text + [VOCAB.begin_id(video)]) == (video, ())
+    assert state(text + item_tokens(video, (a, b, c))[:2]) == (video, (a,))
+    assert state(text + item_tokens(video, (a, b, c))[:3]) == (video, (a, b))
+    assert state(text + item_tokens(video, (a, b, c))) is None  # complete
+    assert state(item_tokens(video, (a, b, c)) + [9]) is None  # text after an item
+    assert state([VOCAB.begin_id(video), VOCAB.code_id(1, b)]) is None  # level b straight after the begin: broken
+    assert state(item_tokens("prod", (a, b, c)) + [VOCAB.begin_id(video)]) == (video, ())  # the latest begin rules
+
+
+def test_decode_item_by_hand():
+    assert decode_item(VOCAB, item_tokens("prod", (4, 0, 2))) == ("prod", (4, 0, 2))
+    assert decode_item(VOCAB, item_tokens("prod", (4, 0, 2))[:3]) is None
+    assert decode_item(VOCAB, [VOCAB.begin_id("ad"), VOCAB.code_id(0, 1), VOCAB.code_id(2, 1), VOCAB.code_id(2, 1)]) \
+        is None
+    assert decode_item(VOCAB, [3, VOCAB.code_id(0, 1), VOCAB.code_id(1, 1), VOCAB.code_id(2, 1)]) is None
+
+
+def _allowed_ids(processor, prompt, output, width=WIDTH):
+    logits = processor(prompt, output, torch.zeros(width))
+    return torch.isfinite(logits).nonzero().flatten().tolist()
+
+
+def test_processor_reaches_exactly_the_catalog_items():
+    """Exhaustive walk of every path the processor allows from an item start: the reached set is the catalog."""
+    processor = RequestItemicProcessor(CONSTRAINT, first_token_ids=CONSTRAINT.live_begin_ids)
+    prompt = [3, 17, 9]
+    reached, frontier = set(), [[]]
+    for _ in range(VOCAB.levels + 1):
+        frontier = [out + [t] for out in frontier for t in _allowed_ids(processor, prompt, out)]
+    for out in frontier:
+        reached.add(decode_item(VOCAB, out))
+    assert reached == LEGAL
+    assert len(frontier) == len(LEGAL)  # no path reaches the same item twice or ends malformed
+
+
+def test_forced_begin_and_inside_reasoning():
+    """A forced begin token limits the items to its domain; a begin token written mid-text is constrained too."""
+    prod = RequestItemicProcessor(CONSTRAINT, first_token_ids=[VOCAB.begin_id("prod")])
+    assert _allowed_ids(prod, [1, 2], []) == [VOCAB.begin_id("prod")]
+    free = RequestItemicProcessor(CONSTRAINT)
+    text = [4, 8, 15]
+    allowed = _allowed_ids(free, [1], text)
+    # outside an item: text and the live begin tokens, not the begin tokens of domains without items
+    assert set(range(TEXT_TOKENS)) <= set(allowed)
+    assert {VOCAB.begin_id(d) for d in ("video", "prod")} <= set(allowed)
+    assert not {VOCAB.begin_id(d) for d in ("ad", "living", "sid")} & set(allowed)
+    assert max(_allowed_ids(free, [1], text, width=WIDTH + 5)) == WIDTH - 1  # columns past the width are masked
+    # mid-text begin: only the catalog's first codes of that domain
+    first_codes = sorted({codes[0] for d, codes in LEGAL if d == "video"})
+    allowed = _allowed_ids(free, [1], text + [VOCAB.begin_id("video")])
+    assert allowed == [VOCAB.code_id(0, a) for a in first_codes]
+
+
+def test_banned_ids_are_never_allowed():
+    processor = RequestItemicProcessor(CONSTRAINT, banned_ids=[7, 11])
+    allowed = _allowed_ids(processor, [1], [2, 3])
+    assert 7 not in allowed and 11 not in allowed and 8 in allowed
+
+
+def test_prefix_outside_the_catalog_is_an_error():
+    video = {codes for d, codes in LEGAL if d == "video"}
+    a, b = next((a, b) for a in sorted({c[0] for c in video}) for b in range(K)
+                if not any(c[:2] == (a, b) for c in video))
+    history = [VOCAB.begin_id("video"), VOCAB.code_id(0, a), VOCAB.code_id(1, b)]
+    with pytest.raises(ValueError, match="no catalog item of domain 'video' continues"):
+        CONSTRAINT.allowed([history])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), domain=st.sampled_from([None, "video", "prod"]),
+       bias=st.floats(0.0, 50.0), temperature=st.floats(0.05, 3.0))
+def test_sampling_under_adversarial_logits_never_emits_an_illegal_item(seed, domain, bias, temperature):
+    """Random logits, with a large bonus on random illegal itemic tokens, sampled through the processor."""
+    generator = torch.Generator().manual_seed(seed)
+    first = CONSTRAINT.live_begin_ids if domain is None else [VOCAB.begin_id(domain)]
+    processor = RequestItemicProcessor(CONSTRAINT, first_token_ids=first)
+    prompt = torch.randint(0, TEXT_TOKENS, (6,), generator=generator).tolist()
+    output = []
+    for _ in range(VOCAB.levels + 1):
+        logits = torch.randn(WIDTH, generator=generator) * 5
+        boosted = torch.randint(VOCAB.first_id, WIDTH, (10,), generator=generator)
+        logits[boosted] += bias
+        probs = torch.softmax(processor(prompt, output, logits) / temperature, dim=-1)
+        output.append(int(torch.multinomial(probs, 1, generator=generator)))
+    item = decode_item(VOCAB, output)
+    assert item in LEGAL
+    if domain is not None:
+        assert item[0] == domain

@@ -1,0 +1,288 @@
+"""Two-stage think-then-items generation on a tiny random recommender, checked against teacher-forced oracles.
+
+Oracles recompute everything from scratch — one full forward per sequence, no KV cache, no padding — and the
+allowed tokens come straight from the catalog rows, not from the trie.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_onereason.checkpoint.hf_mapping import fuse_fc1, hf_layer_to_mcore
+from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
+from megatron_onereason.generation.hf_backend import TransformersBackend
+from megatron_onereason.generation.params import GenerationParams, Prompt
+from megatron_onereason.generation.prompts import chat_prompt_ids
+from megatron_onereason.generation.two_stage import TwoStageGenerator
+from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
+from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.item_trie import ItemTrie
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tiny = build_tiny_recommender(str(tmp_path_factory.mktemp("gen") / "tiny"))
+    backend = TransformersBackend.from_pretrained(tiny.model_dir, tiny.catalog_dir)
+    catalog = ItemCatalog.load(tiny.catalog_dir)
+    tok = backend.tokenizer
+    prompts = {
+        thinking: [Prompt(chat_prompt_ids(tok, [{"role": "user", "content": text}], thinking), domain)
+                   for text, domain in (("Recommend the next video.", "video"), ("What would I like next?", None))]
+        for thinking in (True, False)
+    }
+    return tiny, backend, catalog, prompts
+
+
+def legal_items(catalog, domain=None):
+    return {(d, tuple(int(c) for c in codes)) for d, codes in zip(catalog.domains, catalog.codes)
+            if domain is None or d == domain}
+
+
+def oracle_logp(model, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, from one forward pass over the whole sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1), logits
+
+
+def allowed_item_ids(backend, catalog, domain, forced_domain, prefix_tokens):
+    """Token ids allowed at item step len(prefix_tokens), straight from the catalog rows."""
+    vocab = backend.vocab
+    if not prefix_tokens:
+        if forced_domain is not None:
+            return [vocab.begin_id(forced_domain)]
+        return sorted(vocab.begin_id(d) for d in set(catalog.domains))
+    codes = [t - vocab.code_id(level, 0) for level, t in enumerate(prefix_tokens[1:])]
+    level = len(codes)
+    return sorted({vocab.code_id(level, c[level]) for d, c in legal_items(catalog, domain) if list(c[:level]) == codes})
+
+
+def test_two_stage_returns_n_by_k_items_with_masks_and_exact_logprobs(setup):
+    _, backend, catalog, prompts = setup
+    chat, vocab = backend.chat_tokens, backend.vocab
+    params = GenerationParams(num_traces=3, num_items=4, temperature=0.7, item_temperature=1.3, max_think_tokens=12,
+                              seed=11)
+    outputs = backend.generate(prompts[True], params)
+    assert len(outputs) == 2
+    sep = list(chat.answer_separator_ids)
+    checked_reasoning = 0
+    for prompt, out in zip(prompts[True], outputs):
+        assert len(out.traces) == 3 and all(len(t.completions) == 4 for t in out.traces)
+        for trace in out.traces:
+            n = len(trace.token_ids)
+            assert len(trace.logprobs) == len(trace.model_logprobs) == len(trace.sampled) == n
+            assert trace.token_ids[-len(sep) - 1:] == [chat.think_end_id] + sep
+            assert sum(trace.sampled) <= params.max_think_tokens
+            # forced: the separator always, and </think> when the model did not write it within the budget
+            assert trace.sampled[-len(sep):] == [False] * len(sep)
+            assert trace.sampled[-len(sep) - 1] == trace.closed_by_model
+            assert all(trace.sampled[:-len(sep) - 1])
+            assert not set(chat.stop_ids) & set(trace.token_ids)
+            assert all(lp == 0.0 for lp, s in zip(trace.logprobs, trace.sampled) if not s)
+            for completion in trace.completions:
+                assert (completion.domain, completion.codes) in legal_items(catalog, prompt.domain)
+                assert completion.token_ids == vocab.item_ids(completion.domain, completion.codes)
+                seq = list(prompt.token_ids) + trace.token_ids + completion.token_ids
+                logp, logits = oracle_logp(backend.model, seq)
+                start = len(prompt.token_ids)
+                positions = torch.arange(start - 1, len(seq) - 1)
+                expect = logp[positions, torch.tensor(seq[start:])]
+                got = torch.tensor(trace.model_logprobs + completion.model_logprobs, dtype=torch.float64)
+                torch.testing.assert_close(got, expect, atol=2e-4, rtol=0)
+                # item tokens: the masked distribution at the item temperature, allowed set from the catalog rows
+                for step, token in enumerate(completion.token_ids):
+                    pos = len(seq) - len(completion.token_ids) - 1 + step
+                    allowed = allowed_item_ids(backend, catalog, completion.domain, prompt.domain,
+                                               completion.token_ids[:step])
+                    want = torch.log_softmax(logits[pos, allowed] / params.item_temperature, -1)[allowed.index(token)]
+                    assert completion.logprobs[step] == pytest.approx(float(want), abs=2e-4)
+                # reasoning tokens outside itemic patterns: temperature 0.7 over valid non-stop tokens, live begins
+                dead = [vocab.begin_id(d) for d in vocab.domains if d not in set(catalog.domains)]
+                for i, token in enumerate(trace.token_ids):
+                    recent = (list(prompt.token_ids) + trace.token_ids[:i])[-vocab.levels - 1:]
+                    if not trace.sampled[i] or any(vocab.is_itemic(t) for t in recent):
+                        continue
+                    ok = torch.ones(logits.shape[1], dtype=torch.bool)
+                    ok[len(backend.tokenizer):] = False
+                    ok[list(chat.stop_ids) + dead] = False
+                    want = torch.log_softmax((logits[start - 1 + i] / 0.7).masked_fill(~ok, float("-inf")), -1)[token]
+                    assert trace.logprobs[i] == pytest.approx(float(want), abs=2e-4)
+                    checked_reasoning += 1
+        assert out.generated_tokens == sum(len(t.token_ids) + 4 * 4 for t in out.traces)
+        assert out.independent_rollout_tokens == sum(4 * (len(t.token_ids) + 4) for t in out.traces)
+    assert checked_reasoning > 0
+
+
+def test_forced_begin_and_non_thinking_mode(setup):
+    _, backend, catalog, prompts = setup
+    outputs = backend.generate(prompts[False], GenerationParams(thinking=False, num_traces=2, num_items=5, seed=3))
+    for prompt, out in zip(prompts[False], outputs):
+        assert [len(t.token_ids) for t in out.traces] == [0, 0]
+        for trace in out.traces:
+            assert len(trace.completions) == 5
+            for completion in trace.completions:
+                assert (completion.domain, completion.codes) in legal_items(catalog, prompt.domain)
+                if prompt.domain is not None:  # a forced token has probability 1 under the decoding distribution
+                    assert completion.logprobs[0] == 0.0 and completion.model_logprobs[0] < 0
+
+
+def test_seeded_generation_is_reproducible(setup):
+    _, backend, _, prompts = setup
+    params = GenerationParams(num_traces=2, num_items=3, max_think_tokens=6, seed=5)
+    first, again = backend.generate(prompts[True], params), backend.generate(prompts[True], params)
+    other = backend.generate(prompts[True], dataclasses.replace(params, seed=6))
+    def tokens(outputs):
+        return [(t.token_ids, [c.token_ids for c in t.completions]) for o in outputs for t in o.traces]
+
+    assert tokens(first) == tokens(again)
+    assert tokens(first) != tokens(other)
+
+
+def exact_ranking(backend, context, candidates):
+    """Exhaustive search: every candidate item scored by one full forward pass (no cache)."""
+    scored = []
+    for item_tokens in candidates:
+        logp, _ = oracle_logp(backend.model, context + item_tokens)
+        positions = torch.arange(len(context) - 1, len(context) - 1 + len(item_tokens))
+        scored.append((float(logp[positions, torch.tensor(item_tokens)].sum()), item_tokens))
+    return sorted(scored, key=lambda s: -s[0])
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_beam_search_as_wide_as_the_catalog_equals_exhaustive_search(setup, thinking):
+    _, backend, catalog, prompts = setup
+    prompt = prompts[thinking][0]  # forced domain "video"
+    candidates = [backend.vocab.item_ids(d, c) for d, c in sorted(legal_items(catalog, prompt.domain))]
+    params = GenerationParams(thinking=thinking, num_items=len(candidates), item_strategy="beam", temperature=0.0,
+                              max_think_tokens=8)
+    trace = backend.generate([prompt], params)[0].traces[0]
+    got = [(c.log_prob, c.token_ids) for c in trace.completions]
+    want = exact_ranking(backend, list(prompt.token_ids) + trace.token_ids, candidates)
+    assert [tokens for _, tokens in got] == [tokens for _, tokens in want]
+    assert [score for score, _ in got] == pytest.approx([score for score, _ in want], abs=2e-4)
+
+
+def test_narrow_beam_and_hierarchical_search_match_brute_force_replays(setup):
+    """Width 3 < candidates: textbook beam search and beam-then-greedy replayed with teacher-forced scores."""
+    _, backend, catalog, prompts = setup
+    prompt = prompts[False][1]  # no forced domain: the begin token is part of the search
+    context, width, levels = list(prompt.token_ids), 3, backend.vocab.levels
+
+    def step_logp(prefix):
+        logp, _ = oracle_logp(backend.model, context + prefix)
+        return logp[-1]
+
+    beams = [(0.0, [])]
+    for step in range(levels + 1):
+        expanded = []
+        for score, prefix in beams:
+            logp = step_logp(prefix)
+            domain = None if not prefix else backend.vocab.domains[prefix[0] - backend.vocab.first_id]
+            for token in allowed_item_ids(backend, catalog, domain, None, prefix):
+                expanded.append((score + float(logp[token]), prefix + [token]))
+        beams = sorted(expanded, key=lambda s: -s[0])[:width]
+        if step == 1:
+            first_level = beams  # hierarchical: the beam stops after the first code level
+    greedy = []
+    for score, prefix in first_level:
+        while len(prefix) < levels + 1:
+            logp = step_logp(prefix)
+            domain = backend.vocab.domains[prefix[0] - backend.vocab.first_id]
+            token = max(allowed_item_ids(backend, catalog, domain, None, prefix), key=lambda t: float(logp[t]))
+            score, prefix = score + float(logp[token]), prefix + [token]
+        greedy.append((score, prefix))
+    greedy.sort(key=lambda s: -s[0])
+    for strategy, want in (("beam", beams), ("hierarchical", greedy)):
+        params = GenerationParams(thinking=False, num_items=width, item_strategy=strategy)
+        got = backend.generate([prompt], params)[0].traces[0].completions
+        assert [c.token_ids for c in got] == [tokens for _, tokens in want], strategy
+        assert [c.log_prob for c in got] == pytest.approx([s for s, _ in want], abs=2e-4)
+
+
+def megatron_named(model, cfg, padded_vocab):
+    """A HF model's weights as a TP-gathered megatron state dict (local-spec names, padded vocab, DDP prefix)."""
+    state = model.state_dict()
+    embedding = state["model.embed_tokens.weight"]
+    padding = torch.randn(padded_vocab - embedding.shape[0], embedding.shape[1])
+    yield "module.embedding.word_embeddings.weight", torch.cat([embedding, padding])
+    yield "decoder.final_layernorm.weight", state["model.norm.weight"]
+    aliases = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+               "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+    for layer in range(cfg.num_layers):
+        for suffix, tensor in hf_layer_to_mcore(state.__getitem__, layer, cfg).items():
+            name = aliases.get(suffix, suffix)
+            yield f"decoder.layers.{layer}.{name}", fuse_fc1(tensor) if isinstance(tensor, tuple) else tensor
+        yield f"decoder.layers.{layer}.self_attention.core_attention._extra_state", torch.zeros(0)
+
+
+def test_update_weights_from_megatron_names_then_generation_follows_the_new_weights(setup):
+    tiny, _, _, prompts = setup
+    backend = TransformersBackend.from_pretrained(tiny.model_dir, tiny.catalog_dir)
+    cfg = backend.config
+    new_model = make_hf_qwen3(cfg, seed=123)
+    backend.update_weights(megatron_named(new_model, cfg, padded_vocab=1152))
+    new_state = new_model.state_dict()
+    for name, param in backend.model.named_parameters():
+        torch.testing.assert_close(param, new_state[name], rtol=0, atol=0, msg=name)
+    # generation now reports the new model's log-probs
+    completion = backend.generate(prompts[False][:1], GenerationParams(thinking=False, seed=1))[0].traces[0]
+    completion = completion.completions[0]
+    seq = list(prompts[False][0].token_ids) + completion.token_ids
+    logp, _ = oracle_logp(new_model, seq)
+    expect = logp[torch.arange(len(seq) - 5, len(seq) - 1), torch.tensor(completion.token_ids)]
+    torch.testing.assert_close(torch.tensor(completion.model_logprobs, dtype=torch.float64), expect, atol=2e-4, rtol=0)
+    # HF names pass through unchanged
+    backend.update_weights([("model.norm.weight", torch.full((cfg.hidden_size,), 0.5))])
+    assert torch.equal(backend.model.model.norm.weight, torch.full((cfg.hidden_size,), 0.5))
+    for bad, error in [(("decoder.layers.99.mlp.linear_fc2.weight", torch.zeros(1)), KeyError),
+                       (("decoder.layers.0.mlp.router.weight", torch.zeros(1)), KeyError),
+                       (("output_layer.weight", torch.zeros(cfg.vocab_size, cfg.hidden_size)), KeyError),
+                       (("decoder.final_layernorm.weight", torch.zeros(3)), ValueError),
+                       (("embedding.word_embeddings.weight", torch.zeros(5, cfg.hidden_size)), ValueError)]:
+        with pytest.raises(error, match=bad[0].split(".")[0]):
+            backend.update_weights([bad])
+
+
+def test_item_strategies_agree_on_the_single_best_item(setup):
+    """K = 1: beam, hierarchical and greedy sampling are all greedy decoding."""
+    _, backend, _, prompts = setup
+    results = []
+    for strategy in ("beam", "hierarchical", "sample"):
+        params = GenerationParams(thinking=False, num_items=1, item_strategy=strategy, item_temperature=0.0)
+        results.append([t.completions[0].token_ids for o in backend.generate(prompts[False], params) for t in o.traces])
+    assert results[0] == results[1] == results[2]
+
+
+class ThinkEndBias(torch.nn.Module):
+    """The model with a bonus on </think>, so traces close by themselves after different numbers of tokens."""
+
+    def __init__(self, model, think_end_id, bonus):
+        super().__init__()
+        self.inner, self.config, self.think_end_id, self.bonus = model, model.config, think_end_id, bonus
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        out.logits[..., self.think_end_id] += self.bonus
+        return out
+
+
+def test_traces_closing_at_different_steps_keep_exact_item_logprobs(setup):
+    """Rows that finish early idle in the batch (masked cache slots); their items must not notice."""
+    _, backend, catalog, prompts = setup
+    model = ThinkEndBias(backend.model, backend.chat_tokens.think_end_id, bonus=6.0)
+    generator = TwoStageGenerator(model, backend.vocab, backend.chat_tokens, len(backend.tokenizer),
+                                  ItemTrie.from_catalog(catalog))
+    outputs = generator.generate(prompts[True], GenerationParams(num_traces=4, num_items=2, max_think_tokens=10,
+                                                                 seed=2))
+    traces = [(p, t) for p, o in zip(prompts[True], outputs) for t in o.traces]
+    assert any(t.closed_by_model for _, t in traces) and len({len(t.token_ids) for _, t in traces}) > 2
+    for prompt, trace in traces:
+        if trace.closed_by_model:
+            assert trace.sampled[-len(backend.chat_tokens.answer_separator_ids) - 1]  # the model wrote </think>
+        for completion in trace.completions:
+            seq = list(prompt.token_ids) + trace.token_ids + completion.token_ids
+            logp, _ = oracle_logp(model, seq)
+            start = len(prompt.token_ids)
+            expect = logp[torch.arange(start - 1, len(seq) - 1), torch.tensor(seq[start:])]
+            got = torch.tensor(trace.model_logprobs + completion.model_logprobs, dtype=torch.float64)
+            torch.testing.assert_close(got, expect, atol=2e-4, rtol=0)

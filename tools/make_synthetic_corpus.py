@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Write the synthetic four-granularity pre-training corpus and chat SFT samples as JSONL.
+
+    python tools/make_synthetic_corpus.py --synthetic-catalog SYN --item-catalog TOK --out DIR --samples-per-task 200
+
+SYN is a directory from tools/make_synthetic_catalog.py (captions), TOK one from tools/build_itemic_tokenizer.py
+(codes). DIR gets one JSONL file per granularity (token/item/relational/user_granularity.jsonl, sft_chat.jsonl) in
+the formats tools/preprocess_data.py reads, written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Optional, Sequence
+
+from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
+from megatron_onereason.data.synthetic_corpus import CorpusConfig, generate_corpus, items_from_catalogs
+from megatron_onereason.fileio import atomic_directory
+from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic-catalog", required=True, help="directory with items.parquet (captions)")
+    p.add_argument("--item-catalog", required=True, help="itemic tokenizer directory with catalog.parquet (codes)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--samples-per-task", type=int, default=CorpusConfig.samples_per_task)
+    p.add_argument("--seed", type=int, default=CorpusConfig.seed)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    items = items_from_catalogs(SyntheticCatalog.load(args.synthetic_catalog), ItemCatalog.load(args.item_catalog))
+    corpus = generate_corpus(items, CorpusConfig(samples_per_task=args.samples_per_task, seed=args.seed))
+    with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
+        for name, records in corpus.items():
+            with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    print(", ".join(f"{name}: {len(records)}" for name, records in corpus.items()) + f" samples -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
