@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The embedded default: the whole flow on a tiny random Qwen3 on CPU, no downloads, a few minutes on 2 cores.
-#   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh)
+# The embedded default: OneReason's pre-training pipeline end to end on a tiny random Qwen3, on CPU, no downloads.
+#   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh; ~5 min on 2 cores)
+# synthetic catalog -> RQ-KMeans itemic codes -> tiny Qwen3 + extended vocabulary -> megatron checkpoint ->
+# synthetic four-granularity corpus -> preprocessing -> stage 1 (TP=2) -> stage 2 (PP=2) -> stage 3 (DP=2) ->
+# SFT (TP=2) -> export to Hugging Face, with a loss table per stage and TensorBoard logs under RUN_DIR/tb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_venv.sh
@@ -9,23 +12,49 @@ RUN=${1:-runs/tiny_cpu}
 rm -rf "$RUN" && mkdir -p "$RUN"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 step() { echo; echo "=== $* ==="; }
+torchrun2() { $PY -m torch.distributed.run --standalone --nproc_per_node 2 "$@"; }
 start=$(date +%s)
 
-step "1. tiny random Qwen3 (GQA 4 heads / 2 groups, tied embeddings) + locally built Qwen3 tokenizer"
+step "1. synthetic item catalog (4 domains x 200 items, clustered 32-d embeddings, captions)"
+$PY tools/make_synthetic_catalog.py --out "$RUN/catalog" --items-per-domain 200 --dim 32
+
+step "2. itemic tokenizer: RQ-KMeans, 3 levels x 16 codes, collision-free catalog"
+$PY tools/build_itemic_tokenizer.py --embeddings "$RUN/catalog/embeddings.npy" --ids "$RUN/catalog/items.parquet" \
+  --domain-column domain --levels 3 --codebook-size 16 --out "$RUN/itemic"
+
+step "3. tiny random Qwen3 + locally built Qwen3 tokenizer, vocabulary extended with the itemic tokens"
 $PY tools/make_tiny_qwen3.py --out "$RUN/hf_base"
+$PY tools/extend_vocab.py --hf-dir "$RUN/hf_base" --out-dir "$RUN/hf_itemic" --levels 3 --codebook-size 16 > /dev/null
 
-step "2. extend the vocabulary with itemic tokens (5 domains + 3 levels x 32 codes, rows ~ N(mean, cov))"
-$PY tools/extend_vocab.py --hf-dir "$RUN/hf_base" --out-dir "$RUN/hf_itemic" --codebook-size 32
+step "4. HF -> megatron-core checkpoint (vocab padded for TP=2), logits verified against transformers"
+$PY checkpoints_convert/hf_to_mcore.py --hf-dir "$RUN/hf_itemic" --out-dir "$RUN/ckpt/base" --tp 2 --verify
+torchrun2 tools/compare_logits.py --mcore-dir "$RUN/ckpt/base" --hf-dir "$RUN/hf_itemic" --tp 2
 
-step "3. convert HF -> megatron-core torch_dist (vocab padded for TP=2), verifying logits at TP1"
-$PY checkpoints_convert/hf_to_mcore.py --hf-dir "$RUN/hf_itemic" --out-dir "$RUN/mcore" --tp 2 --verify
+step "5. synthetic four-granularity corpus + chat SFT samples, preprocessed into IndexedDataset files"
+$PY tools/make_synthetic_corpus.py --synthetic-catalog "$RUN/catalog" --item-catalog "$RUN/itemic" \
+  --out "$RUN/corpus" --samples-per-task 150
+for part in token_granularity item_granularity relational user_granularity sft_chat; do
+  $PY tools/preprocess_data.py --input "$RUN/corpus/$part.jsonl" --tokenizer "$RUN/hf_itemic" \
+    --output-prefix "$RUN/data/$part" --workers 2
+done
+D=$RUN/data
+BLEND="[0.2, $D/token_granularity, 0.3, $D/item_granularity, 0.2, $D/relational, 0.3, $D/user_granularity]"
 
-step "4. megatron forward at TP=2 on CPU (gloo, 2 processes), batch and packed documents, vs transformers"
-$PY -m torch.distributed.run --standalone --nproc_per_node 2 tools/compare_logits.py \
-  --mcore-dir "$RUN/mcore" --hf-dir "$RUN/hf_itemic" --tp 2
+train() {  # name config starting-weights
+  torchrun2 -m megatron_onereason.train --config "examples/configs/tiny/$2" model.load="$3" \
+    checkpoint.save="$RUN/ckpt/$1" checkpoint.load="$RUN/ckpt/$1" logging.tensorboard_dir="$RUN/tb/$1" \
+    logging.metrics_jsonl="$RUN/metrics/$1.jsonl" "data.blend=${4:-$BLEND}"
+}
+step "6. pre-training stage 1: only the itemic rows train (TP=2)";      train stage1 stage1.yaml "$RUN/ckpt/base"
+step "7. pre-training stage 2: all parameters (PP=2)";                  train stage2 stage2.yaml "$RUN/ckpt/stage1"
+step "8. pre-training stage 3: longer samples (DP=2, distributed optimizer)"; train stage3 stage3.yaml "$RUN/ckpt/stage2"
+step "9. SFT on chat data, loss on assistant turns only (TP=2)";       train sft sft.yaml "$RUN/ckpt/stage3" "[1.0, $D/sft_chat]"
 
-step "5. export megatron -> HF (sharded safetensors + tokenizer), verifying logits"
-$PY checkpoints_convert/mcore_to_hf.py --mcore-dir "$RUN/mcore" --out-dir "$RUN/hf_export" --verify
+step "10. export to Hugging Face (sharded safetensors + tokenizer with itemic tokens), logits verified"
+$PY checkpoints_convert/mcore_to_hf.py --mcore-dir "$RUN/ckpt/sft" --out-dir "$RUN/hf_final" --verify
 
+step "summary"
+$PY tools/summarize_metrics.py stage1="$RUN/metrics/stage1.jsonl" stage2="$RUN/metrics/stage2.jsonl" \
+  stage3="$RUN/metrics/stage3.jsonl" sft="$RUN/metrics/sft.jsonl"
 echo
-echo "tiny_cpu: all steps passed in $(( $(date +%s) - start ))s; outputs under $RUN"
+echo "tiny_cpu: done in $(( $(date +%s) - start ))s; HF model in $RUN/hf_final, TensorBoard logs in $RUN/tb"

@@ -56,5 +56,7 @@ def run_torchrun(script, nproc, args, timeout=400):
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun {script} timed out after {timeout}s:\n{(e.stdout or '')[-3000:]}\n{(e.stderr or '')[-3000:]}")
     if proc.returncode != 0:
-        pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        errors = "\n".join(line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line)
+        pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n"
+                    f"error lines:\n{errors[-4000:]}")
     return proc

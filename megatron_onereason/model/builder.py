@@ -202,4 +202,28 @@ def build_qwen3_model(
         rotary_base=int(cfg.rope_theta),
         vp_stage=vp_stage,
     )
+    if post_process and build.vocab_rows(cfg) > cfg.vocab_size:
+        model.output_layer.register_forward_hook(_padded_vocab_mask_hook(cfg.vocab_size, build.vocab_rows(cfg)))
     return model
+
+
+def _padded_vocab_mask_hook(vocab_size: int, padded_rows: int):
+    """Forward hook on the output layer: logits of padded vocab rows -> dtype minimum.
+
+    Padding rows exist only for TP alignment; their logits (0 for zero rows) would otherwise take probability
+    mass in the softmax, so megatron's loss and sampling would differ from the exported HF model, which has no
+    such rows. Handles both TP-local logits ``[s, b, padded/TP]`` and gathered ones ``[s, b, padded]``.
+    """
+    from megatron.core import parallel_state
+
+    def hook(module, inputs, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        start = 0 if local == padded_rows else parallel_state.get_tensor_model_parallel_rank() * local
+        first_pad = min(max(vocab_size - start, 0), local)
+        if first_pad < local:
+            keep = torch.arange(local, device=logits.device) < first_pad
+            logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+        return logits, bias
+
+    return hook

@@ -21,8 +21,11 @@ def forward_logits(
     tokens: torch.Tensor,
     cu_seqlens: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
+    labels: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """Logits ``[B, S, V]`` (gathered over TP, cut to ``vocab_size``) on the last pipeline stage; None elsewhere.
+
+    With ``labels`` ``[B, S]``: megatron's per-token cross-entropy ``[B, S]`` (vocab-parallel) instead of logits.
 
     ``cu_seqlens`` marks packed documents (``B`` must be 1): each attends only within itself and its positions
     restart at 0. Every rank of the model-parallel group calls this with the same ``tokens``.
@@ -38,7 +41,9 @@ def forward_logits(
 
     def forward_step(data_iterator, model):
         toks = next(data_iterator)
-        out = model(toks, position_ids, None, packed_seq_params=psp, runtime_gather_output=True)
+        # The loss is vocab-parallel: gather the logits over TP only when they are what is returned.
+        out = model(toks, position_ids, None, labels=labels, packed_seq_params=psp,
+                    runtime_gather_output=labels is None)
         return out, lambda output, non_loss_data=True: output
 
     for chunk in model_chunks:
@@ -56,5 +61,5 @@ def forward_logits(
         )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    logits = outputs[0]
-    return logits[..., :vocab_size] if vocab_size is not None else logits
+    result = outputs[0]
+    return result[..., :vocab_size] if vocab_size is not None and labels is None else result

@@ -53,7 +53,7 @@ def apply_trainable(model_chunks: Sequence[torch.nn.Module], trainable: Sequence
         raise ValueError("train.trainable=[itemic_rows] needs an itemic vocabulary (itemic_tokens.json)")
     if "itemic_rows" in trainable and not rows_mode:
         raise ValueError(f"itemic_rows cannot be combined with other trainable patterns: {trainable}")
-    patterns = [re.compile(p) for p in trainable if p != "all"]
+    patterns = [] if rows_mode else [re.compile(p) for p in trainable if p != "all"]
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     trained = total = 0
     for chunk in model_chunks:

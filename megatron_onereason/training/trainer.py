@@ -169,6 +169,10 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     from megatron_onereason.platform import initialize_distributed
 
     p = cfg.parallel
+    if p.context_parallel_size > 1:
+        # thd packs would have to be padded per document to 2×CP and split with TE's partitioned indices.
+        raise ValueError("parallel.context_parallel_size > 1 is not supported yet for packed sequences; "
+                         "use tensor/pipeline parallelism with sequence_parallel and activation recomputation")
     initialize_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                            p.virtual_pipeline_model_parallel_size, p.context_parallel_size, seed=cfg.train.seed)
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()

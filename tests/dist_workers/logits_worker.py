@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node N tests/dist_workers/logits_worker.py CASES.json
 
-Each case: {"ckpt", "tp", "pp", "tokens" (torch.save'd LongTensor [B, S]), "cu_seqlens" (path or null), "out"}.
+Each case: {"ckpt", "tp", "pp", "tokens" (torch.save'd LongTensor [B, S]), "cu_seqlens" (path or null), "out"},
+and optionally "labels" (path): then the output is megatron's per-token loss instead of logits.
 """
 import json
 import sys
@@ -21,7 +22,8 @@ def run_case(case):
     model, info = build_model_from_checkpoint(case["ckpt"], case["tp"], case["pp"], layer_spec="local")
     tokens = torch.load(case["tokens"])
     cu = torch.load(case["cu_seqlens"]) if case.get("cu_seqlens") else None
-    logits = forward_logits([model], tokens, cu_seqlens=cu, vocab_size=info.config.vocab_size)
+    labels = torch.load(case["labels"]) if case.get("labels") else None
+    logits = forward_logits([model], tokens, cu_seqlens=cu, vocab_size=info.config.vocab_size, labels=labels)
     if (logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0):
         torch.save(logits, case["out"])
