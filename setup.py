@@ -21,6 +21,7 @@ setup(
         "tqdm>=4.60",
         "faiss-cpu>=1.8",
         "pyarrow>=14",
+        "ray>=2.40",  # the RL engine's orchestration (actor, rollout, teachers)
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],

@@ -33,12 +33,12 @@ torchrun2 tools/compare_logits.py --mcore-dir "$RUN/ckpt/base" --hf-dir "$RUN/hf
 step "5. synthetic four-granularity corpus + chat SFT samples, preprocessed into IndexedDataset files"
 $PY tools/make_synthetic_corpus.py --synthetic-catalog "$RUN/catalog" --item-catalog "$RUN/itemic" \
   --out "$RUN/corpus" --samples-per-task 150
-for part in token_granularity item_granularity relational user_granularity sft_chat; do
+for part in token_granularity item_granularity relational_granularity user_granularity sft_chat; do
   $PY tools/preprocess_data.py --input "$RUN/corpus/$part.jsonl" --tokenizer "$RUN/hf_itemic" \
     --output-prefix "$RUN/data/$part" --workers 2
 done
 D=$RUN/data
-BLEND="[0.2, $D/token_granularity, 0.3, $D/item_granularity, 0.2, $D/relational, 0.3, $D/user_granularity]"
+BLEND="[0.2, $D/token_granularity, 0.3, $D/item_granularity, 0.2, $D/relational_granularity, 0.3, $D/user_granularity]"
 
 train() {  # name config starting-weights
   torchrun2 -m megatron_onereason.train --config "examples/configs/tiny/$2" model.load="$3" \

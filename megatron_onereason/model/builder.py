@@ -7,11 +7,13 @@ otherwise, with :class:`PackedDotProductAttention` so packed documents never see
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from megatron_onereason.model.packed_attention import PackedDotProductAttention
 from megatron_onereason.model.qwen3_config import Qwen3Config, padded_vocab_size
@@ -58,6 +60,8 @@ class ModelBuildConfig:
     init_method_std: float = 0.02
     # Training: the loss is a sum over tokens and megatron divides gradients by the global token count.
     calculate_per_token_loss: bool = False
+    # RL tree packs (megatron_onereason.rl.tree_pack) pass an arbitrary attention mask; the TE spec must be told.
+    arbitrary_attention_mask: bool = False
 
     def resolved_layer_spec(self) -> str:
         if self.layer_spec == "auto":
@@ -159,10 +163,16 @@ def qwen3_layer_spec(cfg: Qwen3Config, build: ModelBuildConfig):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    from megatron.core.transformer.enums import AttnMaskType
+
     if build.resolved_layer_spec() == "te":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        # The local core attention uses a given mask as is; it only needs to accept thd packs.
+        spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    if build.arbitrary_attention_mask:
+        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
     return spec
 
 
@@ -202,9 +212,40 @@ def build_qwen3_model(
         rotary_base=int(cfg.rope_theta),
         vp_stage=vp_stage,
     )
+    if type(getattr(model, "rotary_pos_emb", None)) is RotaryEmbedding:
+        model.rotary_pos_emb.__class__ = PositionedRotaryEmbedding  # adds optional explicit positions; no params
     if post_process and build.vocab_rows(cfg) > cfg.vocab_size:
         model.output_layer.register_forward_hook(_padded_vocab_mask_hook(cfg.vocab_size, build.vocab_rows(cfg)))
     return model
+
+
+class PositionedRotaryEmbedding(RotaryEmbedding):
+    """megatron-core's RoPE, optionally at explicit positions (``position_ids``, set by :func:`rope_positions`).
+
+    megatron's ``GPTModel`` derives RoPE angles from sequence indices and ignores ``position_ids``; tree-packed RL
+    batches need the angle of each token's position in its own rollout.
+    """
+
+    position_ids: Optional[torch.Tensor] = None
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        if self.position_ids is None:
+            return super().forward(max_seq_len, offset, packed_seq, cp_group)
+        return self.get_emb(int(self.position_ids.max()) + 1)[self.position_ids]
+
+
+@contextlib.contextmanager
+def rope_positions(model_chunks, position_ids: torch.Tensor):
+    """Run the chunks' forward passes with RoPE at ``position_ids`` ``[S]`` (one sequence per micro-batch)."""
+    rotaries = [m.rotary_pos_emb for m in model_chunks if isinstance(getattr(m, "rotary_pos_emb", None),
+                                                                     PositionedRotaryEmbedding)]
+    for r in rotaries:
+        r.position_ids = position_ids
+    try:
+        yield
+    finally:
+        for r in rotaries:
+            r.position_ids = None
 
 
 def _padded_vocab_mask_hook(vocab_size: int, padded_rows: int):

@@ -9,31 +9,22 @@ batch is split over micro-batches and ranks.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from functools import partial
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import psutil
 import torch
 
-from megatron_onereason.checkpoint.mcore_io import HF_ASSETS, CheckpointModelInfo
 from megatron_onereason.metrics_log import MetricsLogger, format_eta
-from megatron_onereason.model.builder import FP8Config, ModelBuildConfig, build_qwen3_model
 from megatron_onereason.model.forward import packed_seq_params
-from megatron_onereason.model.qwen3_config import load_qwen3_config, padded_vocab_size
-from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON, ItemicVocab
 from megatron_onereason.training import checkpointing
 from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
-from megatron_onereason.training.freezing import (
-    apply_trainable,
-    mask_frozen_row_grads,
-    no_weight_decay_for_row_frozen,
-    row_frozen_params,
-)
+from megatron_onereason.training.freezing import mask_frozen_row_grads
 from megatron_onereason.training.loss import breakdown_metrics, loss_breakdown
+from megatron_onereason.training.setup import device, install_grad_hooks, setup_model_and_optimizer
 
 log = logging.getLogger("megatron_onereason.train")
 PAD_TOKEN_ID = 0  # padding sits in its own attention segment with no loss, so its id never matters
@@ -50,83 +41,9 @@ class _StopFlag:
         self.requested = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=_device())
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device())
         torch.distributed.all_reduce(flag)
         return bool(flag.item())
-
-
-def _device():
-    from megatron_onereason.platform import device
-
-    return device()
-
-
-def _model_source(cfg: TrainConfig):
-    """(CheckpointModelInfo, hf assets dir or None, weights-only dir or None, resume dir or None)."""
-    tp = cfg.parallel.tensor_model_parallel_size
-    if checkpointing.has_checkpoint(cfg.checkpoint.load):
-        root = cfg.checkpoint.load
-        return CheckpointModelInfo.load(root), os.path.join(root, HF_ASSETS), None, root
-    if cfg.model.load:
-        return CheckpointModelInfo.load(cfg.model.load), os.path.join(cfg.model.load, HF_ASSETS), cfg.model.load, None
-    if cfg.model.init_from:
-        qwen3 = load_qwen3_config(cfg.model.init_from)
-        assets = cfg.model.init_from if os.path.isdir(cfg.model.init_from) else None
-        return CheckpointModelInfo(qwen3, padded_vocab_size(qwen3.vocab_size, tp)), assets, None, None
-    raise ValueError("nothing to train: set model.load (a converted checkpoint), model.init_from (a preset), "
-                     "or checkpoint.load (a checkpoint to resume)")
-
-
-def _itemic_vocab(cfg: TrainConfig, assets: Optional[str]) -> Optional[ItemicVocab]:
-    directory = cfg.model.itemic_vocab or assets
-    if directory and os.path.exists(os.path.join(directory, ITEMIC_JSON)):
-        return ItemicVocab.load(directory)
-    if cfg.model.itemic_vocab:
-        raise FileNotFoundError(f"model.itemic_vocab={cfg.model.itemic_vocab}: no {ITEMIC_JSON} there")
-    return None
-
-
-def _build_config(cfg: TrainConfig, info: CheckpointModelInfo) -> ModelBuildConfig:
-    p, prec = cfg.parallel, cfg.precision
-    return ModelBuildConfig(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-        sequence_parallel=p.sequence_parallel,
-        context_parallel_size=p.context_parallel_size,
-        params_dtype=torch.bfloat16 if prec.bf16 else torch.float32,
-        bf16=prec.bf16,
-        fp8=FP8Config(prec.fp8, prec.fp8_recipe, prec.fp8_amax_history_len) if prec.fp8 else None,
-        layer_spec=cfg.model.layer_spec,
-        padded_vocab_size=info.padded_vocab_size,
-        recompute_granularity=cfg.model.recompute_granularity,
-        calculate_per_token_loss=True,
-    )
-
-
-def _build_optimizer(cfg: TrainConfig, model, row_mode: bool):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    o = cfg.optim
-    opt_config = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=cfg.precision.bf16,
-        params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
-    overrides = get_standard_config_overrides(opt_config)
-    if row_mode:
-        overrides.update(no_weight_decay_for_row_frozen())
-    optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
-    decay = o.decay_iters or cfg.train.iters
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(decay, o.warmup_iters + 1), lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(cfg.train.iters, 1),
-        wd_incr_style="constant",
-    )
-    return optimizer, scheduler
 
 
 def _micro_batches(dataset, first_sample: int, global_batch: int) -> List[Dict]:
@@ -141,7 +58,7 @@ def _micro_batches(dataset, first_sample: int, global_batch: int) -> List[Dict]:
 
 def _forward_step(itemic_range, num_sources, data_iterator, model):
     batch = next(data_iterator)
-    dev = _device()
+    dev = device()
     tokens = batch["tokens"].to(dev)[None]
     output = model(tokens, batch["position_ids"].to(dev)[None], None, labels=batch["labels"].to(dev)[None],
                    packed_seq_params=packed_seq_params(batch["cu_seqlens"].to(dev)))
@@ -159,9 +76,7 @@ def _forward_step(itemic_range, num_sources, data_iterator, model):
 def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     """Train as configured; returns the logged metrics (on the logging rank; empty elsewhere)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
 
     from megatron_onereason.data.blending import BlendConfig, parse_blend
     from megatron_onereason.data.packed_dataset import build_packed_dataset
@@ -183,31 +98,11 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     if not cfg.data.blend:
         raise ValueError("data.blend is empty: give [weight, prefix, ...] of tools/preprocess_data.py outputs")
 
-    info, assets, weights_dir, resume_dir = _model_source(cfg)
-    itemic = _itemic_vocab(cfg, assets)
-    build = _build_config(cfg, info)
-    vpp = p.virtual_pipeline_model_parallel_size
-    chunks = [build_qwen3_model(info.config, build, vp_stage=i if vpp else None).to(_device())
-              for i in range(vpp or 1)]
-    summary = apply_trainable(chunks, cfg.train.trainable, itemic)
-    if weights_dir:
-        checkpointing.load_weights(weights_dir, chunks)
-    counts = torch.tensor([summary.trainable_params, summary.total_params], dtype=torch.float64, device=_device())
-    torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
-    if rank == 0:
-        log.info("parameters: %.4gM trainable of %.4gM (trainable=%s)", counts[0] / 1e6, counts[1] / 1e6,
-                 cfg.train.trainable)
-
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
-                                               use_distributed_optimizer=p.use_distributed_optimizer)
-    model = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
-             for i, c in enumerate(chunks)]
-    row_params = row_frozen_params(chunks)
-    optimizer, scheduler = _build_optimizer(cfg, model, bool(row_params))
-    iteration, consumed = 0, 0
-    if resume_dir:
-        iteration, consumed = checkpointing.resume(resume_dir, chunks, optimizer, scheduler,
-                                                   p.use_distributed_optimizer)
+    state = setup_model_and_optimizer(cfg.model, p, cfg.precision, cfg.optim, cfg.train.trainable, cfg.train.iters,
+                                      resume_from=cfg.checkpoint.load)
+    chunks, model, optimizer, scheduler = state.chunks, state.model, state.optimizer, state.scheduler
+    info, itemic, row_params = state.info, state.itemic, state.row_params
+    iteration, consumed = state.iteration, state.consumed_samples
 
     dataset = build_packed_dataset(
         BlendConfig(parse_blend([str(x) for x in cfg.data.blend]), cfg.data.total_tokens, cfg.data.seed),
@@ -215,12 +110,7 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
                       seed=cfg.data.seed),
         pad_id=PAD_TOKEN_ID,
     )
-    model_config = get_model_config(model[0])
-    model_config.grad_scale_func = optimizer.scale_loss
-    model_config.finalize_model_grads_func = finalize_model_grads
-    if p.overlap_grad_reduce:
-        model_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
-        model_config.grad_sync_func = [m.start_grad_sync for m in model] if len(model) > 1 else model[0].start_grad_sync
+    install_grad_hooks(state, p)
     itemic_range = (itemic.first_id, itemic.end_id) if itemic else (0, 0)
     forward_step = partial(_forward_step, itemic_range, len(dataset.source_names))
     forward_backward = get_forward_backward_func()
@@ -234,7 +124,7 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     def save():
         if cfg.checkpoint.save:
             checkpointing.save_checkpoint(cfg.checkpoint.save, iteration, chunks, optimizer, scheduler, consumed, info,
-                                          assets, p.use_distributed_optimizer)
+                                          state.assets, p.use_distributed_optimizer)
 
     while iteration < cfg.train.iters:
         step_start = time.time()
@@ -254,11 +144,11 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
         consumed += gbs
 
         # Reduce what this DP rank saw: loss breakdown (last stage only) and real tokens / model FLOPs.
-        work = torch.zeros(2, dtype=torch.float64, device=_device())
+        work = torch.zeros(2, dtype=torch.float64, device=device())
         for mb in micro:
             docs = (mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1])[: mb["num_documents"]].tolist()
             work += torch.tensor([sum(docs), training_flops(info.config, docs, info.padded_vocab_size)],
-                                 dtype=torch.float64, device=_device())
+                                 dtype=torch.float64, device=device())
         torch.distributed.all_reduce(work, group=parallel_state.get_data_parallel_group())
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             totals = torch.stack([x["breakdown"] for x in losses]).sum(0)

@@ -1,0 +1,231 @@
+"""The RL actor: the megatron-core policy (TP/PP/DP) that scores and trains on tree-packed rollouts.
+
+One :class:`MegatronActor` runs in every actor process (SPMD: the engine calls each method on all ranks with the
+same arguments). It reuses the trainer's stack (:func:`megatron_onereason.training.setup.setup_model_and_optimizer`,
+megatron's pipeline schedules, DDP and optimizer) and adds:
+
+* ``logprobs``: per-position log-probs of tree packs (each trace forwarded once, see :mod:`.tree_pack`);
+* ``train_grpo`` / ``train_mopd``: one optimizer step per mini-batch with the shared-prefix GRPO loss (eqs. 10–13)
+  or the MOPD loss (eq. 18), normalised per token over the whole mini-batch;
+* ``hf_weights``: this pipeline stage's weights gathered over TP under HF names (the converter's mapping), for
+  the weight sync to the rollout engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_onereason.checkpoint.hf_mapping import FC1, LAYER_PREFIX, LOCAL_SPEC_ALIASES, mcore_tensor_to_hf
+from megatron_onereason.model.builder import rope_positions
+from megatron_onereason.rl.distill import mopd_loss
+from megatron_onereason.rl.losses import shared_prefix_policy_loss
+from megatron_onereason.rl.tree_pack import TreePack, tree_logprobs_layout
+from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
+from megatron_onereason.training.freezing import mask_frozen_row_grads
+from megatron_onereason.training.setup import device, install_grad_hooks, setup_model_and_optimizer
+
+GRPO_METRICS = ("clipfrac", "clipfrac_cot", "clipfrac_item", "approx_kl", "ratio_mean")
+MOPD_METRICS = ("is_weight_mean", "is_zero_frac", "adv_abs_mean")
+
+
+@dataclass
+class ActorSpec:
+    model: ModelSection
+    parallel: ParallelSection
+    precision: PrecisionSection
+    optim: OptimSection
+    pack_length: int = 1024  # positions per tree pack (fixed: pipeline p2p shapes)
+    total_steps: int = 100  # optimizer steps the LR schedule spans
+    seed: int = 1234
+
+
+@dataclass
+class GRPOMicroBatch:
+    """One tree pack plus what its loss needs (layouts ``[N, Tr]`` / ``[N, K, Tc]`` / ``[N, K]``)."""
+
+    pack: TreePack
+    trace_mask: torch.Tensor  # bool: reasoning tokens the policy sampled (forced tokens carry no loss)
+    child_mask: torch.Tensor  # bool: item tokens the policy sampled
+    trace_old_logp: torch.Tensor
+    child_old_logp: torch.Tensor
+    advantages: torch.Tensor
+    sample_weight: torch.Tensor
+    trace_ref_logp: Optional[torch.Tensor] = None
+    child_ref_logp: Optional[torch.Tensor] = None
+
+
+@dataclass
+class MOPDMicroBatch:
+    """One tree pack of K=1 student rollouts with per-token MOPD advantages and IS weights (``[N, T]``)."""
+
+    pack: TreePack
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    rollout_logp: torch.Tensor
+
+
+class MegatronActor:
+    def __init__(self, spec: ActorSpec, resume_from: Optional[str] = None):
+        from megatron.core import parallel_state
+
+        from megatron_onereason.platform import initialize_distributed
+
+        p = spec.parallel
+        initialize_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                               p.virtual_pipeline_model_parallel_size, seed=spec.seed)
+        self.spec = spec
+        self.state = setup_model_and_optimizer(spec.model, p, spec.precision, spec.optim, ["all"], spec.total_steps,
+                                               resume_from=resume_from, arbitrary_attention_mask=True)
+        install_grad_hooks(self.state, p)
+        self.cfg = self.state.info.config
+        self.ps = parallel_state
+
+    # ------------------------------------------------------------------------------------------- forward passes
+    def _forward_step(self, loss_fn, data_iterator, model):
+        mb = next(data_iterator)
+        pack = mb.pack if hasattr(mb, "pack") else mb
+        dev = device()
+        chunk = model.module if hasattr(model, "module") else model
+        with rope_positions([chunk], pack.position_ids.to(dev)):
+            output = model(pack.tokens.to(dev)[None], pack.position_ids.to(dev)[None],
+                           (~pack.allowed).to(dev)[None, None], labels=pack.labels.to(dev)[None])
+        return output, partial(loss_fn, mb)
+
+    def _run(self, micro_batches: Sequence, loss_fn, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        model = self.state.model
+        iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_fn), data_iterator=iterators,
+            model=model if len(model) > 1 else model[0], num_microbatches=len(micro_batches),
+            seq_length=self.spec.pack_length, micro_batch_size=1, forward_only=forward_only,
+            collect_non_loss_data=forward_only)
+
+    def _is_output_rank(self) -> bool:
+        return (self.ps.is_pipeline_last_stage(ignore_virtual=True)
+                and self.ps.get_tensor_model_parallel_rank() == 0)
+
+    def logprobs(self, packs: Sequence[TreePack]) -> Optional[List[torch.Tensor]]:
+        """Per-position log-probs ``[S]`` of each pack's labels (returned on the last stage's TP rank 0)."""
+        for m in self.state.model:
+            m.eval()
+        with torch.no_grad():
+            out = self._run(list(packs), lambda mb, loss, non_loss_data=True: -loss[0].float().cpu(), True)
+        return list(out) if self._is_output_rank() else None
+
+    def _step(self, micro_batches, loss_fn, keys: Sequence[str]) -> Dict[str, float]:
+        """One optimizer step; ``loss_fn`` reports ``[n, loss_sum, n·metric for metric in keys]`` per micro-batch."""
+        state = self.state
+        for m in state.model:
+            m.train()
+            m.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        losses = self._run(list(micro_batches), loss_fn, False)
+        mask_frozen_row_grads(state.row_params)
+        updated, grad_norm, _ = state.optimizer.step()
+        if updated:
+            state.scheduler.step(increment=1)
+        state.iteration += 1
+        metrics = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "lr": state.scheduler.get_lr(state.optimizer.param_groups[0])}
+        if self.ps.is_pipeline_last_stage(ignore_virtual=True):
+            totals = torch.stack([x["metrics"] for x in losses]).sum(0)
+            torch.distributed.all_reduce(totals, group=self.ps.get_data_parallel_group())
+            n = max(totals[0].item(), 1.0)
+            metrics["loss"] = totals[1].item() / n
+            metrics.update({k: totals[2 + i].item() / n for i, k in enumerate(keys)})
+        return metrics
+
+    def train_grpo(self, micro_batches: Sequence[GRPOMicroBatch], clip_cot, clip_item, kl_coef: float = 0.0,
+                   kl_estimator: str = "k3") -> Dict[str, float]:
+        """One optimizer step on the shared-prefix GRPO loss (eqs. 10–13), token mean over the mini-batch."""
+
+        def loss_fn(mb: GRPOMicroBatch, per_token_loss):
+            trace_logp, child_logp = tree_logprobs_layout(-per_token_loss[0].float(), mb.pack)
+            dev = trace_logp.device
+            loss, m = shared_prefix_policy_loss(
+                trace_logp, mb.trace_old_logp.to(dev), mb.trace_mask.to(dev), child_logp,
+                mb.child_old_logp.to(dev), mb.child_mask.to(dev), mb.advantages.to(dev),
+                clip_cot=tuple(clip_cot), clip_item=tuple(clip_item), sample_weight=mb.sample_weight.to(dev),
+                agg="token-mean", loss_normalizer=1.0,
+                trace_ref_logp=None if mb.trace_ref_logp is None else mb.trace_ref_logp.to(dev),
+                child_ref_logp=None if mb.child_ref_logp is None else mb.child_ref_logp.to(dev),
+                kl_coef=kl_coef, kl_estimator=kl_estimator)
+            k = mb.advantages.shape[1]
+            # Tokens of the materialised N×K rollouts: each trace token counts once per child.
+            n = (k * mb.trace_mask.sum() + mb.child_mask.sum()).to(dev)
+            report = torch.stack([n.double(), loss.detach().double()] +
+                                 [n.double() * m[key].detach().double() for key in GRPO_METRICS])
+            return loss, n.to(torch.int), {"metrics": report}
+
+        return self._step(micro_batches, loss_fn, GRPO_METRICS)
+
+    def train_mopd(self, micro_batches: Sequence[MOPDMicroBatch], is_low: float, is_high: float) -> Dict[str, float]:
+        """One optimizer step on the MOPD loss (eq. 18) with truncated IS weights (eq. 17)."""
+        from megatron_onereason.rl.distill import truncated_is_weights
+
+        def loss_fn(mb: MOPDMicroBatch, per_token_loss):
+            trace_logp, child_logp = tree_logprobs_layout(-per_token_loss[0].float(), mb.pack)
+            logp = torch.cat([trace_logp, child_logp[:, 0]], dim=1)
+            dev = logp.device
+            mask = mb.mask.to(dev)
+            weights = truncated_is_weights(logp.detach(), mb.rollout_logp.to(dev), is_low, is_high, mask=mask)
+            # Sum of per-trajectory means; megatron divides by the trajectories of the whole mini-batch.
+            loss, m = mopd_loss(logp, mb.advantages.to(dev), weights, mask, loss_normalizer=1.0)
+            n = torch.tensor(mask.shape[0], device=dev)
+            report = torch.stack([n.double(), loss.detach().double()] +
+                                 [n.double() * m[key].detach().double() for key in MOPD_METRICS])
+            return loss, n.to(torch.int), {"metrics": report}
+
+        return self._step(micro_batches, loss_fn, MOPD_METRICS)
+
+    # ------------------------------------------------------------------------------------------- weights
+    def hf_weights(self) -> Dict[str, torch.Tensor]:
+        """This pipeline stage's weights, gathered over TP, under HF names (on TP rank 0 and DP rank 0 only)."""
+        tp_group = self.ps.get_tensor_model_parallel_group()
+        tp = self.ps.get_tensor_model_parallel_world_size()
+        keep = self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_data_parallel_rank() == 0
+        out: Dict[str, torch.Tensor] = {}
+        vocab = self.cfg.vocab_size
+        for chunk in self.state.chunks:
+            for name, param in chunk.named_parameters():
+                shards = [param.detach()]
+                if getattr(param, "tensor_model_parallel", False) and tp > 1:
+                    shards = [torch.empty_like(param) for _ in range(tp)]
+                    torch.distributed.all_gather(shards, param.detach().contiguous(), group=tp_group)
+                if not keep:
+                    continue
+                dim = getattr(param, "partition_dim", 0)
+                if name.startswith(LAYER_PREFIX):
+                    local, suffix = name[len(LAYER_PREFIX):].split(".", 1)
+                    layer = chunk.decoder.layers[int(local)].layer_number - 1
+                    suffix = LOCAL_SPEC_ALIASES.get(suffix, suffix)
+                    if suffix == FC1:  # each TP shard is [gate_r; up_r]
+                        halves = [s.chunk(2, dim=0) for s in shards]
+                        full = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
+                    else:
+                        full = torch.cat(shards, dim=dim)
+                    out.update({k: v.cpu() for k, v in mcore_tensor_to_hf(suffix, full, layer, self.cfg).items()})
+                elif name == "embedding.word_embeddings.weight":
+                    out["model.embed_tokens.weight"] = torch.cat(shards)[:vocab].cpu()
+                elif name == "output_layer.weight" and not self.cfg.tie_word_embeddings:
+                    out["lm_head.weight"] = torch.cat(shards)[:vocab].cpu()
+                elif name == "decoder.final_layernorm.weight":
+                    out["model.norm.weight"] = shards[0].cpu()
+        return out
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save(self, root: str, consumed: int = 0) -> None:
+        from megatron_onereason.training.checkpointing import save_checkpoint
+
+        s = self.state
+        save_checkpoint(root, s.iteration, s.chunks, s.optimizer, s.scheduler, consumed, s.info, s.assets,
+                        self.spec.parallel.use_distributed_optimizer)
+
+    @property
+    def iteration(self) -> int:
+        return self.state.iteration

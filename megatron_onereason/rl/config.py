@@ -1,0 +1,88 @@
+"""Typed configuration of the RL engine (``python -m megatron_onereason.rl.run --config X.yaml [overrides]``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Tuple
+
+from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
+
+
+@dataclass
+class ActorSection:
+    model: ModelSection = field(default_factory=ModelSection)  # model.load: the policy's megatron checkpoint
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, min_lr=1e-6, weight_decay=0.0,
+                                                                     decay_style="constant"))
+    pack_length: int = 2048  # positions per tree pack (several traces with their K completions each)
+    mini_batches: int = 1  # optimizer steps per rollout batch (> 1: later ones are off-policy and clip)
+
+
+@dataclass
+class RolloutSection:
+    model_dir: str = ""  # HF directory of the policy (tokenizer + config); weights are synced from the actor
+    thinking: bool = True
+    num_traces: int = 4  # N reasoning traces per prompt
+    num_items: int = 8  # K item completions per trace
+    temperature: float = 1.0
+    item_temperature: float = 1.0
+    max_think_tokens: int = 256
+
+
+@dataclass
+class DataSection:
+    benchmark: str = ""  # training users (megatron_onereason.eval.benchmark JSONL)
+    eval_benchmark: Optional[str] = None  # held-out users for Recall@K
+    catalog: str = ""  # itemic tokenizer directory (catalog.parquet): legal items, rewards
+    domains: Optional[List[str]] = None  # single-domain RL: only these target domains
+    prompts_per_step: int = 8
+
+
+@dataclass
+class GRPOSection:
+    reward: Literal["rule", "beam-prefix", "beam-position"] = "rule"
+    diversity: bool = True  # eq. 9 diversity factor
+    clip_cot: Tuple[float, float] = (0.2, 0.28)
+    clip_item: Tuple[float, float] = (0.1, 0.1)
+    nonhit_weight: float = 0.5  # β of eq. 13
+    kl_coef: float = 0.0  # > 0 adds a reference worker (the initial policy)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    dynamic_sampling: bool = False  # drop users whose N×K rewards are all equal
+
+
+@dataclass
+class MOPDSection:
+    teachers: Dict[str, str] = field(default_factory=dict)  # domain -> HF directory of its GRPO teacher
+    general_teacher: Optional[str] = None  # for prompts without a domain (itemic tokens penalised)
+    rho: float = 0.9  # information-gain filter, eqs. 19-20
+    is_low: float = 0.5  # truncated IS band, eq. 17
+    is_high: float = 2.0
+    adv_clip: Optional[Tuple[float, float]] = None  # OpenOneRec's reward clipping [α, β]
+
+
+@dataclass
+class RayLayout:
+    address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster started by the launcher
+    layout: Literal["colocated", "disaggregated"] = "colocated"
+    num_cpus: Optional[int] = None  # logical CPUs for a local Ray (default: enough for every worker)
+    gpus_per_worker: float = 0.0  # 1.0 on GPU nodes (colocated rollout shares the actor's first GPU)
+
+
+@dataclass
+class RLConfig:
+    algorithm: Literal["grpo", "mopd", "rft"] = "grpo"
+    steps: int = 10
+    seed: int = 1234
+    actor: ActorSection = field(default_factory=ActorSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    data: DataSection = field(default_factory=DataSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    mopd: MOPDSection = field(default_factory=MOPDSection)
+    ray: RayLayout = field(default_factory=RayLayout)
+    save: Optional[str] = None  # checkpoint root (actor state + engine state); resumed from when it has one
+    save_interval: Optional[int] = None
+    eval_interval: Optional[int] = None
+    eval_k: int = 8
+    metrics_jsonl: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    rft_output: Optional[str] = None  # algorithm=rft: where the selected chat JSONL goes

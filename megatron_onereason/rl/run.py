@@ -1,0 +1,41 @@
+"""RL entry point: GRPO, MOPD or RFT data selection with the actor-rollout engine on Ray.
+
+    python -m megatron_onereason.rl.run --config examples/configs/tiny/grpo.yaml [section.field=value ...]
+
+On one machine this starts a local Ray; on a cluster set ``ray.address=auto`` after starting Ray from the launcher
+(examples/grpo_multinode.sh). Re-running with the same ``save`` directory resumes from its checkpoint.
+"""
+import argparse
+import logging
+import sys
+
+from megatron_onereason.config import ConfigError, load_config
+from megatron_onereason.rl.config import RLConfig
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file (see megatron_onereason/rl/config.py)")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(RLConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rl.run: config error: {e}", file=sys.stderr)
+        return 2
+    from megatron_onereason.rl.engine import RLEngine
+
+    engine = RLEngine(cfg)
+    try:
+        if cfg.eval_interval and cfg.algorithm != "rft":
+            before = engine.evaluate()
+            logging.getLogger("megatron_onereason.rl").info("before training: %s", before)
+        engine.run()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

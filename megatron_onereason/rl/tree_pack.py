@@ -1,0 +1,111 @@
+"""Shared-prefix ("tree") packing of two-stage rollouts: each reasoning trace is forwarded once (OneReason §6.1).
+
+A two-stage rollout has, per trace, ``prompt + trace`` followed by K item completions. Materialising the K
+sequences repeats the trace K times; instead one pack holds ``prompt + trace`` once and then K short child
+segments. Child ``j`` is ``[x_last, c_j1, ..., c_jT]``: a copy of the trace's last token (same RoPE position,
+``L − 1``) followed by the completion at positions ``L, L+1, ...``. Child tokens attend to ``prompt + trace``
+without its last token (the copy stands in for it, so no key appears twice) and causally within the child.
+Every attention row and every RoPE angle is then exactly that of the materialised sequence ``prompt + trace +
+child_j``, so log-probs are identical, while the copy's logits give child ``j`` its own first-token prediction.
+Several trees are packed block-diagonally.
+
+The model must take explicit RoPE positions and an arbitrary mask: see ``megatron_onereason.model.builder``
+(``rope_position_ids``) and :func:`tree_logprobs_layout` for mapping per-position log-probs back to the
+``[N, Tr]`` / ``[N, K, Tc]`` layout of :func:`megatron_onereason.rl.losses.shared_prefix_policy_loss`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeSequence:
+    prompt: Sequence[int]  # at least one token
+    trace: Sequence[int]  # reasoning tokens (may be empty: non-thinking mode)
+    children: Sequence[Sequence[int]]  # K item completions (each at least one token)
+
+
+@dataclass
+class TreePack:
+    tokens: torch.Tensor  # int64 [S]
+    position_ids: torch.Tensor  # int64 [S] RoPE positions
+    allowed: torch.Tensor  # bool [S, S]: query row may attend key column
+    labels: torch.Tensor  # int64 [S]: the token whose log-prob position t gives (0 where none)
+    trace_index: torch.Tensor  # int64 [N, Tr]: pack position predicting trace token j (-1 = padding)
+    child_index: torch.Tensor  # int64 [N, K, Tc]: pack position predicting child token i (-1 = padding)
+
+    @property
+    def trace_mask(self) -> torch.Tensor:
+        return self.trace_index >= 0
+
+    @property
+    def child_mask(self) -> torch.Tensor:
+        return self.child_index >= 0
+
+
+def pack_trees(trees: Sequence[TreeSequence], length: Optional[int] = None) -> TreePack:
+    """Pack trees into one sequence (padded to ``length``; padding attends only to itself)."""
+    if not trees:
+        raise ValueError("pack_trees needs at least one tree")
+    k = len(trees[0].children)
+    if k == 0 or any(len(t.children) != k for t in trees):
+        raise ValueError(f"every tree needs the same K >= 1 children, got {[len(t.children) for t in trees]}")
+    tokens: List[int] = []
+    positions: List[int] = []
+    labels: List[int] = []
+    blocks = []  # (main_start, main_len, [(child_start, child_len)])
+    for i, tree in enumerate(trees):
+        if len(tree.prompt) == 0 or any(len(c) == 0 for c in tree.children):
+            raise ValueError(f"tree {i}: empty prompt or child")
+        main = list(tree.prompt) + list(tree.trace)
+        start = len(tokens)
+        tokens += main
+        positions += range(len(main))
+        labels += main[1:] + [0]
+        children = []
+        for child in tree.children:
+            c_start = len(tokens)
+            seg = [main[-1]] + list(child)
+            tokens += seg
+            positions += range(len(main) - 1, len(main) - 1 + len(seg))
+            labels += list(child) + [0]
+            children.append((c_start, len(seg)))
+        blocks.append((start, len(main), children))
+    total = len(tokens)
+    size = total if length is None else length
+    if size < total:
+        raise ValueError(f"trees need {total} positions, more than length={length}")
+    pad = size - total
+    tokens += [0] * pad
+    positions += [0] * pad
+    labels += [0] * pad
+
+    allowed = torch.zeros(size, size, dtype=torch.bool)
+    causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()  # noqa: E731
+    t_trace = max(len(t.trace) for t in trees)
+    t_child = max(len(c) for t in trees for c in t.children)
+    trace_index = torch.full((len(trees), t_trace), -1, dtype=torch.long)
+    child_index = torch.full((len(trees), k, t_child), -1, dtype=torch.long)
+    for i, (start, main_len, children) in enumerate(blocks):
+        allowed[start:start + main_len, start:start + main_len] = causal(main_len)
+        prompt_len = main_len - len(trees[i].trace)
+        # Trace token j is predicted at main position prompt_len - 1 + j.
+        trace_index[i, : len(trees[i].trace)] = torch.arange(len(trees[i].trace)) + start + prompt_len - 1
+        for j, (c_start, c_len) in enumerate(children):
+            allowed[c_start:c_start + c_len, start:start + main_len - 1] = True
+            allowed[c_start:c_start + c_len, c_start:c_start + c_len] = causal(c_len)
+            child_index[i, j, : c_len - 1] = torch.arange(c_len - 1) + c_start
+    for p in range(total, size):
+        allowed[p, p] = True
+    return TreePack(torch.tensor(tokens), torch.tensor(positions), allowed, torch.tensor(labels), trace_index,
+                    child_index)
+
+
+def tree_logprobs_layout(logp: torch.Tensor, pack: TreePack):
+    """Per-position log-probs ``[S]`` → ``(trace_logp [N, Tr], child_logp [N, K, Tc])`` (0 at padding)."""
+    trace = torch.where(pack.trace_mask, logp[pack.trace_index.clamp(min=0)], torch.zeros((), dtype=logp.dtype))
+    child = torch.where(pack.child_mask, logp[pack.child_index.clamp(min=0)], torch.zeros((), dtype=logp.dtype))
+    return trace, child

@@ -1,0 +1,160 @@
+"""Model, DDP wrapper, optimizer and scheduler from the typed config sections: shared by the pre-training / SFT
+trainer and the RL actor, so both run the same megatron-core stack."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from megatron_onereason.checkpoint.mcore_io import HF_ASSETS, CheckpointModelInfo
+from megatron_onereason.model.builder import FP8Config, ModelBuildConfig, build_qwen3_model
+from megatron_onereason.model.qwen3_config import load_qwen3_config, padded_vocab_size
+from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON, ItemicVocab
+from megatron_onereason.training import checkpointing
+from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
+from megatron_onereason.training.freezing import apply_trainable, no_weight_decay_for_row_frozen, row_frozen_params
+
+log = logging.getLogger("megatron_onereason.train")
+
+
+@dataclass
+class ModelAndOptimizer:
+    chunks: List[torch.nn.Module]  # this rank's model chunks (one per virtual pipeline stage)
+    model: List[torch.nn.Module]  # the same chunks wrapped in megatron DDP
+    optimizer: object
+    scheduler: object
+    info: CheckpointModelInfo
+    assets: Optional[str]  # HF config/tokenizer files carried into saved checkpoints
+    itemic: Optional[ItemicVocab]
+    row_params: List[torch.nn.Parameter]  # row-frozen vocabulary matrices (stage 1)
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def device():
+    from megatron_onereason.platform import device
+
+    return device()
+
+
+def model_source(model: ModelSection, resume_from: Optional[str], tp: int):
+    """(CheckpointModelInfo, hf assets dir or None, weights-only dir or None, resume dir or None)."""
+    if checkpointing.has_checkpoint(resume_from):
+        return CheckpointModelInfo.load(resume_from), os.path.join(resume_from, HF_ASSETS), None, resume_from
+    if model.load:
+        return CheckpointModelInfo.load(model.load), os.path.join(model.load, HF_ASSETS), model.load, None
+    if model.init_from:
+        qwen3 = load_qwen3_config(model.init_from)
+        assets = model.init_from if os.path.isdir(model.init_from) else None
+        return CheckpointModelInfo(qwen3, padded_vocab_size(qwen3.vocab_size, tp)), assets, None, None
+    raise ValueError("nothing to train: set model.load (a converted checkpoint), model.init_from (a preset), "
+                     "or checkpoint.load (a checkpoint to resume)")
+
+
+def itemic_vocab(model: ModelSection, assets: Optional[str]) -> Optional[ItemicVocab]:
+    directory = model.itemic_vocab or assets
+    if directory and os.path.exists(os.path.join(directory, ITEMIC_JSON)):
+        return ItemicVocab.load(directory)
+    if model.itemic_vocab:
+        raise FileNotFoundError(f"model.itemic_vocab={model.itemic_vocab}: no {ITEMIC_JSON} there")
+    return None
+
+
+def build_config(model: ModelSection, p: ParallelSection, prec: PrecisionSection, info: CheckpointModelInfo,
+                 **overrides) -> ModelBuildConfig:
+    return ModelBuildConfig(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        context_parallel_size=p.context_parallel_size,
+        params_dtype=torch.bfloat16 if prec.bf16 else torch.float32,
+        bf16=prec.bf16,
+        fp8=FP8Config(prec.fp8, prec.fp8_recipe, prec.fp8_amax_history_len) if prec.fp8 else None,
+        layer_spec=model.layer_spec,
+        padded_vocab_size=info.padded_vocab_size,
+        recompute_granularity=model.recompute_granularity,
+        calculate_per_token_loss=True,
+        **overrides,
+    )
+
+
+def build_optimizer(o: OptimSection, prec: PrecisionSection, p: ParallelSection, iters: int, model, row_mode: bool):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=prec.bf16,
+        params_dtype=torch.bfloat16 if prec.bf16 else torch.float32,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+    )
+    overrides = get_standard_config_overrides(opt_config)
+    if row_mode:
+        overrides.update(no_weight_decay_for_row_frozen())
+    optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
+    decay = o.decay_iters or iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(decay, o.warmup_iters + 1), lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(iters, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def setup_model_and_optimizer(model_sec: ModelSection, parallel: ParallelSection, precision: PrecisionSection,
+                              optim: OptimSection, trainable: Sequence[str], iters: int,
+                              resume_from: Optional[str] = None, **build_overrides) -> ModelAndOptimizer:
+    """Build this rank's model chunks, load starting weights or resume, wrap in DDP, build the optimizer.
+
+    Needs initialised parallel state. ``resume_from`` restores optimizer, scheduler and iteration when it holds
+    a checkpoint; otherwise ``model_sec.load`` gives weights only (or ``init_from`` random weights).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    info, assets, weights_dir, resume_dir = model_source(model_sec, resume_from, parallel.tensor_model_parallel_size)
+    itemic = itemic_vocab(model_sec, assets)
+    build = build_config(model_sec, parallel, precision, info, **build_overrides)
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    chunks = [build_qwen3_model(info.config, build, vp_stage=i if vpp else None).to(device())
+              for i in range(vpp or 1)]
+    summary = apply_trainable(chunks, trainable, itemic)
+    if weights_dir:
+        checkpointing.load_weights(weights_dir, chunks)
+    counts = torch.tensor([summary.trainable_params, summary.total_params], dtype=torch.float64, device=device())
+    torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
+    if torch.distributed.get_rank() == 0:
+        log.info("parameters: %.4gM trainable of %.4gM (trainable=%s)", counts[0] / 1e6, counts[1] / 1e6,
+                 list(trainable))
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=parallel.overlap_grad_reduce,
+                                               use_distributed_optimizer=parallel.use_distributed_optimizer)
+    model = [DistributedDataParallel(config=c.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+             for i, c in enumerate(chunks)]
+    row_params = row_frozen_params(chunks)
+    optimizer, scheduler = build_optimizer(optim, precision, parallel, iters, model, bool(row_params))
+    state = ModelAndOptimizer(chunks, model, optimizer, scheduler, info, assets, itemic, row_params)
+    if resume_dir:
+        state.iteration, state.consumed_samples = checkpointing.resume(
+            resume_dir, chunks, optimizer, scheduler, parallel.use_distributed_optimizer)
+    return state
+
+
+def install_grad_hooks(state: ModelAndOptimizer, parallel: ParallelSection) -> None:
+    """Tell megatron's schedules how to scale, sync and finalise gradients of this model and optimizer."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    model = state.model
+    model_config = get_model_config(model[0])
+    model_config.grad_scale_func = state.optimizer.scale_loss
+    model_config.finalize_model_grads_func = finalize_model_grads
+    if parallel.overlap_grad_reduce:
+        model_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+        model_config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
+                                       else model[0].start_grad_sync)
