@@ -30,6 +30,7 @@ from megatron_onereason.eval.rec_eval import (
     ranked_item_ids,
     rec_metrics,
 )
+from megatron_onereason.generation.backend import GenerationBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
 
@@ -58,6 +59,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="instances per generation call")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N instances only (0: all)")
     p.add_argument("--cot-progression", action="store_true", help="also compute ℓ_t along CoT segments (eq. 23)")
+    p.add_argument("--unconstrained-reasoning", action="store_true",
+                   help="do not constrain itemic patterns inside the CoT (γ_legal then measures the model)")
     p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     p.add_argument("--device", default="cpu", help="transformers backend device")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +80,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _backend(args: argparse.Namespace, model_dir: str):
+def _backend(args: argparse.Namespace, model_dir: str) -> GenerationBackend:
     if args.backend == "vllm":
         from megatron_onereason.generation.vllm_backend import VLLMBackend
 
@@ -91,7 +94,8 @@ def _params(args: argparse.Namespace, thinking: bool, batch: int) -> GenerationP
     return GenerationParams(
         thinking=thinking, num_traces=args.num_traces if thinking else 1, num_items=args.k[-1],
         item_strategy=args.strategy, temperature=args.temperature, item_temperature=args.item_temperature,
-        max_think_tokens=args.max_think_tokens, seed=args.seed + batch)  # a seed per batch: batches differ
+        max_think_tokens=args.max_think_tokens, constrain_reasoning=not args.unconstrained_reasoning,
+        seed=args.seed + batch)  # a seed per batch: batches differ
 
 
 def run_evaluation(args: argparse.Namespace, model_dir: str) -> Dict:

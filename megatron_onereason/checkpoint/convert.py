@@ -17,9 +17,7 @@ from megatron_onereason.checkpoint.hf_io import (
     write_sharded_safetensors,
 )
 from megatron_onereason.checkpoint.hf_mapping import (
-    EMBEDDING,
-    FINAL_NORM,
-    OUTPUT_LAYER,
+    HF_NAME_OF_TOP_KEY,
     LAYER_PREFIX,
     expected_hf_shapes,
     hf_layer_to_mcore,
@@ -40,8 +38,6 @@ from megatron_onereason.model.builder import ModelBuildConfig, check_parallel_la
 from megatron_onereason.model.qwen3_config import Qwen3Config, padded_vocab_size
 
 log = logging.getLogger(__name__)
-_HF_NAME_OF_TOP_KEY = {EMBEDDING: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight",
-                       OUTPUT_LAYER: "lm_head.weight"}
 
 
 def _ensure_process_group() -> None:
@@ -125,8 +121,8 @@ def hf_tensors_of_key(key: str, tensor: torch.Tensor, cfg: Qwen3Config) -> Itera
 
     Works on ``meta`` tensors too, which is how the export plans its shards before reading any data.
     """
-    if key in _HF_NAME_OF_TOP_KEY:
-        yield _HF_NAME_OF_TOP_KEY[key], tensor
+    if key in HF_NAME_OF_TOP_KEY:
+        yield HF_NAME_OF_TOP_KEY[key], tensor
         return
     for layer in range(cfg.num_layers):
         yield from mcore_tensor_to_hf(key[len(LAYER_PREFIX):], tensor[layer], layer, cfg).items()

@@ -34,6 +34,9 @@ LAYER_DIRECT = {
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
 LAYER_SUFFIXES = tuple(LAYER_DIRECT) + (QKV, FC1)
+# The tensors outside the decoder layers: megatron checkpoint key -> HF name.
+HF_NAME_OF_TOP_KEY = {EMBEDDING: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight",
+                      OUTPUT_LAYER: "lm_head.weight"}
 # The local spec's module names for the two norms that TE fuses into the following linear layer.
 LOCAL_SPEC_ALIASES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",

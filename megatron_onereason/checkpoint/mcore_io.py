@@ -202,8 +202,10 @@ def load_into_model(model_chunks: List[torch.nn.Module], ckpt_root: str, strict:
     else:
         sharded = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
     _check_model_matches(sharded, found, iter_dir)
-    loaded, missing, _unexpected = dist_checkpointing.load(sharded, iter_dir, strict=StrictHandling.RETURN_ALL)
-    hard_missing = sorted(k for k in missing if not k.endswith("_extra_state"))
+    # megatron's naming: "unexpected" = requested but absent from the checkpoint ("missing" = the reverse, e.g.
+    # the optimizer state of a training checkpoint loaded for its weights only).
+    loaded, _in_checkpoint_only, absent = dist_checkpointing.load(sharded, iter_dir, strict=StrictHandling.RETURN_ALL)
+    hard_missing = sorted(k for k in absent if not k.endswith("_extra_state"))
     if hard_missing:
         raise ValueError(f"{iter_dir}: checkpoint lacks {len(hard_missing)} tensors the model needs, e.g. "
                          f"{hard_missing[:3]}")

@@ -117,7 +117,8 @@ def item_legality(references: AbstractSet[str], catalog: Container[str]) -> Opti
     return sum(r in catalog for r in references) / len(references)
 
 
-def history_validity(references: AbstractSet[str], catalog: Container[str], history: AbstractSet[str]) -> Optional[float]:
+def history_validity(references: AbstractSet[str], catalog: Container[str],
+                     history: AbstractSet[str]) -> Optional[float]:
     """Eq. 25: ``|S(c) ∩ V_item ∩ S(x_hist)| / |S(c) ∩ V_item|``; None when the CoT cites no legal item."""
     legal = {r for r in references if r in catalog}
     if not legal:

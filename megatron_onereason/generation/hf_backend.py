@@ -48,5 +48,6 @@ class TransformersBackend:
             if target is None:
                 raise KeyError(f"{source}: the model has no parameter {hf_name}")
             if target.shape != tensor.shape:
-                raise ValueError(f"{source}: shape {tuple(tensor.shape)}, the model's {hf_name} is {tuple(target.shape)}")
+                raise ValueError(f"{source}: shape {tuple(tensor.shape)}, the model's {hf_name} is "
+                                 f"{tuple(target.shape)}")
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))

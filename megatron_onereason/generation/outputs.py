@@ -1,16 +1,17 @@
 """What a think-then-items generation returns: token ids, per-token log-probs and token roles, per trace and item.
 
 Layout per prompt: ``traces[i]`` holds the tokens generated after the prompt up to where the K item completions
-branch (reasoning, ``</think>``, the answer separator, a forced domain begin token); ``traces[i].completions[j]``
-holds the item tokens of completion j (eq. 6: ``[<domain_begin>,] c1, c2, c3``). Rollout ``(i, j)`` is
-``prompt + traces[i].token_ids + completions[j].token_ids``.
+branch (reasoning, ``</think>``, the answer separator; empty without thinking); ``traces[i].completions[j]`` holds
+the item tokens of completion j (eq. 6: ``<domain_begin>, c1, c2, c3``; a begin token forced by the prompt's
+domain has ``logprobs`` 0). Rollout ``(i, j)`` is ``prompt + traces[i].token_ids + completions[j].token_ids``.
 
 Two log-probs per token:
 
-- ``logprobs``: under the distribution the token was drawn from — temperature and constraint mask applied,
-  renormalised — so ``0.0`` for a forced token (``None`` where a backend cannot report it);
+- ``logprobs``: under the decoding distribution — the constraint mask applied and renormalised, at the sampling
+  temperature (temperature 1 for greedy and beam-search tokens) — so ``0.0`` for a forced token (``None`` where
+  a backend cannot report it);
 - ``model_logprobs``: under the raw model at temperature 1 with no mask, what a trainer recomputes for the same
-  tokens (compare the two to check that a weight sync took).
+  tokens (a trainer/engine mismatch here shows a weight sync that did not take).
 
 Token roles: a trace token is *reasoning* when the policy sampled it (``sampled``), *forced* otherwise; every
 completion token is an *item* token.

@@ -7,6 +7,9 @@ items per trace. The items of a trace come from one of three strategies:
 - ``beam``: beam search of width K over the whole itemic pattern (OneRec-Think's Rollout-Beam, eq. 7 there);
 - ``hierarchical``: beam search of width K up to the first code level, then greedy completion of each beam
   (OneReason appendix A.4.2, the deployed strategy).
+
+Beam and hierarchical search return fewer than K items when fewer candidates exist (catalog items, or distinct
+first-level codes); sampling always returns K (possibly repeated) items.
 """
 from __future__ import annotations
 

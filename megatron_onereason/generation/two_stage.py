@@ -142,14 +142,14 @@ class TwoStageGenerator:
         sampled_count = [0] * rows
         item_logits = torch.empty_like(batch.logits)
         constrain = params.constrained and params.constrain_reasoning
-        think_end = self.chat_tokens.think_end_id
+        think_end, separator = self.chat_tokens.think_end_id, self.chat_tokens.answer_separator_ids
         tail = self.vocab.levels + 1  # the constraint reads no further back
         while any(ph != _DONE for ph in phase):
             logits = batch.logits
             model_logp = torch.log_softmax(logits, dim=-1)
             for r in range(rows):
                 if phase[r] == _REASONING and sampled_count[r] >= params.max_think_tokens:
-                    phase[r], queue[r] = _FORCING, [think_end]
+                    phase[r], queue[r] = _FORCING, [think_end, *separator]
             tokens = torch.full((rows,), _PAD_ID, dtype=torch.long, device=device)
             logps = torch.zeros(rows, device=device)
             reasoning = [r for r in range(rows) if phase[r] == _REASONING]
@@ -176,10 +176,7 @@ class TwoStageGenerator:
                 sampled_count[r] += 1
                 if token_list[r] == think_end:
                     traces[r].closed_by_model = True
-                    phase[r], queue[r] = _FORCING, []
-            for r in range(rows):  # the separator follows </think>, whether sampled or forced
-                if phase[r] == _FORCING and traces[r].token_ids and traces[r].token_ids[-1] == think_end:
-                    queue[r] = list(self.chat_tokens.answer_separator_ids)
+                    phase[r], queue[r] = _FORCING, list(separator)
             logits = batch.feed(tokens, active)
             for r in forcing + reasoning:
                 if phase[r] == _FORCING and not queue[r]:
@@ -215,7 +212,9 @@ class TwoStageGenerator:
         batch.select(trace_of_row)  # K copies of each trace's cache: the trace is not recomputed
         device = batch.device
         row_prompts = [prompts[t] for t in trace_of_row.tolist()]
-        contexts = [list(prompts[t].token_ids[-steps:]) + traces[t].token_ids for t in range(n_traces)]
+        # the constraint reads only the last `steps` tokens before the item
+        contexts = [(list(prompts[t].token_ids[-steps:]) + traces[t].token_ids[-steps:])[-steps:]
+                    for t in range(n_traces)]
         beam_steps = {"sample": 0, "beam": steps, "hierarchical": 2}[params.item_strategy]
         scores = torch.zeros(n_traces, k, device=device)
         if beam_steps:

@@ -1,11 +1,12 @@
 """The vLLM generation backend (GPU): two-stage rollouts with prefix caching and the trie as a logits processor.
 
 Written against the vLLM V1 engine API of vLLM 0.11 and later (``vllm.v1.sample.logits_processor.
-AdapterLogitsProcessor``, added by vLLM PR #23656 and first released in 0.11.0; ``LLM(logits_processors=[cls])``;
-``SamplingParams.extra_args``; ``LLM.collective_rpc`` with a callable; ``LLM.reset_prefix_cache``). vLLM 0.32
-made the "model runner V2" the default, which has a different logits-processor interface: run it with
-``VLLM_USE_V2_MODEL_RUNNER=0``. vLLM ≤ 0.10 (per-request ``SamplingParams.logits_processors``) is not supported.
-This module imports vLLM lazily; it is not exercised by this repository's CPU tests (vLLM does not install there).
+AdapterLogitsProcessor``, added by vLLM PR #23656 and first released in 0.11.0; ``LLM(logits_processors=
+["module:Class"])``; ``SamplingParams.extra_args``; ``LLM.collective_rpc`` with a callable;
+``LLM.reset_prefix_cache``). vLLM 0.32's documentation describes a "model runner V2" with a different
+logits-processor interface; with it, select the legacy runner (``VLLM_USE_V2_MODEL_RUNNER=0``). vLLM ≤ 0.10
+(per-request ``SamplingParams.logits_processors``) is not supported. vLLM is imported lazily; none of this is
+exercised by the CPU tests here (vLLM does not install without a GPU).
 
 Stage 1 is one request per prompt with ``n = N`` that stops at ``</think>``; stage 2 is one request per trace
 (prompt + trace + forced tokens) with ``n = K`` and ``max_tokens = L + 1``; prefix caching makes the K completions
@@ -18,23 +19,18 @@ at the length limit, the answer separator) have ``model_logprobs`` NaN. Items ar
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_onereason.generation.constrained import ItemicConstraint, RequestItemicProcessor, decode_item
+from megatron_onereason.generation.constrained import decode_item
 from megatron_onereason.generation.outputs import ItemCompletion, PromptOutput, Trace
 from megatron_onereason.generation.params import GenerationParams, Prompt
 from megatron_onereason.generation.prompts import ChatTokens
 from megatron_onereason.generation.weights import hf_named_tensors
 from megatron_onereason.model.qwen3_config import Qwen3Config
-from megatron_onereason.tokenizer.item_catalog import ItemCatalog
-from megatron_onereason.tokenizer.item_trie import ItemTrie
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
-
-ITEMIC_ARG = "onereason_itemic"  # SamplingParams.extra_args key read by the logits processor
 
 
 def _require_vllm():
@@ -45,37 +41,6 @@ def _require_vllm():
     return vllm
 
 
-@functools.lru_cache(maxsize=4)
-def _constraint(model_dir: str, catalog_dir: str, vocab_size: int) -> ItemicConstraint:
-    """One trie per catalog per engine process (built on the first request that names it)."""
-    trie = ItemTrie.from_catalog(ItemCatalog.load(catalog_dir))
-    return ItemicConstraint(trie, ItemicVocab.load(model_dir), vocab_size)
-
-
-@functools.lru_cache(maxsize=1)
-def itemic_logits_processor_class():
-    """The batch-level vLLM logits processor class wrapping :class:`RequestItemicProcessor` per request."""
-    from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
-
-    class ItemicLogitsProcessor(AdapterLogitsProcessor):
-        def __init__(self, vllm_config, device, is_pin_memory):
-            super().__init__(vllm_config, device, is_pin_memory)
-            self.model_dir = vllm_config.model_config.model
-            self.vocab_size = vllm_config.model_config.hf_text_config.vocab_size
-
-        def is_argmax_invariant(self) -> bool:
-            return False
-
-        def new_req_logits_processor(self, params):
-            args = (params.extra_args or {}).get(ITEMIC_ARG)
-            if args is None:
-                return None
-            constraint = _constraint(self.model_dir, args["catalog_dir"], self.vocab_size)
-            return RequestItemicProcessor(constraint, args.get("first_token_ids"), args.get("banned_ids", ()))
-
-    return ItemicLogitsProcessor
-
-
 def _load_weights_on_worker(worker, weights: List[Tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.model.load_weights(weights=weights)
 
@@ -84,18 +49,21 @@ class VLLMBackend:
     def __init__(self, model_dir: str, catalog_dir: Optional[str] = None, **llm_kwargs):
         """``llm_kwargs`` go to ``vllm.LLM`` (``tensor_parallel_size``, ``gpu_memory_utilization``, ``seed``, ...)."""
         vllm = _require_vllm()
+        from megatron_onereason.generation import vllm_logits_processor
+
+        self.logits_processor_module = vllm_logits_processor  # imports vLLM, so imported here
         self.model_dir = model_dir
         self.catalog_dir = catalog_dir
         self.vocab = ItemicVocab.load(model_dir)
         self.config = Qwen3Config.from_hf_dir(model_dir)
         self.llm = vllm.LLM(model=model_dir, enable_prefix_caching=True,
-                            logits_processors=[itemic_logits_processor_class()], **llm_kwargs)
+                            logits_processors=[vllm_logits_processor.QUALIFIED_NAME], **llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.chat_tokens = ChatTokens.from_tokenizer(self.tokenizer)
 
     def _itemic_args(self, first_token_ids: Optional[Sequence[int]] = None, banned_ids: Sequence[int] = ()) -> dict:
-        return {ITEMIC_ARG: {"catalog_dir": self.catalog_dir, "first_token_ids": first_token_ids,
-                             "banned_ids": list(banned_ids)}}
+        args = {"catalog_dir": self.catalog_dir, "first_token_ids": first_token_ids, "banned_ids": list(banned_ids)}
+        return {self.logits_processor_module.ITEMIC_ARG: args}
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:
         from vllm import SamplingParams
@@ -107,7 +75,8 @@ class VLLMBackend:
         if not params.constrained or self.catalog_dir is None:
             raise ValueError("the vLLM backend always decodes items with the catalog trie: pass catalog_dir and "
                              "keep constrained=True")
-        constraint = _constraint(self.model_dir, self.catalog_dir, self.config.vocab_size)
+        constraint = self.logits_processor_module.itemic_constraint(self.model_dir, self.catalog_dir,
+                                                                    self.config.vocab_size)
         traces = [[Trace([], None, [], [], False) for _ in range(params.num_traces)] for _ in prompts]
         if params.thinking and params.max_think_tokens > 0:
             # Stop tokens are banned inside the trace only with the reasoning constraint; without it a sampled stop

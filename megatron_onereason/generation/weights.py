@@ -15,15 +15,13 @@ import torch
 from megatron_onereason.checkpoint.hf_mapping import (
     EMBEDDING,
     FINAL_NORM,
+    HF_NAME_OF_TOP_KEY,
     LAYER_PREFIX,
     OUTPUT_LAYER,
     mcore_tensor_to_hf,
 )
 from megatron_onereason.model.qwen3_config import Qwen3Config
 
-HF_EMBEDDING = "model.embed_tokens.weight"
-HF_FINAL_NORM = "model.norm.weight"
-HF_LM_HEAD = "lm_head.weight"
 _WRAPPER_PREFIX = "module."  # DDP / Float16Module wrappers of a gathered megatron state dict
 
 
@@ -47,9 +45,9 @@ def hf_named_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]],
                 raise KeyError(f"{name}: the model ties its embeddings, so it has no separate output layer")
             if tensor.shape[0] < cfg.vocab_size:
                 raise ValueError(f"{name}: {tensor.shape[0]} rows, fewer than the vocabulary's {cfg.vocab_size}")
-            yield name, (HF_EMBEDDING if mc_name == EMBEDDING else HF_LM_HEAD), tensor[: cfg.vocab_size]
+            yield name, HF_NAME_OF_TOP_KEY[mc_name], tensor[: cfg.vocab_size]
         elif mc_name == FINAL_NORM:
-            yield name, HF_FINAL_NORM, tensor
+            yield name, HF_NAME_OF_TOP_KEY[FINAL_NORM], tensor
         elif mc_name.startswith(LAYER_PREFIX):
             layer_str, _, suffix = mc_name[len(LAYER_PREFIX):].partition(".")
             if not layer_str.isdigit() or not 0 <= int(layer_str) < cfg.num_layers:

@@ -7,8 +7,8 @@ megatron's pipeline schedules, DDP and optimizer) and adds:
 * ``logprobs``: per-position log-probs of tree packs (each trace forwarded once, see :mod:`.tree_pack`);
 * ``train_grpo`` / ``train_mopd``: one optimizer step per mini-batch with the shared-prefix GRPO loss (eqs. 10–13)
   or the MOPD loss (eq. 18), normalised per token over the whole mini-batch;
-* ``hf_weights``: this pipeline stage's weights gathered over TP under HF names (the converter's mapping), for
-  the weight sync to the rollout engine.
+* ``full_weights``: this pipeline stage's weights gathered over TP (megatron names, global layer numbers), for
+  the weight sync to the rollout engine, which converts them with the converter's mapping.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_onereason.checkpoint.hf_mapping import FC1, LAYER_PREFIX, LOCAL_SPEC_ALIASES, mcore_tensor_to_hf
+from megatron_onereason.checkpoint.hf_mapping import FC1, LAYER_PREFIX, OUTPUT_LAYER
 from megatron_onereason.model.builder import rope_positions
 from megatron_onereason.rl.distill import mopd_loss
 from megatron_onereason.rl.losses import shared_prefix_policy_loss
@@ -184,13 +184,14 @@ class MegatronActor:
         return self._step(micro_batches, loss_fn, MOPD_METRICS)
 
     # ------------------------------------------------------------------------------------------- weights
-    def hf_weights(self) -> Dict[str, torch.Tensor]:
-        """This pipeline stage's weights, gathered over TP, under HF names (on TP rank 0 and DP rank 0 only)."""
+    def full_weights(self) -> Dict[str, torch.Tensor]:
+        """This pipeline stage's weights gathered over TP, under megatron names with global layer numbers (on TP
+        rank 0 and DP rank 0 only; empty elsewhere). Receivers convert them with the converter's mapping
+        (:func:`megatron_onereason.generation.weights.hf_named_tensors`)."""
         tp_group = self.ps.get_tensor_model_parallel_group()
         tp = self.ps.get_tensor_model_parallel_world_size()
         keep = self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_data_parallel_rank() == 0
         out: Dict[str, torch.Tensor] = {}
-        vocab = self.cfg.vocab_size
         for chunk in self.state.chunks:
             for name, param in chunk.named_parameters():
                 shards = [param.detach()]
@@ -199,23 +200,17 @@ class MegatronActor:
                     torch.distributed.all_gather(shards, param.detach().contiguous(), group=tp_group)
                 if not keep:
                     continue
-                dim = getattr(param, "partition_dim", 0)
                 if name.startswith(LAYER_PREFIX):
                     local, suffix = name[len(LAYER_PREFIX):].split(".", 1)
-                    layer = chunk.decoder.layers[int(local)].layer_number - 1
-                    suffix = LOCAL_SPEC_ALIASES.get(suffix, suffix)
-                    if suffix == FC1:  # each TP shard is [gate_r; up_r]
-                        halves = [s.chunk(2, dim=0) for s in shards]
-                        full = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
-                    else:
-                        full = torch.cat(shards, dim=dim)
-                    out.update({k: v.cpu() for k, v in mcore_tensor_to_hf(suffix, full, layer, self.cfg).items()})
-                elif name == "embedding.word_embeddings.weight":
-                    out["model.embed_tokens.weight"] = torch.cat(shards)[:vocab].cpu()
-                elif name == "output_layer.weight" and not self.cfg.tie_word_embeddings:
-                    out["lm_head.weight"] = torch.cat(shards)[:vocab].cpu()
-                elif name == "decoder.final_layernorm.weight":
-                    out["model.norm.weight"] = shards[0].cpu()
+                    name = f"{LAYER_PREFIX}{chunk.decoder.layers[int(local)].layer_number - 1}.{suffix}"
+                if name.endswith(FC1):
+                    halves = [s.chunk(2, dim=0) for s in shards]  # each TP shard is [gate_r; up_r]
+                    full = torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+                else:
+                    full = torch.cat(shards, dim=getattr(param, "partition_dim", 0))
+                if name == OUTPUT_LAYER and self.cfg.tie_word_embeddings:
+                    continue  # the last stage's copy of the tied embedding
+                out[name] = full.cpu()
         return out
 
     # ------------------------------------------------------------------------------------------- checkpoints

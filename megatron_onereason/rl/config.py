@@ -20,7 +20,7 @@ class ActorSection:
 
 @dataclass
 class RolloutSection:
-    model_dir: str = ""  # HF directory of the policy (tokenizer + config); weights are synced from the actor
+    model_dir: Optional[str] = None  # HF directory of the policy (tokenizer + config); weights are synced from the actor
     thinking: bool = True
     num_traces: int = 4  # N reasoning traces per prompt
     num_items: int = 8  # K item completions per trace
@@ -31,9 +31,9 @@ class RolloutSection:
 
 @dataclass
 class DataSection:
-    benchmark: str = ""  # training users (megatron_onereason.eval.benchmark JSONL)
+    benchmark: Optional[str] = None  # training users (megatron_onereason.eval.benchmark JSONL)
     eval_benchmark: Optional[str] = None  # held-out users for Recall@K
-    catalog: str = ""  # itemic tokenizer directory (catalog.parquet): legal items, rewards
+    catalog: Optional[str] = None  # itemic tokenizer directory (catalog.parquet): legal items, rewards
     domains: Optional[List[str]] = None  # single-domain RL: only these target domains
     prompts_per_step: int = 8
 
@@ -86,3 +86,12 @@ class RLConfig:
     metrics_jsonl: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     rft_output: Optional[str] = None  # algorithm=rft: where the selected chat JSONL goes
+
+    def __post_init__(self):
+        missing = [name for name, value in (("rollout.model_dir", self.rollout.model_dir),
+                                            ("data.benchmark", self.data.benchmark), ("data.catalog", self.data.catalog))
+                   if not value]
+        if self.algorithm != "rft" and not self.actor.model.load:
+            missing.append("actor.model.load")
+        if missing:
+            raise ValueError(f"required settings missing: {', '.join(missing)}")

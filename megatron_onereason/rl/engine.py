@@ -93,16 +93,18 @@ class RLEngine:
         hf_bundle = (lambda i: 0) if colocated else (lambda i: world + i)
         spec = ActorSpec(cfg.actor.model, p, cfg.actor.precision, cfg.actor.optim, cfg.actor.pack_length,
                          total_steps=max(cfg.steps * cfg.actor.mini_batches, 1), seed=cfg.seed)
-        self.actor = ActorGroup(spec, self.pg, 0, resume, gpus)
+        # RFT only samples the teachers; GRPO and MOPD train the actor and roll out with its weights.
+        self.actor = ActorGroup(spec, self.pg, 0, resume, gpus) if cfg.algorithm != "rft" else None
         self.rollout = start_hf_worker(cfg.rollout.model_dir, cfg.data.catalog, self.pg, hf_bundle(0), 0)
-        self.teachers = {path: start_hf_worker(path, None, self.pg, hf_bundle(1 + i), 0)
+        self.teachers = {path: start_hf_worker(path, cfg.data.catalog, self.pg, hf_bundle(1 + i), 0)
                          for i, path in enumerate(teachers)}
         self.reference = None
         if cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo":
             self.reference = start_hf_worker(cfg.rollout.model_dir, None, self.pg, hf_bundle(1 + len(teachers)), 0)
-        self.sync_weights()  # the rollout starts from the actor's weights (fresh or resumed)
+        if self.actor is not None:
+            self.sync_weights()  # the rollout starts from the actor's weights (fresh or resumed)
         if self.reference is not None and not resume:
-            self._push(self.reference, self.actor.hf_weights())
+            self._push(self.reference, self.actor.full_weights())
         self.logger = MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl)
 
     # ------------------------------------------------------------------------------------------- data
@@ -141,7 +143,7 @@ class RLEngine:
 
     def sync_weights(self) -> float:
         start = time.time()
-        self._push(self.rollout, self.actor.hf_weights())
+        self._push(self.rollout, self.actor.full_weights())
         return time.time() - start
 
     # ------------------------------------------------------------------------------------------- packs

@@ -98,9 +98,9 @@ class ActorGroup:
         results = self.call(method, *args, **kwargs)
         return max(results, key=len)  # the last pipeline stage also reports the loss metrics
 
-    def hf_weights(self) -> Dict[str, torch.Tensor]:
+    def full_weights(self) -> Dict[str, torch.Tensor]:
         merged: Dict[str, torch.Tensor] = {}
-        for part in self.call("hf_weights"):
+        for part in self.call("full_weights"):
             merged.update(part)
         return merged
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
-from typing import Dict, Sequence, Set
+from typing import Dict, Sequence
 
 import torch
 

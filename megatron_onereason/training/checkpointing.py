@@ -36,8 +36,44 @@ def _model_state(model_chunks) -> Dict:
 
 
 def _optimizer_metadata(use_distributed_optimizer: bool) -> Optional[Dict]:
-    # Model-space sharding makes the distributed optimizer's state loadable at another TP/PP/DP.
-    return {"distrib_optim_sharding_type": "fully_sharded_model_space"} if use_distributed_optimizer else None
+    # The canonical (per-parameter) layout makes the distributed optimizer's state loadable at another TP/PP/DP;
+    # it is gathered on DP rank 0 at save. ("dp_reshardable" saves in parallel but reshards only in DP;
+    # "fully_sharded_model_space" is deprecated and fails in megatron-core 0.16.)
+    return {"distrib_optim_sharding_type": "dp_reshardable"} if use_distributed_optimizer else None
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its (zero-step) states before its sharded state dict is built.
+
+    Without apex/TE, megatron-core's DistributedOptimizer reads the torch optimizer's ``step`` when building the
+    sharded state dict; megatron initialises dummy states itself only on its FSDP path. Loading overwrites them.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _adam_step(optimizer) -> Optional[float]:
+    """The torch Adam ``step`` of the (chained) optimizer's parameters, when it keeps one per parameter."""
+    steps = {float(state["step"]) for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+             for state in opt.optimizer.state.values() if torch.is_tensor(state.get("step"))}
+    return steps.pop() if len(steps) == 1 else None
+
+
+def _restore_adam_step(optimizer, step: Optional[float]) -> None:
+    """Set every parameter's Adam ``step`` after a load, each its own tensor.
+
+    Without apex/TE, megatron-core 0.16's DistributedOptimizer neither persists torch Adam's ``step`` (it takes
+    it from the runtime param groups) nor gives parameters separate ``step`` tensors (torch increments them in
+    place, once per parameter); either corrupts the bias correction of every later update. So the checkpoint
+    records the step and it is restored here.
+    """
+    if step is None:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = torch.tensor(step, dtype=state["step"].dtype, device=state["step"].device)
 
 
 def _rng_state() -> Dict:
@@ -101,6 +137,8 @@ def save_checkpoint(save_root: str, iteration: int, model_chunks: List[torch.nn.
     state["iteration"] = iteration
     state["consumed_samples"] = consumed_samples
     state["layout"] = _layout()
+    state["use_distributed_optimizer"] = use_distributed_optimizer
+    state["adam_step"] = _adam_step(optimizer)
     state["rng_state"] = _rng_sharded_object()
     dist_checkpointing.save(state, iter_dir)
     torch.distributed.barrier()
@@ -134,7 +172,13 @@ def resume(root: str, model_chunks: List[torch.nn.Module], optimizer, scheduler,
     if os.path.basename(iter_dir) == RELEASE:
         raise ValueError(f"{root}: a converted (release) checkpoint has no training state; use model.load for it")
     common = dist_checkpointing.load_common_state_dict(iter_dir)
+    if common.get("use_distributed_optimizer", use_distributed_optimizer) != use_distributed_optimizer:
+        raise ValueError(
+            f"{iter_dir} was saved with parallel.use_distributed_optimizer={common['use_distributed_optimizer']}: "
+            "resume with the same setting (megatron-core cannot convert optimizer states between the two), or "
+            "start from its weights only with model.load")
     same_layout = common.get("layout") == _layout()
+    _materialise_optimizer_state(optimizer)
     state = _model_state(model_chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                       metadata=_optimizer_metadata(use_distributed_optimizer))
@@ -147,7 +191,9 @@ def resume(root: str, model_chunks: List[torch.nn.Module], optimizer, scheduler,
         if missing or result.unexpected_keys:
             raise ValueError(f"{iter_dir}: model state mismatch: missing {missing[:3]}, "
                              f"unexpected {result.unexpected_keys[:3]}")
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # in fp32 the distributed optimizer's main params alias the (grad-requiring) weights
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_step(optimizer, common.get("adam_step"))
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

@@ -44,7 +44,8 @@ def test_legality_and_history_validity_by_hand():
 
 
 def test_catalog_patterns_container_matches_the_item_catalog():
-    catalog = ItemCatalog(["v1", "p0", "v7"], ["video", "prod", "video"], np.array([[1, 2, 3], [0, 1, 2], [7, 7, 7]]), 8)
+    codes = np.array([[1, 2, 3], [0, 1, 2], [7, 7, 7]])
+    catalog = ItemCatalog(["v1", "p0", "v7"], ["video", "prod", "video"], codes, 8)
     patterns = CatalogPatterns(catalog)
     assert [p in patterns for p in (V123, P012, V777, BROKEN, NOT_IN_CATALOG)] == [True, True, True, False, False]
     assert "<|prod_begin|><a_1><b_2><c_3>" not in patterns  # the codes of a video item under another domain
@@ -80,7 +81,10 @@ def token_by_token_log_likelihood(model, context, target):
 
 def test_delta_ll_from_real_model_log_probs(model):
     gen = torch.Generator().manual_seed(0)
-    rand = lambda n: torch.randint(0, 900, (n,), generator=gen).tolist()  # noqa: E731
+
+    def rand(n):
+        return torch.randint(0, 900, (n,), generator=gen).tolist()
+
     thinking_prompts = [rand(7), rand(4), rand(9)]
     reasoning = [rand(5), rand(11), rand(2)]
     plain_prompts = [rand(8), rand(3), rand(6)]

@@ -137,6 +137,16 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(setup, reference):
     np.testing.assert_allclose(losses(rest), losses(reference)[3:], rtol=0, atol=2e-5)
 
 
+def test_distributed_optimizer_kill_and_resume_is_exact(setup):
+    distopt = "parallel.use_distributed_optimizer=true"
+    straight = train(setup, "distopt_straight", 2, distopt)
+    save = str(setup["root"] / "distopt")
+    train(setup, "distopt_part", 2, distopt, f"checkpoint.save={save}", "train.exit_at_iteration=3")
+    rest = train(setup, "distopt_rest", 2, distopt, f"checkpoint.save={save}", f"checkpoint.load={save}")
+    assert losses(rest) == losses(straight)[3:]
+    assert [r["grad_norm"] for r in rest] == [r["grad_norm"] for r in straight][3:]
+
+
 def test_sigterm_saves_and_exits_cleanly(setup, reference):
     save = str(setup["root"] / "sigterm")
     metrics = str(setup["root"] / "sigterm.jsonl")

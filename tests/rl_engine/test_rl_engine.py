@@ -1,0 +1,164 @@
+"""The actor-rollout engine on a local Ray cluster with a megatron actor at TP=2 / PP=2 and HF rollout workers."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from megatron_onereason.config import from_dict
+from megatron_onereason.eval.benchmark import BenchmarkUser, write_benchmark
+from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
+from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
+from megatron_onereason.model.qwen3_config import Qwen3Config
+from megatron_onereason.rl.config import RLConfig
+from megatron_onereason.rl.rollout_batch import rollout_trees
+from megatron_onereason.rl.tree_pack import pack_trees
+from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.itemic_tokens import find_items
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A tiny recommender whose users all want one family of video items (items sharing their first code)."""
+    root = tmp_path_factory.mktemp("rl")
+    rec = build_tiny_recommender(str(root / "rec"))
+    catalog = ItemCatalog.load(rec.catalog_dir)
+    video = [(i, int(c[0])) for i, d, c in zip(catalog.item_ids, catalog.domains, catalog.codes) if d == "video"]
+    families = {}
+    for item, first in video:
+        families.setdefault(first, []).append(item)
+    family = max(families, key=lambda f: (len(families[f]), f))
+    rng = random.Random(0)
+    users = [BenchmarkUser(f"u{u:03d}", "The user likes short videos.",
+                           tuple(rng.sample([i for i, _ in video], 4)), {"video": tuple(families[family])})
+             for u in range(24)]
+    write_benchmark(str(root / "bench.jsonl"), users)
+    mcore = str(root / "mcore")
+    subprocess.run([sys.executable, "checkpoints_convert/hf_to_mcore.py", "--hf-dir", rec.model_dir, "--out-dir",
+                    mcore, "--tp", "2"], cwd=REPO, check=True, capture_output=True)
+    # A sharper teacher: other random weights, embeddings ×5 (so its logits are 5× larger) — same tokenizer.
+    teacher = str(root / "teacher")
+    shutil.copytree(rec.model_dir, teacher)
+    model = make_hf_qwen3(Qwen3Config.from_hf_dir(rec.model_dir), seed=7)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(5.0)
+    model.save_pretrained(teacher)
+    return {"rec": rec, "bench": str(root / "bench.jsonl"), "mcore": mcore, "teacher": teacher, "root": root,
+            "family_share": len(families[family]) / len(video)}
+
+
+def config(task, **over) -> RLConfig:
+    d = {"steps": 4, "seed": 3, "eval_k": 4,
+         "actor": {"model": {"load": task["mcore"]}, "parallel": {"tensor_model_parallel_size": 2},
+                   "pack_length": 512, "optim": {"lr": 1e-3, "min_lr": 1e-3, "weight_decay": 0.0}},
+         "rollout": {"model_dir": task["rec"].model_dir, "max_think_tokens": 4, "num_traces": 2, "num_items": 4},
+         "data": {"benchmark": task["bench"], "catalog": task["rec"].catalog_dir, "prompts_per_step": 4},
+         "grpo": {"nonhit_weight": 0.5}}
+    for key, value in over.items():
+        node = d
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return from_dict(RLConfig, d)
+
+
+def run_engine(cfg: RLConfig, inspect=None):
+    from megatron_onereason.rl.engine import RLEngine
+
+    engine = RLEngine(cfg)
+    try:
+        before = inspect(engine) if inspect else None
+        history = engine.run()
+        after = inspect(engine) if inspect else None
+        return history, before, after, engine
+    finally:
+        engine.shutdown()
+
+
+def test_grpo_learns_the_rewarded_family_with_a_tp2_actor(task):
+    import ray
+
+    def inspect(engine):
+        # A fixed rollout, scored by the actor (megatron, TP=2, tree pack) and the rollout engine (HF).
+        outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
+                                                         engine._params(999)))
+        pack = pack_trees([t.tree for t in rollout_trees(outputs)], 512)
+        actor = engine.actor.logprobs([pack])[0]
+        rollout = ray.get(engine.rollout.tree_logprobs.remote([pack]))[0]
+        scored = torch.cat([pack.trace_index[pack.trace_mask], pack.child_index[pack.child_mask]])
+        return {"agreement": float((actor - rollout)[scored].abs().max()), **engine.evaluate()}
+
+    history, before, after, _ = run_engine(config(task, steps=24), inspect)
+    assert before["agreement"] < 1e-4 and after["agreement"] < 1e-4  # after the last weight sync too
+    for row in history:
+        assert row["train_rollout_logprob_abs_diff"] < 1e-4
+        # Two-stage rollout: N traces per prompt are generated, not N×K.
+        assert row["rollout_traces"] == 4 * 2 and row["rollout_item_completions"] == 4 * 2 * 4
+        assert row["generated_tokens"] < row["independent_rollout_tokens"]
+    first = np.mean([r["hit_rate"] for r in history[:4]])
+    last = np.mean([r["hit_rate"] for r in history[-4:]])
+    assert first < task["family_share"] + 0.25  # it starts near chance
+    assert last > first + 0.25, (first, last)
+    assert after["eval/recall@4"] > before["eval/recall@4"] + 0.2, (before, after)
+
+
+def test_kill_and_resume_gives_the_same_next_steps(task, tmp_path):
+    straight, *_ = run_engine(config(task, steps=4))
+    save = str(tmp_path / "ckpt")
+    run_engine(config(task, steps=2, save=save))  # "killed" after step 2 (checkpoint written at the end)
+    resumed, *_ = run_engine(config(task, steps=4, save=save))
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed):
+        for key in ("reward", "hit_rate", "generated_tokens"):
+            assert a[key] == b[key], key
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)
+
+
+def test_mopd_moves_the_student_toward_its_teacher(task):
+    import ray
+
+    fixed = {}
+
+    def gap(engine):
+        if "pack" not in fixed:
+            outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:4]],
+                                                             engine._params(999, num_items=1)))
+            fixed["pack"] = pack_trees([t.tree for t in rollout_trees(outputs)], 512)
+        pack = fixed["pack"]
+        student = engine.actor.logprobs([pack])[0]
+        teacher = ray.get(engine.teachers[task["teacher"]].tree_logprobs.remote([pack]))[0]
+        scored = torch.cat([pack.trace_index[pack.trace_mask], pack.child_index[pack.child_mask]])
+        return float((student - teacher)[scored].abs().mean())
+
+    cfg = config(task, algorithm="mopd", steps=10, **{"mopd.teachers": {"video": task["teacher"]},
+                                                      "actor.parallel": {"pipeline_model_parallel_size": 2}})
+    history, before, after, _ = run_engine(cfg, gap)
+    assert after < 0.8 * before, (before, after)
+    assert all(0 < r["ig_kept_share"] <= 1 for r in history)
+
+
+def test_rft_keeps_only_verified_hits_in_chat_format(task, tmp_path):
+    out = str(tmp_path / "rft.jsonl")
+    cfg = config(task, algorithm="rft", rft_output=out, **{"mopd.teachers": {"video": task["rec"].model_dir}})
+    history, *_ = run_engine(cfg)
+    stats = history[0]
+    catalog = ItemCatalog.load(task["rec"].catalog_dir)
+    targets = set(json.loads(open(task["bench"]).readline())["targets"]["video"])
+    lines = [json.loads(line) for line in open(out)]
+    assert len(lines) == stats["rft_kept"] > 0
+    dropped = sum(v for k, v in stats.items() if k.startswith("rft_dropped/"))
+    assert stats["rft_kept"] + dropped == stats["rft_samples"] == 24 * 2 * 4
+    for sample in lines:
+        assert [m["role"] for m in sample["messages"]] == ["user", "assistant"]
+        (_, _, domain, codes), = find_items(sample["messages"][1]["content"])
+        assert catalog.item_id_for(domain, codes) in targets
+    assert os.path.exists(out) and not os.path.exists(out + ".tmp")
