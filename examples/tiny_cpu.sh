@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The embedded default: OneReason's pre-training pipeline end to end on a tiny random Qwen3, on CPU, no downloads.
-#   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh; ~5 min on 2 cores)
+#   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh; ~8 min on 2 cores)
 # synthetic catalog -> RQ-KMeans itemic codes -> tiny Qwen3 + extended vocabulary -> megatron checkpoint ->
 # synthetic four-granularity corpus -> preprocessing -> stage 1 (TP=2) -> stage 2 (PP=2) -> stage 3 (DP=2) ->
-# SFT (TP=2) -> export to Hugging Face, with a loss table per stage and TensorBoard logs under RUN_DIR/tb.
+# SFT (TP=2) -> export to Hugging Face -> GRPO (video, TP=2 actor + rollout on Ray) -> MOPD (PP=2 actor), with a
+# loss table per stage, reward and Recall@K before/after RL, and TensorBoard logs under RUN_DIR/tb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_venv.sh
@@ -53,8 +54,27 @@ step "9. SFT on chat data, loss on assistant turns only (TP=2)";       train sft
 step "10. export to Hugging Face (sharded safetensors + tokenizer with itemic tokens), logits verified"
 $PY checkpoints_convert/mcore_to_hf.py --mcore-dir "$RUN/ckpt/sft" --out-dir "$RUN/hf_final" --verify
 
+step "11. synthetic recommendation benchmark: training users and held-out users"
+$PY tools/make_synthetic_benchmark.py --synthetic-catalog "$RUN/catalog" --catalog "$RUN/itemic" \
+  --out "$RUN/bench_train.jsonl" --users 64 --seed 1
+$PY tools/make_synthetic_benchmark.py --synthetic-catalog "$RUN/catalog" --catalog "$RUN/itemic" \
+  --out "$RUN/bench_eval.jsonl" --users 24 --seed 2
+RL_DATA=(rollout.model_dir="$RUN/hf_final" data.catalog="$RUN/itemic" data.benchmark="$RUN/bench_train.jsonl"
+         data.eval_benchmark="$RUN/bench_eval.jsonl")
+
+step "12. GRPO on video: two-stage rollout (N=2 traces x K=4 items), TP=2 megatron actor + HF rollout on Ray"
+$PY -m megatron_onereason.rl.run --config examples/configs/tiny/grpo.yaml actor.model.load="$RUN/ckpt/sft" \
+  "${RL_DATA[@]}" save="$RUN/ckpt/grpo_video" metrics_jsonl="$RUN/metrics/grpo.jsonl" tensorboard_dir="$RUN/tb/grpo"
+$PY checkpoints_convert/mcore_to_hf.py --mcore-dir "$RUN/ckpt/grpo_video" --out-dir "$RUN/hf_grpo_video"
+
+step "13. MOPD: the SFT student distils the GRPO video teacher on its domain (PP=2 actor)"
+$PY -m megatron_onereason.rl.run --config examples/configs/tiny/mopd.yaml actor.model.load="$RUN/ckpt/sft" \
+  "${RL_DATA[@]}" "mopd.teachers={video: $RUN/hf_grpo_video}" save="$RUN/ckpt/mopd" \
+  metrics_jsonl="$RUN/metrics/mopd.jsonl" tensorboard_dir="$RUN/tb/mopd"
+
 step "summary"
 $PY tools/summarize_metrics.py stage1="$RUN/metrics/stage1.jsonl" stage2="$RUN/metrics/stage2.jsonl" \
-  stage3="$RUN/metrics/stage3.jsonl" sft="$RUN/metrics/sft.jsonl"
+  stage3="$RUN/metrics/stage3.jsonl" sft="$RUN/metrics/sft.jsonl" grpo="$RUN/metrics/grpo.jsonl" \
+  mopd="$RUN/metrics/mopd.jsonl"
 echo
 echo "tiny_cpu: done in $(( $(date +%s) - start ))s; HF model in $RUN/hf_final, TensorBoard logs in $RUN/tb"

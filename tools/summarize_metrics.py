@@ -1,6 +1,6 @@
-"""Print a per-run loss table from trainer metrics JSONL files.
+"""Print per-run tables from metrics JSONL files: trainer runs (losses) and RL runs (reward, Recall@K, time split).
 
-    python tools/summarize_metrics.py stage1=runs/x/stage1.jsonl stage2=runs/x/stage2.jsonl ...
+    python tools/summarize_metrics.py stage1=runs/x/stage1.jsonl grpo=runs/x/grpo.jsonl ...
 """
 import json
 import sys
@@ -11,27 +11,50 @@ def _fmt(rows, key):
     return f"{values[0]:.3f} → {values[-1]:.3f}" if values else "–"
 
 
+def _mean(rows, key):
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _rl_row(name, rows):
+    steps = [r for r in rows if r["step"] > 0]
+    recall = [k for k in rows[-1] if k.startswith("eval/recall@")]
+    gen, indep = _mean(steps, "generated_tokens"), _mean(steps, "independent_rollout_tokens")
+    shares = "/".join(f"{_mean(steps, f'time_share/{p}'):.2f}" for p in ("rollout", "train", "sync"))
+    signal = "reward" if "reward" in steps[0] else "student_teacher_logp_abs_gap"
+    ratio = f"{gen / indep:.2f}" if indep == indep and indep else "–"
+    return (f"| {name} | {steps[0]['step']}–{steps[-1]['step']} | {signal} {_fmt(steps, signal)} | "
+            f"{_fmt(rows, recall[0]) if recall else '–'} | {shares} | {ratio} |")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    print("| run | iterations | loss | loss (itemic targets) | loss (text targets) | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    runs = []
     for item in argv:
         name, _, path = item.partition("=")
         try:
             with open(path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+                runs.append((name, [json.loads(line) for line in f if line.strip()]))
         except (OSError, json.JSONDecodeError) as e:
             print(f"summarize_metrics: {path}: {e}", file=sys.stderr)
             return 1
-        if not rows:
-            print(f"| {name} | 0 | – | – | – | – |")
-            continue
-        speed = sum(r["tokens_per_sec"] for r in rows) / len(rows)
-        print(f"| {name} | {rows[0]['step']}–{rows[-1]['step']} | {_fmt(rows, 'loss')} | {_fmt(rows, 'loss_itemic')} | "
-              f"{_fmt(rows, 'loss_text')} | {speed:.0f} |")
+    train = [(n, rows) for n, rows in runs if rows and "loss" in rows[-1]]
+    rl = [(n, rows) for n, rows in runs if rows and "loss" not in rows[-1]]
+    if train:
+        print("| run | iterations | loss | loss (itemic targets) | loss (text targets) | tokens/s |")
+        print("|---|---|---|---|---|---|")
+        for name, rows in train:
+            print(f"| {name} | {rows[0]['step']}–{rows[-1]['step']} | {_fmt(rows, 'loss')} | "
+                  f"{_fmt(rows, 'loss_itemic')} | {_fmt(rows, 'loss_text')} | {_mean(rows, 'tokens_per_sec'):.0f} |")
+    if rl:
+        print("\n| RL run | steps | signal (first → last) | Recall@K (before → after) | time rollout/train/sync | "
+              "tokens two-stage / N×K |")
+        print("|---|---|---|---|---|---|")
+        for name, rows in rl:
+            print(_rl_row(name, rows))
     return 0
 
 

