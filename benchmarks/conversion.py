@@ -44,7 +44,7 @@ def main():
     t1, r1 = timed_cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf, "--out-dir", mc, "--tp", args.tp)
     t2, r2 = timed_cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", mc, "--out-dir", back)
     gb = sum(os.path.getsize(os.path.join(hf, f)) for f in os.listdir(hf) if f.endswith(".safetensors")) / 1e9
-    print(f"\n| preset | params | bf16 size | direction | wall s | peak RSS GiB |\n|---|---|---|---|---|---|")
+    print("\n| preset | params | bf16 size | direction | wall s | peak RSS GiB |\n|---|---|---|---|---|---|")
     print(f"| {args.preset} | {cfg.num_parameters() / 1e9:.2f}B | {gb:.2f} GB | HF → mcore (TP={args.tp}) | {t1:.1f} | {r1:.2f} |")
     print(f"| {args.preset} | {cfg.num_parameters() / 1e9:.2f}B | {gb:.2f} GB | mcore → HF | {t2:.1f} | {r2:.2f} |")
     shutil.rmtree(args.work_dir, ignore_errors=True)

@@ -5,10 +5,8 @@
 import argparse
 import logging
 import sys
-import time
 
-from megatron_onereason.checkpoint.convert import convert_hf_to_mcore, verify_logits
-from megatron_onereason.checkpoint.peak_memory import peak_rss_gib
+from megatron_onereason.checkpoint.convert import convert_hf_to_mcore, run_converter_cli, verify_logits
 
 
 def main(argv=None) -> int:
@@ -22,17 +20,14 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true", help="compare HF and megatron logits (fp32, max |Δ| <= 1e-4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    start = time.time()
-    try:
+
+    def convert():
         convert_hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, args.overwrite,
                             args.make_vocab_size_divisible_by)
         if args.verify:
             verify_logits(args.hf_dir, args.out_dir)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, AssertionError) as e:
-        print(f"hf_to_mcore: error: {e}", file=sys.stderr)
-        return 1
-    print(f"hf_to_mcore: wrote {args.out_dir} in {time.time() - start:.1f}s, peak RSS {peak_rss_gib():.2f} GiB")
-    return 0
+
+    return run_converter_cli("hf_to_mcore", args.out_dir, convert)
 
 
 if __name__ == "__main__":  # guard needed: dist_checkpointing's async writer re-imports __main__

@@ -5,11 +5,9 @@
 import argparse
 import logging
 import sys
-import time
 
-from megatron_onereason.checkpoint.convert import convert_mcore_to_hf, verify_logits
+from megatron_onereason.checkpoint.convert import convert_mcore_to_hf, run_converter_cli, verify_logits
 from megatron_onereason.checkpoint.hf_io import DEFAULT_MAX_SHARD_BYTES
-from megatron_onereason.checkpoint.peak_memory import peak_rss_gib
 
 
 def main(argv=None) -> int:
@@ -21,16 +19,13 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true", help="compare HF and megatron logits (fp32, max |Δ| <= 1e-4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    start = time.time()
-    try:
+
+    def convert():
         convert_mcore_to_hf(args.mcore_dir, args.out_dir, args.overwrite, args.max_shard_bytes)
         if args.verify:
             verify_logits(args.out_dir, args.mcore_dir)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, AssertionError) as e:
-        print(f"mcore_to_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"mcore_to_hf: wrote {args.out_dir} in {time.time() - start:.1f}s, peak RSS {peak_rss_gib():.2f} GiB")
-    return 0
+
+    return run_converter_cli("mcore_to_hf", args.out_dir, convert)
 
 
 if __name__ == "__main__":  # guard needed: dist_checkpointing's async writer re-imports __main__

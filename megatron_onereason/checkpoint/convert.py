@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from typing import Iterator, Optional, Tuple
 
@@ -155,3 +156,17 @@ def verify_logits(hf_dir: str, mcore_dir: str, num_tokens: int = 64, batch: int 
     if tolerance is not None and diff > tolerance:
         raise AssertionError(f"logits differ by {diff:.3g} > {tolerance} between {hf_dir} and {mcore_dir}")
     return diff
+
+
+def run_converter_cli(prog: str, out_dir: str, action) -> int:
+    """Run ``action()`` for a converter CLI: clear one-line errors (exit 1), time and peak memory on success."""
+    from megatron_onereason.checkpoint.peak_memory import peak_rss_gib
+
+    start = time.time()
+    try:
+        action()
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, AssertionError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{prog}: wrote {out_dir} in {time.time() - start:.1f}s, peak RSS {peak_rss_gib():.2f} GiB")
+    return 0
