@@ -95,3 +95,6 @@ class RLConfig:
             missing.append("actor.model.load")
         if missing:
             raise ValueError(f"required settings missing: {', '.join(missing)}")
+        if self.mopd.general_teacher and self.mopd.adv_clip is None:
+            raise ValueError("mopd.general_teacher needs mopd.adv_clip (the itemic penalty sets teacher log-probs "
+                             "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")

@@ -251,9 +251,7 @@ class RLEngine:
                 tokens = torch.tensor(list(t.tree.trace) + list(t.tree.children[0]))[None]
                 teacher, keep = itemic_penalty(teacher, itemic_token_mask(tokens, vocab))
                 mask = mask & keep
-            a = mopd_advantages(teacher, student, mask)
-            if m.adv_clip is not None:
-                a = torch.where(mask, a.clamp(*m.adv_clip), a)
+            a = mopd_advantages(teacher, student, mask, clip=m.adv_clip)
             adv[i], masks[i] = a[0], mask[0]
             gaps.append((student - teacher).abs()[mask])
             scores.append(information_gain_scores(a, mask)[0])
