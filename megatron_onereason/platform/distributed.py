@@ -70,7 +70,8 @@ def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     if "PMI_RANK" in env and "PMI_SIZE" in env:
         return LaunchEnv(int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0)),
                          env.get("MASTER_ADDR", "127.0.0.1"), port(29500), "mpich")
-    return LaunchEnv(0, 1, 0, "127.0.0.1", port(_free_port()), "single")
+    # Alone: a fresh local port, whatever MASTER_PORT a parent process may have left in the environment.
+    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
 
 
 def initialize_distributed(
@@ -98,12 +99,17 @@ def initialize_distributed(
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(launch.local_rank)
-        # env:// rather than tcp://: under torchrun the agent may already host the store on MASTER_PORT.
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        if launch.launcher == "single":
+            # Not through the environment: child processes (converters, tests) must not inherit this port.
+            init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
+        else:
+            # env:// rather than tcp://: under torchrun the agent may already host the store on MASTER_PORT.
+            os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            init_method = "env://"
         torch.distributed.init_process_group(
             backend="nccl" if torch.cuda.is_available() else "gloo",
-            init_method="env://",
+            init_method=init_method,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

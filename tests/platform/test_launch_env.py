@@ -30,7 +30,10 @@ def test_slurm_srun_layout():
     (dict(OMPI_COMM_WORLD_RANK="2", OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_LOCAL_RANK="0"), (2, 4, 0, "openmpi")),
     (dict(PMI_RANK="1", PMI_SIZE="2", MPI_LOCALRANKID="1"), (1, 2, 1, "mpich")),
     ({}, (0, 1, 0, "single")),
+    ({"MASTER_PORT": "29500"}, (0, 1, 0, "single")),  # a stray variable from a parent process
 ])
 def test_mpi_and_single(env, expected):
     launch = detect_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank, launch.launcher) == expected
+    if launch.launcher == "single":
+        assert launch.master_port != int(env.get("MASTER_PORT", 0))
