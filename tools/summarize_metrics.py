@@ -16,6 +16,13 @@ def _mean(rows, key):
     return sum(values) / len(values) if values else float("nan")
 
 
+def _window(rows, key, n=5):
+    """Mean of the first and of the last ``n`` values: RL step metrics are too noisy to read one at a time."""
+    values = [r[key] for r in rows if key in r]
+    head, tail = values[:n], values[-n:]
+    return f"{sum(head) / len(head):.3f} → {sum(tail) / len(tail):.3f}" if values else "–"
+
+
 def _rl_row(name, rows):
     steps = [r for r in rows if r["step"] > 0]
     recall = [k for k in rows[-1] if k.startswith("eval/recall@")]
@@ -23,7 +30,7 @@ def _rl_row(name, rows):
     shares = "/".join(f"{_mean(steps, f'time_share/{p}'):.2f}" for p in ("rollout", "train", "sync"))
     signal = "reward" if "reward" in steps[0] else "student_teacher_logp_abs_gap"
     ratio = f"{gen / indep:.2f}" if indep == indep and indep else "–"
-    return (f"| {name} | {steps[0]['step']}–{steps[-1]['step']} | {signal} {_fmt(steps, signal)} | "
+    return (f"| {name} | {steps[0]['step']}–{steps[-1]['step']} | {signal} {_window(steps, signal)} | "
             f"{_fmt(rows, recall[0]) if recall else '–'} | {shares} | {ratio} |")
 
 
@@ -50,7 +57,8 @@ def main(argv=None) -> int:
             print(f"| {name} | {rows[0]['step']}–{rows[-1]['step']} | {_fmt(rows, 'loss')} | "
                   f"{_fmt(rows, 'loss_itemic')} | {_fmt(rows, 'loss_text')} | {_mean(rows, 'tokens_per_sec'):.0f} |")
     if rl:
-        print("\n| RL run | steps | signal (first → last) | Recall@K (before → after) | time rollout/train/sync | "
+        print("\n| RL run | steps | signal (mean of first 5 → last 5 steps) | Recall@K (before → after) | "
+              "time rollout/train/sync | "
               "tokens two-stage / N×K |")
         print("|---|---|---|---|---|---|")
         for name, rows in rl:
