@@ -19,7 +19,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_inputs(work: str, preset: str, seq_length: int) -> str:
+def make_inputs(work: str, preset: str, seq_length: int, max_tp: int) -> str:
     """A random-weight megatron checkpoint of ``preset`` and a random corpus of 1/8-sequence documents."""
     import torch
 
@@ -31,7 +31,7 @@ def make_inputs(work: str, preset: str, seq_length: int) -> str:
     hf = os.path.join(work, "hf")
     make_hf_qwen3(cfg, dtype=torch.bfloat16).save_pretrained(hf)
     subprocess.run([sys.executable, "checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf, "--out-dir",
-                    os.path.join(work, "mcore"), "--tp", "8"], cwd=REPO, check=True, capture_output=True)
+                    os.path.join(work, "mcore"), "--tp", str(max_tp)], cwd=REPO, check=True, capture_output=True)
     rng = np.random.default_rng(0)
     with IndexedPairWriter(os.path.join(work, "corpus")) as writer:
         for _ in range(512):
@@ -70,14 +70,15 @@ def main():
     p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        make_inputs(work, args.preset, args.seq_length)
+        make_inputs(work, args.preset, args.seq_length, max(int(x.split("x")[0]) for x in args.layouts))
         print(f"\n{args.preset}, {args.seq_length}-token packs, {args.nproc} processes, "
               f"{'bf16' if args.bf16 else 'fp32'}\n")
         print("| TP×PP | tokens/s | TFLOP/s/device | MFU | s/iteration | memory GiB |\n|---|---|---|---|---|---|")
         for layout in args.layouts:
             tp, pp = (int(x) for x in layout.split("x"))
             r = run_layout(work, tp, pp, args.nproc, args.seq_length, args.iters, args.bf16)
-            print(f"| {tp}×{pp} | {r['tokens_per_sec']:.0f} | {r['tflops']:.3f} | {r['mfu']:.3f} | "
+            mfu = f"{r['mfu']:.3f}" if r["mfu"] == r["mfu"] else "– (no known peak)"
+            print(f"| {tp}×{pp} | {r['tokens_per_sec']:.0f} | {r['tflops']:.3f} | {mfu} | "
                   f"{r['iteration_time']:.2f} | {r['memory_gib']:.2f} |", flush=True)
 
 
