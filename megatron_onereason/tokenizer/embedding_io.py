@@ -81,19 +81,24 @@ class NpyEmbeddings(EmbeddingSource):
         return np.asarray(self._array[np.asarray(indices, dtype=np.int64)], dtype=np.float32)
 
 
+def _choose_array(path: str, names: List[str], key: Optional[str]) -> str:
+    """The array ``key`` of a multi-array file, or its only array when no key is given."""
+    if key is None:
+        if len(names) != 1:
+            raise ValueError(f"{path}: holds {len(names)} tensors {names[:8]}; name one with --embeddings-key")
+        return names[0]
+    if key not in names:
+        raise ValueError(f"{path}: no array {key!r} (has {names[:8]})")
+    return key
+
+
 class SafetensorsEmbeddings(EmbeddingSource):
     def __init__(self, path: str, key: Optional[str] = None):
         from safetensors import safe_open
 
         self.path = path
         self._file = safe_open(path, framework="pt")  # "pt" because numpy has no bfloat16
-        names = list(self._file.keys())
-        if key is None:
-            if len(names) != 1:
-                raise ValueError(f"{path}: holds {len(names)} tensors {names[:8]}; name one with --embeddings-key")
-            key = names[0]
-        elif key not in names:
-            raise ValueError(f"{path}: no tensor {key!r} (has {names[:8]})")
+        key = _choose_array(path, list(self._file.keys()), key)
         self._slice = self._file.get_slice(key)
         shape = tuple(self._slice.get_shape())
         self.dtype = self._slice.get_dtype()
@@ -115,14 +120,7 @@ class ZarrEmbeddings(EmbeddingSource):
         self.path = path
         node = zarr.open(path, mode="r")
         if isinstance(node, zarr.Group):
-            names = [name for name, _ in node.arrays()]
-            if key is None:
-                if len(names) != 1:
-                    raise ValueError(f"{path}: zarr group holds arrays {names[:8]}; name one with --embeddings-key")
-                key = names[0]
-            if key not in names:
-                raise ValueError(f"{path}: zarr group has no array {key!r} (has {names[:8]})")
-            node = node[key]
+            node = node[_choose_array(path, [name for name, _ in node.arrays()], key)]
         self._array = node
         _check_matrix(path, tuple(node.shape), str(node.dtype), np.issubdtype(node.dtype, np.floating))
         self.num_items, self.dim = map(int, node.shape)
