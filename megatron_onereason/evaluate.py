@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
 from megatron_onereason.checkpoint.mcore_io import MODEL_JSON
 from megatron_onereason.eval.benchmark import TASKS, RecInstance, load_benchmark, rec_instances, rec_messages
+from megatron_onereason.eval.recif import DEFAULT_KS, PID_STRATEGIES, RecifError, Sid2Pid, score_generations
 from megatron_onereason.eval.rec_eval import (
     cot_measurement,
     markdown_tables,
@@ -30,10 +32,12 @@ from megatron_onereason.eval.rec_eval import (
     ranked_item_ids,
     rec_metrics,
 )
+from megatron_onereason.fileio import atomic_file
 from megatron_onereason.generation.backend import GenerationBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
 
+SYNTHETIC_KS = (1, 8, 16, 32, 64)
 MODES = {"thinking": (True,), "non-thinking": (False,), "both": (True, False)}
 ALL_TASKS = TASKS + ("cot",)
 
@@ -44,12 +48,19 @@ def _mode_name(thinking: bool) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF directory or megatron checkpoint directory")
-    p.add_argument("--catalog", required=True, help="itemic tokenizer directory (catalog.parquet, manifest.json)")
-    p.add_argument("--data", required=True, help="benchmark JSONL")
-    p.add_argument("--out", required=True, help="report directory (report.json, report.md)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="benchmark JSONL (the project's format, eval/benchmark.py)")
+    source.add_argument("--score-generations", metavar="FILE",
+                        help="score a stored RecIF generation dump (OpenOneRec's or evaluate's) without a model")
+    p.add_argument("--model", help="HF directory or megatron checkpoint directory")
+    p.add_argument("--catalog", help="itemic tokenizer directory (catalog.parquet, manifest.json)")
+    p.add_argument("--out", required=True, help="report directory (report.json, report.md); a JSON file for "
+                                                "--score-generations")
     p.add_argument("--tasks", default="rec", help=f"comma-separated, from {ALL_TASKS}")
-    p.add_argument("--k", default="1,8,16,32,64", help="comma-separated K values")
+    p.add_argument("--k", help="comma-separated K values (default 1,8,16,32,64; RecIF: 1,32,128)")
+    p.add_argument("--sid2pid", metavar="FILE", help="RecIF sid2pid.json: adds the pid_* metrics")
+    p.add_argument("--sid2pid-strategy", choices=PID_STRATEGIES, default=PID_STRATEGIES[0],
+                   help="which of the products sharing a code tuple a generated item counts as (OpenOneRec's)")
     p.add_argument("--mode", choices=sorted(MODES), default="both")
     p.add_argument("--strategy", choices=ITEM_STRATEGIES, default="beam")
     p.add_argument("--num-traces", type=int, default=1, help="reasoning traces per instance (thinking mode)")
@@ -69,12 +80,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown or "rec" not in args.tasks:
         p.error(f"--tasks must include rec and come from {ALL_TASKS}, got {args.tasks}")
+    recif = args.score_generations is not None
     try:
-        args.k = sorted({int(k) for k in args.k.split(",")})
+        args.k = sorted({int(k) for k in (args.k or ",".join(map(str, DEFAULT_KS if recif else SYNTHETIC_KS)))
+                        .split(",")})
     except ValueError:
         p.error(f"--k must be comma-separated integers, got {args.k!r}")
     if args.k[0] < 1:
         p.error("--k values must be >= 1")
+    if args.data is not None and (args.model is None or args.catalog is None):
+        p.error("--data needs --model and --catalog")
+    if args.sid2pid is not None and not recif:
+        p.error("--sid2pid applies to RecIF (--score-generations)")
     if "cot" in args.tasks and args.backend != "transformers":
         p.error("--tasks cot scores targets with the model's forward pass: it needs --backend transformers")
     return args
@@ -146,8 +163,20 @@ def run_evaluation(args: argparse.Namespace, model_dir: str) -> Dict:
     }
 
 
+def _score_generations(args: argparse.Namespace) -> Dict:
+    sid2pid = Sid2Pid.load(args.sid2pid, args.sid2pid_strategy, args.seed) if args.sid2pid else None
+    report = score_generations(args.score_generations, args.k, sid2pid)
+    with atomic_file(args.out) as f:
+        json.dump(report, f, indent=1)
+    means = ", ".join(f"{name} {value:.4f}" for name, value in report["mean"].items())
+    print(f"{report['counts']['samples']} samples from {args.score_generations}: {means} -> {args.out}")
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
+    if args.score_generations is not None:
+        return _score_generations(args)
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onereason_eval_") as tmp:
         model_dir = args.model
@@ -166,5 +195,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     return report
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``main`` with bad input reported as one line on stderr (exit status 1) instead of a traceback."""
+    try:
+        main(argv)
+    except (RecifError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
