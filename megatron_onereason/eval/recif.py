@@ -38,6 +38,7 @@ from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Tupl
 
 from megatron_onereason.data.formats import SampleError, iter_input, parse_json_line
 from megatron_onereason.eval.metrics import pass_at_k, position1_pass_at_k, recall_at_k
+from megatron_onereason.fileio import atomic_file
 
 THINK_END = "</think>"
 DEFAULT_KS = (1, 32, 128)  # OpenOneRec's k_values
@@ -280,6 +281,8 @@ class StoredSample:
     ground_truth: str
     metadata: Dict[str, Any]
     pid_generations: Optional[List[int]] = None  # OpenOneRec's mapping of each generation (0 / -1: none)
+    prompt: str = ""
+    logprobs: Optional[List[float]] = None  # each generation's item log-probability (its beam score)
 
 
 def read_generations(path: str) -> Tuple[Dict[str, Any], List[StoredSample]]:
@@ -308,9 +311,25 @@ def read_generations(path: str) -> Tuple[Dict[str, Any], List[StoredSample]]:
         if pids is not None and (not isinstance(pids, list) or len(pids) != len(generations)
                                  or not all(isinstance(p, int) for p in pids)):
             raise RecifError(f"{where}: 'pid_generations' must be one integer per generation")
-        samples.append(StoredSample(str(sample_id), generations, truth, metadata, pids))
+        samples.append(StoredSample(str(sample_id), generations, truth, metadata, pids, s.get("prompt", ""),
+                                    s.get("logprobs")))
     header = {k: v for k, v in dump.items() if k != "samples"}
     return header, samples
+
+
+def write_generations(path: str, header: Dict[str, Any], samples: Sequence[StoredSample],
+                      per_sample: Sequence[Dict[str, Any]]) -> None:
+    """A generation dump in OpenOneRec's layout, each sample with its scores (as OpenOneRec's debug dump has)."""
+    dump = dict(header, samples={})
+    for s, scores in zip(samples, per_sample):
+        entry = {"prompt": s.prompt, "generations": s.generations, "ground_truth": s.ground_truth,
+                 "metadata": s.metadata}
+        if s.logprobs is not None:
+            entry["logprobs"] = s.logprobs
+        entry.update((k, v) for k, v in scores.items() if k != "id")
+        dump["samples"][s.sample_id] = entry
+    with atomic_file(path) as f:
+        json.dump(dump, f, ensure_ascii=False, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -338,25 +357,25 @@ def answer_pids(metadata: Dict[str, Any], where: str) -> List[int]:
     return [p for p in pids if p != 0]
 
 
-def score_generations(path: str, ks: Sequence[int] = DEFAULT_KS, sid2pid: Optional[Sid2Pid] = None) -> Dict:
-    """Score a generation dump: ``{"per_sample": [...] (file order), "mean": {...}, "counts": {...}, ...}``.
+def score_samples(samples: Sequence[StoredSample], ks: Sequence[int] = DEFAULT_KS, sid2pid: Optional[Sid2Pid] = None,
+                  source: str = "generations") -> Dict:
+    """``{"k", "pid_source", "counts", "mean", "per_sample"}``; ``per_sample`` in the order of ``samples``.
 
-    ``pid_*`` metrics come from ``sid2pid`` when given, else from the dump's ``pid_generations`` when every sample
-    has them, else are not computed.
+    ``pid_*`` metrics come from ``sid2pid`` when given, else from the samples' ``pid_generations`` when every
+    sample has them, else are not computed. ``source`` names the input in error messages.
     """
-    header, samples = read_generations(path)
     if not samples:
-        raise RecifError(f"{path}: no samples")
+        raise RecifError(f"{source}: no samples")
     stored_pids = [s.pid_generations is not None for s in samples]
     if sid2pid is None and any(stored_pids) and not all(stored_pids):
         missing = samples[stored_pids.index(False)].sample_id
-        raise RecifError(f"{path}: sample {missing} has no 'pid_generations' while others do; pass --sid2pid")
+        raise RecifError(f"{source}: sample {missing} has no 'pid_generations' while others do; pass --sid2pid")
     with_pids = sid2pid is not None or all(stored_pids)
     counts = {"samples": len(samples), "no_generations": 0, "no_target": 0, "no_pid_target": 0,
               "unparsed_generations": 0, "generations": 0}
     per_sample = []
     for s in samples:
-        where = f"{path}: sample {s.sample_id}"
+        where = f"{source}: sample {s.sample_id}"
         try:
             targets = answer_items(s.ground_truth)
         except ValueError as e:
@@ -378,6 +397,12 @@ def score_generations(path: str, ks: Sequence[int] = DEFAULT_KS, sid2pid: Option
         per_sample.append(row)
     metric_names = [k for k in per_sample[0] if k != "id"]
     mean = {name: sum(r[name] for r in per_sample) / len(per_sample) for name in metric_names}
-    return {"source": path, "model_name": header.get("model_name"), "task_name": header.get("task_name"),
-            "k": list(ks), "pid_source": None if not with_pids else ("sid2pid" if sid2pid else "pid_generations"),
+    return {"k": list(ks), "pid_source": None if not with_pids else ("sid2pid" if sid2pid else "pid_generations"),
             "counts": counts, "mean": mean, "per_sample": per_sample}
+
+
+def score_generations(path: str, ks: Sequence[int] = DEFAULT_KS, sid2pid: Optional[Sid2Pid] = None) -> Dict:
+    """Score a generation dump file (see :func:`score_samples`)."""
+    header, samples = read_generations(path)
+    return {"source": path, "model_name": header.get("model_name"), "task_name": header.get("task_name"),
+            **score_samples(samples, ks, sid2pid, path)}
