@@ -59,8 +59,9 @@ def main(argv=None) -> None:
               f"device {args.device}, {torch.get_num_threads()} threads")
         print(f"{'mode':<13} {'strategy':<13} {'items/s':>9} {'tokens/s':>9} {'s/call':>8} {'2-stage/N×K tokens':>19}")
         for thinking in (True, False):
-            prompts = [Prompt(chat_prompt_ids(backend.tokenizer, rec_messages(i, catalog), thinking), i.domain)
-                       for i in instances]
+            messages = [rec_messages(i, catalog, backend.vocab.scheme) for i in instances]
+            prompts = [Prompt(chat_prompt_ids(backend.tokenizer, m, thinking), i.domain)
+                       for m, i in zip(messages, instances)]
             for strategy in args.strategies.split(","):
                 params = GenerationParams(thinking=thinking, num_traces=args.num_traces if thinking else 1,
                                           num_items=args.num_items, item_strategy=strategy,

@@ -12,6 +12,7 @@ Caveat: the tiny tokenizer has a 1K-entry BPE vocabulary, so it emits more token
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import resource
 import tempfile
 import time
 
-from megatron_onereason.tokenizer.itemic_tokens import format_item
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME
 from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
 from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
 from tools.preprocess_data import preprocess
@@ -42,7 +43,7 @@ def _text(rng: random.Random, weights, n_words: int) -> str:
     for i, w in enumerate(words):
         r = rng.random()
         if r < 0.02:
-            out.append(format_item(rng.choice(DOMAINS), [rng.randrange(8192) for _ in range(3)]))
+            out.append(DEFAULT_SCHEME.format_item(rng.choice(DOMAINS), [rng.randrange(8192) for _ in range(3)]))
         elif r < 0.04:
             out.append(str(rng.randrange(10_000)))
         out.append(w.capitalize() + "," if r > 0.97 else w)
@@ -82,7 +83,8 @@ def main() -> None:
         tokenizer = os.path.join(work, "tokenizer")
         if not os.path.exists(tokenizer):
             save_tiny_hf_qwen3(os.path.join(work, "base"), preset="tiny", overwrite=True)
-            extend_vocabulary(os.path.join(work, "base"), tokenizer, codebook_size=args.codebook_size)
+            extend_vocabulary(os.path.join(work, "base"), tokenizer,
+                              dataclasses.replace(DEFAULT_SCHEME, codebook_size=args.codebook_size))
         corpus = os.path.join(work, "pretrain.jsonl")
         samples = write_corpus(corpus, args.tokens)
         size_mb = os.path.getsize(corpus) / 2**20

@@ -126,8 +126,9 @@ def run_evaluation(args: argparse.Namespace, model_dir: str) -> Dict:
         instances = instances[:args.limit]
     backend = _backend(args, model_dir)
     tokenizer = backend.tokenizer
-    prompts = {thinking: [Prompt(chat_prompt_ids(tokenizer, rec_messages(i, catalog), thinking), i.domain)
-                          for i in instances] for thinking in (True, False)}
+    messages = [rec_messages(i, catalog, backend.vocab.scheme) for i in instances]
+    prompts = {thinking: [Prompt(chat_prompt_ids(tokenizer, m, thinking), i.domain) for m, i in zip(messages, instances)]
+               for thinking in (True, False)}
     results, curves, throughput = {}, {}, {}
     for thinking in MODES[args.mode]:
         mode = _mode_name(thinking)

@@ -29,14 +29,45 @@ def tiny_hf_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizers_3x32(tmp_path_factory):
     """Tiny Qwen3 HF dir ("base") and its itemic extension with 3 levels x 32 codes ("extended"), built once."""
+    from megatron_onereason.tokenizer.itemic_tokens import preset
     from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
     from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
 
     root = tmp_path_factory.mktemp("itemic_tokenizer_3x32")
     dirs = {"base": str(root / "base"), "extended": str(root / "extended")}
     save_tiny_hf_qwen3(dirs["base"], preset="tiny")
-    extend_vocabulary(dirs["base"], dirs["extended"], levels=3, codebook_size=32)
+    extend_vocabulary(dirs["base"], dirs["extended"], preset("onereason_report", codebook_size=32))
     return dirs
+
+
+def expand_like_openonerec(hf_dir, out_dir, levels=3, codebook_size=8192):
+    """What OpenOneRec's ``pretrain/tools/model_converter/expand_qwen3_vocab.py`` does to a Qwen3 checkpoint:
+    ``tokenizer.add_tokens`` of ``<s_a_0..K-1>``, ``<s_b_*>``, …, ``<|sid_begin|>``, ``<|sid_end|>`` (plain strings),
+    ``resize_token_embeddings`` to ``len(tokenizer)`` rounded up to a multiple of 256, ``config.vocab_size`` to match.
+    Written independently of this project's scheme code, as the released checkpoints were."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tokenizer.add_tokens([f"<s_{chr(ord('a') + level)}_{i}>" for level in range(levels) for i in range(codebook_size)]
+                         + ["<|sid_begin|>", "<|sid_end|>"])
+    target = (len(tokenizer) + 255) // 256 * 256
+    model.resize_token_embeddings(target)
+    model.config.vocab_size = target
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def openonerec_hf_dir(tmp_path_factory):
+    """A tiny Qwen3 checkpoint with OpenOneRec's released itemic tokens (3 x 8192 codes, shared begin/end), and no
+    itemic_tokens.json: what a user downloading OneRec-1.7B has."""
+    from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
+
+    root = tmp_path_factory.mktemp("openonerec")
+    save_tiny_hf_qwen3(str(root / "base"), preset="tiny")
+    return expand_like_openonerec(str(root / "base"), str(root / "expanded"))
 
 
 def hf_logits(hf_dir, tokens):

@@ -4,12 +4,14 @@
     python tools/make_synthetic_corpus.py --synthetic-catalog SYN --item-catalog TOK --out DIR --samples-per-task 200
 
 SYN is a directory from tools/make_synthetic_catalog.py (captions), TOK one from tools/build_itemic_tokenizer.py
-(codes). DIR gets one JSONL file per granularity (token/item/relational/user_granularity.jsonl, sft_chat.jsonl) in
+(codes). Items are written in the itemic scheme of ``--itemic-vocab`` (a directory with itemic_tokens.json, such as
+the extended model), by default in the embedded default scheme. DIR gets one JSONL file per granularity (token/item/relational/user_granularity.jsonl, sft_chat.jsonl) in
 the formats tools/preprocess_data.py reads, written atomically.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Optional, Sequence
@@ -18,6 +20,7 @@ from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
 from megatron_onereason.data.synthetic_corpus import CorpusConfig, generate_corpus, items_from_catalogs
 from megatron_onereason.fileio import atomic_directory
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -27,11 +30,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--samples-per-task", type=int, default=CorpusConfig.samples_per_task)
     p.add_argument("--seed", type=int, default=CorpusConfig.seed)
+    p.add_argument("--itemic-vocab", default=None, help="directory whose itemic_tokens.json names the scheme to write "
+                                                        "items in (default: the embedded default scheme)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
     items = items_from_catalogs(SyntheticCatalog.load(args.synthetic_catalog), ItemCatalog.load(args.item_catalog))
-    corpus = generate_corpus(items, CorpusConfig(samples_per_task=args.samples_per_task, seed=args.seed))
+    config = CorpusConfig(samples_per_task=args.samples_per_task, seed=args.seed)
+    if args.itemic_vocab:
+        config = dataclasses.replace(config, scheme=ItemicScheme.load(args.itemic_vocab))
+    corpus = generate_corpus(items, config)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         for name, records in corpus.items():
             with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:

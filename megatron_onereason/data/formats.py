@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from megatron_onereason.tokenizer.itemic_tokens import LEVEL_LETTERS, ItemicPatternError, ItemicVocab, find_items
+from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicVocab
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -34,7 +34,6 @@ EOD_TOKEN = "<|endoftext|>"  # Qwen3's end-of-document (and pad) token
 CHAT_ROLES = ("system", "user", "assistant")
 UNKNOWN = "unknown"  # source / domain of a sample that names none
 
-_CODE_TOKEN_RE = re.compile(r"<([%s])_(\d+)>" % LEVEL_LETTERS)  # a code token, inside a pattern or on its own
 _MODE_SWITCH_RE = re.compile(r"/(no_)?think\b")
 
 
@@ -210,27 +209,19 @@ def render_chat(messages: Sequence[Message]) -> Tuple[Tuple[Segment, ...], int]:
 def count_itemic_references(text: str, vocab: ItemicVocab) -> int:
     """Number of itemic tokens written in ``text``; raises :class:`SampleError` for any the vocabulary lacks.
 
-    Full patterns (``<|prod_begin|><a_1><b_2><c_3>``) must be well formed; bare code tokens (``<a_3664><b_3076>``,
-    the prefix semantics of token-granularity data) are allowed, but each must name a level and code that exist.
-    Also rejects text that is not valid Unicode (a lone surrogate from a JSON escape), on which the tokenizer would
-    fail for the whole batch.
+    Full patterns (``<|prod_begin|><a_1><b_2><c_3>`` in the default scheme) must be well formed; bare code tokens
+    (``<a_3664><b_3076>``, the prefix semantics of token-granularity data) are allowed, but each must name a level
+    and code that exist (:meth:`ItemicScheme.count_tokens`). Also rejects text that is not valid Unicode (a lone
+    surrogate from a JSON escape), on which the tokenizer would fail for the whole batch.
     """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise SampleError("invalid_utf8", f"text is not valid Unicode: {e}") from None
-    if "<" not in text:
-        return 0
     try:
-        items = find_items(text, vocab.levels) if "_begin|>" in text else []
-        for domain in {domain for _, _, domain, _ in items}:
-            vocab.begin_id(domain)
-        codes = _CODE_TOKEN_RE.findall(text)
-        for letter, code in set(codes):  # texts repeat codes: check each distinct one once
-            vocab.code_id(LEVEL_LETTERS.index(letter), int(code))
+        return vocab.scheme.count_tokens(text)
     except ItemicPatternError as e:
         raise SampleError("itemic", str(e)) from None
-    return len(items) + len(codes)
 
 
 class SampleEncoder:
@@ -276,7 +267,7 @@ class SampleEncoder:
                 ids.append(np.array([self.eod_id], dtype=np.int32))
                 masks.append(np.array([sample.segments[-1].loss], dtype=np.uint8))
             tokens = np.concatenate(ids)
-            itemic = int(np.count_nonzero((tokens >= self.vocab.first_id) & (tokens < self.vocab.end_id)))
+            itemic = int(np.count_nonzero(self.vocab.itemic_mask(tokens)))
             if itemic != want_itemic:
                 out.append(SampleError(
                     "itemic", f"text names {want_itemic} itemic tokens but the tokenizer produced {itemic} "

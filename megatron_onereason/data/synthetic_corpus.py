@@ -29,7 +29,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from megatron_onereason.data.synthetic_catalog import DOMAIN_NOUNS, SyntheticCatalog
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
-from megatron_onereason.tokenizer.itemic_tokens import LEVEL_LETTERS, code_token, format_item
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME, LEVEL_LETTERS, ItemicScheme
 
 CORPUS_FILES = ("token_granularity", "item_granularity", "relational_granularity", "user_granularity", "sft_chat")
 
@@ -41,10 +41,6 @@ class CorpusItem:
     caption: str
     codes: Tuple[int, ...]
 
-    @property
-    def pattern(self) -> str:
-        return format_item(self.domain, self.codes)
-
 
 @dataclass(frozen=True)
 class CorpusConfig:
@@ -53,6 +49,7 @@ class CorpusConfig:
     history_length: Tuple[int, int] = (8, 32)  # events per synthetic user (inclusive range)
     caption_replace_prob: float = 0.3  # interleaved histories: chance an item is written as its caption
     flow_length: Tuple[int, int] = (3, 5)  # items per multi-item interest flow
+    scheme: ItemicScheme = DEFAULT_SCHEME  # how items and code tokens are written
 
 
 def items_from_catalogs(synthetic: SyntheticCatalog, catalog: ItemCatalog) -> List[CorpusItem]:
@@ -76,10 +73,6 @@ def _ctx(text: str) -> Dict:
 
 def _tgt(text: str) -> Dict:
     return {"text": text, "loss": True}
-
-
-def _prefix_tokens(codes: Sequence[int], depth: int) -> str:
-    return "".join(code_token(level, codes[level]) for level in range(depth))
 
 
 class _Semantics:
@@ -128,6 +121,16 @@ class _Generator:
             self.by_domain[item.domain].append(item)
             self.by_cluster[item.codes[:1]].append(item)
         self.clusters = sorted(self.by_cluster)
+        self.scheme = config.scheme
+
+    def _item(self, item: CorpusItem) -> str:
+        return self.scheme.format_item(item.domain, item.codes)
+
+    def _code(self, item: CorpusItem, level: int) -> str:
+        return self.scheme.code_for(level, item.codes[level])
+
+    def _prefix(self, item: CorpusItem, depth: int) -> str:
+        return "".join(self._code(item, level) for level in range(depth))
 
     # token granularity
     def single_token(self) -> Dict:
@@ -135,7 +138,7 @@ class _Generator:
         q = self.rng.choice(["User: In the {n} domain, what does {t} mean?\nAssistant: ",
                              "User: Explain the {n} token {t}.\nAssistant: "])
         return self._pretrain("single_token_semantics", item.domain, [
-            _ctx(q.format(n=_noun(item.domain), t=_prefix_tokens(item.codes, 1))),
+            _ctx(q.format(n=_noun(item.domain), t=self._prefix(item, 1))),
             _tgt(self.sem.describe(item.domain, item.codes[:1]))])
 
     def prefix_semantics(self) -> Dict:
@@ -143,7 +146,7 @@ class _Generator:
         q = self.rng.choice(["User: In the {n} domain, what does {t} represent?\nAssistant: ",
                              "User: What do {n}s starting with {t} have in common?\nAssistant: "])
         return self._pretrain("compositional_prefix_semantics", item.domain, [
-            _ctx(q.format(n=_noun(item.domain), t=_prefix_tokens(item.codes, 2))),
+            _ctx(q.format(n=_noun(item.domain), t=self._prefix(item, 2))),
             _tgt(self.sem.describe(item.domain, item.codes[:2]))])
 
     def prefix_grounding(self) -> Dict:
@@ -151,16 +154,16 @@ class _Generator:
         return self._pretrain("prefix_itemic_token_grounding", item.domain, [
             _ctx(f"User: Which {_noun(item.domain)} token prefix matches this description? "
                  f"{self.sem.describe(item.domain, item.codes[:2])}\nAssistant: "),
-            _tgt(_prefix_tokens(item.codes, 2))])
+            _tgt(self._prefix(item, 2))])
 
     def part_to_whole(self) -> Dict:
         item = self.rng.choice(self.items)
-        parts = [f"{code_token(level, item.codes[level])}: {self.sem.describe(item.domain, item.codes[:level + 1])}"
+        parts = [f"{self._code(item, level)}: {self.sem.describe(item.domain, item.codes[:level + 1])}"
                  for level in range(len(item.codes) - 1)]
-        parts.append(f"{code_token(len(item.codes) - 1, item.codes[-1])}: identifies this specific "
+        parts.append(f"{self._code(item, len(item.codes) - 1)}: identifies this specific "
                      f"{_noun(item.domain)}.")
         return self._pretrain("part_to_whole_semantics", item.domain, [
-            _ctx(f"User: Explain each token of {item.pattern}, then describe the {_noun(item.domain)}.\n"
+            _ctx(f"User: Explain each token of {self._item(item)}, then describe the {_noun(item.domain)}.\n"
                  "Assistant: "),
             _tgt("\n".join(parts) + f"\nOverall: {item.caption}.")])
 
@@ -170,13 +173,13 @@ class _Generator:
         q = self.rng.choice(["User: Please describe this {n} {p}.\nAssistant: ", "User: {p}\nAssistant: ",
                              "User: What is {p} about?\nAssistant: "])
         return self._pretrain("item_captioning", item.domain, [
-            _ctx(q.format(n=_noun(item.domain), p=item.pattern)), _tgt(f"It is a {item.caption}.")])
+            _ctx(q.format(n=_noun(item.domain), p=self._item(item))), _tgt(f"It is a {item.caption}.")])
 
     def grounding(self) -> Dict:
         item = self.rng.choice(self.items)
         return self._pretrain("item_grounding", item.domain, [
             _ctx(f"User: Give the {_noun(item.domain)} tokens for: {item.caption}.\nAssistant: "),
-            _tgt(item.pattern)])
+            _tgt(self._item(item))])
 
     def item_qa(self) -> Dict:
         item = self.rng.choice(self.items)
@@ -188,12 +191,13 @@ class _Generator:
             letters = "ABCD"
             listing = "\n".join(f"{letters[i]}. {o.caption}" for i, o in enumerate(options))
             answer = letters[options.index(item)]
-            question = f"User: Which description fits {item.pattern}?\n{listing}\nAnswer with a letter.\nAssistant: "
+            question = (f"User: Which description fits {self._item(item)}?\n{listing}\nAnswer with a letter.\n"
+                        "Assistant: ")
         else:  # yes/no about a word from this or another item's caption
             other = self.rng.choice(pool)
             word = self.rng.choice(self.sem.content_words(other) or other.caption.split())
             answer = "Yes" if word in item.caption.split() else "No"
-            question = f"User: Is {item.pattern} related to \"{word}\"? Answer Yes or No.\nAssistant: "
+            question = f"User: Is {self._item(item)} related to \"{word}\"? Answer Yes or No.\nAssistant: "
         return self._pretrain("item_qa", item.domain, [_ctx(question), _tgt(answer)])
 
     # relational granularity
@@ -212,15 +216,15 @@ class _Generator:
         src = self.rng.choice(self.items)
         dst = self._related(src)
         return self._pretrain("direct_item_to_item", "mixed", [
-            _ctx(src.pattern), _tgt(self._explain(src, dst) + dst.pattern)])
+            _ctx(self._item(src)), _tgt(self._explain(src, dst) + self._item(dst))])
 
     def interest_flow(self) -> Dict:
         chain = [self.rng.choice(self.items)]
         for _ in range(self.rng.randint(*self.cfg.flow_length) - 1):
             chain.append(self._related(chain[-1]))
-        segments = [_ctx(chain[0].pattern)]
+        segments = [_ctx(self._item(chain[0]))]
         for src, dst in zip(chain, chain[1:]):
-            segments.append(_tgt(self._explain(src, dst) + dst.pattern))
+            segments.append(_tgt(self._explain(src, dst) + self._item(dst)))
         return self._pretrain("multi_item_interest_flow", "mixed", segments)
 
     # user granularity
@@ -244,13 +248,13 @@ class _Generator:
             noun = _noun(domain)
             if turn > 0 and len(items) > 2 and self.rng.random() < 0.5:
                 shown = len(items) // 2
-                question = (f"User: {', '.join(i.pattern for i in items[:shown])} are part of this user's {noun} "
+                question = (f"User: {', '.join(self._item(i) for i in items[:shown])} are part of this user's {noun} "
                             f"records. Please continue with the others.\nAssistant: ")
                 items = items[shown:]
             else:
                 question = f"User: Which {noun}s did this user interact with? Return a list.\nAssistant: "
             segments.append(_ctx(question if turn == 0 else "\n" + question))
-            segments.append(_tgt(str([i.pattern for i in items])))
+            segments.append(_tgt(str([self._item(i) for i in items])))
         return self._pretrain("domain_grouped_behavior", "mixed", segments)
 
     def interleaved(self) -> Dict:
@@ -258,7 +262,7 @@ class _Generator:
         events = []
         for step, item in enumerate(history):
             shown = (f"[{_noun(item.domain)}: {item.caption}]" if self.rng.random() < self.cfg.caption_replace_prob
-                     else item.pattern)
+                     else self._item(item))
             events.append(f"t{step}: {shown}")
         return self._pretrain("chronological_interleaved_behavior", "mixed", [
             _ctx(f"User profile: {profile}\nBehavior timeline:\n"), _tgt("\n".join(events))])
@@ -266,13 +270,13 @@ class _Generator:
     # SFT chat
     def sft_caption(self) -> Dict:
         item = self.rng.choice(self.items)
-        question = f"Describe the {_noun(item.domain)} {item.pattern}."
+        question = f"Describe the {_noun(item.domain)} {self._item(item)}."
         answer = f"It is a {item.caption}."
         if self.rng.random() < 0.5:
-            steps = [f"{code_token(level, item.codes[level])} suggests: "
+            steps = [f"{self._code(item, level)} suggests: "
                      f"{self.sem.describe(item.domain, item.codes[:level + 1])}"
                      for level in range(len(item.codes) - 1)]
-            last = code_token(len(item.codes) - 1, item.codes[-1])
+            last = self._code(item, len(item.codes) - 1)
             reasoning = " ".join(steps) + f" The last token {last} pins down the exact item."
             messages = [{"role": "user", "content": question},
                         {"role": "assistant", "content": answer, "reasoning": reasoning}]
@@ -293,9 +297,9 @@ class _Generator:
         reasoning = (f"Persona: {profile} Interests in the history: {top}. The most recent item was about "
                      f"{history[-1].caption}; a {_noun(target.domain)} continuing these interests fits best.")
         messages = [
-            {"role": "user", "content": f"{profile} History: {', '.join(i.pattern for i in history)}. "
+            {"role": "user", "content": f"{profile} History: {', '.join(self._item(i) for i in history)}. "
                                         f"Recommend the next {_noun(target.domain)}."},
-            {"role": "assistant", "content": target.pattern, "reasoning": reasoning},
+            {"role": "assistant", "content": self._item(target), "reasoning": reasoning},
         ]
         return {"messages": messages, "source": "sft_recommend_think", "domain": target.domain}
 

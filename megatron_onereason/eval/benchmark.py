@@ -27,6 +27,7 @@ from typing import Dict, List, Sequence, Tuple
 from megatron_onereason.data.synthetic_catalog import DOMAIN_NOUNS, SyntheticCatalog
 from megatron_onereason.data.synthetic_corpus import items_from_catalogs
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog, UnknownItemError
+from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme
 
 TASKS = ("rec",)
 _AGES = ("a student", "a young professional", "a parent", "a retiree")
@@ -107,9 +108,10 @@ def rec_instances(users: Sequence[BenchmarkUser]) -> List[RecInstance]:
     return [RecInstance(u, d) for u in users for d in u.targets]
 
 
-def rec_messages(instance: RecInstance, catalog: ItemCatalog) -> List[Dict[str, str]]:
-    """The chat prompt; worded like the synthetic corpus's recommendation SFT samples (``sft_recommend``)."""
-    history = ", ".join(catalog.item_text(i) for i in instance.user.history)
+def rec_messages(instance: RecInstance, catalog: ItemCatalog, scheme: ItemicScheme) -> List[Dict[str, str]]:
+    """The chat prompt, items written in ``scheme``; worded like the synthetic corpus's recommendation SFT samples
+    (``sft_recommend``)."""
+    history = ", ".join(catalog.item_text(i, scheme) for i in instance.user.history)
     noun = DOMAIN_NOUNS.get(instance.domain, instance.domain)
     return [{"role": "user", "content": f"{instance.user.portrait} History: {history}. Recommend the next {noun}."}]
 

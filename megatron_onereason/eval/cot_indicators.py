@@ -9,19 +9,18 @@
 - C4, history validity given legality (eq. 25): ``γ_hist|legal = |S(c) ∩ V_item ∩ S(x_hist)| / |S(c) ∩ V_item|``.
 
 ``S(c)`` is the *set* of itemic patterns the CoT writes (:func:`cot_item_references`); a malformed one (a begin
-token not followed by one code per level) is in ``S(c)`` and never legal. The ratios are ``None`` when their
+token not followed by one code per level, or without the scheme's end token) is in ``S(c)`` and never legal. The ratios are ``None`` when their
 denominator is empty (a CoT citing no item says nothing about legality).
 """
 from __future__ import annotations
 
-import re
 from typing import AbstractSet, Container, List, Optional, Sequence
 
 import torch
 
 from megatron_onereason.generation.prompts import ChatTokens
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog, UnknownItemError
-from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError
+from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme
 
 _SEGMENT_END = (".", "!", "?")
 
@@ -88,23 +87,23 @@ def likelihood_progression(model, thinking_prompt_ids: Sequence[int], reasoning_
     return target_log_likelihoods(model, contexts, [target_ids] * len(contexts), batch_size).tolist()
 
 
-def cot_item_references(text: str, levels: int) -> set:
+def cot_item_references(text: str, scheme: ItemicScheme) -> set:
     """``S(c)``: the distinct itemic patterns written in ``text``, malformed ones included as written."""
-    pattern = re.compile(r"<\|[a-z]+_begin\|>(?:<[a-h]_\d+>){0,%d}" % levels)
-    return set(pattern.findall(text))
+    return set(m.group(0) for m in scheme.loose_item_re.finditer(text))
 
 
 class CatalogPatterns:
-    """``V_item`` as a container of pattern strings: ``pattern in CatalogPatterns(catalog)``."""
+    """``V_item`` as a container of pattern strings: ``pattern in CatalogPatterns(catalog, scheme)``."""
 
-    def __init__(self, catalog: ItemCatalog):
+    def __init__(self, catalog: ItemCatalog, scheme: ItemicScheme):
         self.catalog = catalog
+        self.scheme = scheme
 
     def __contains__(self, pattern: object) -> bool:
         if not isinstance(pattern, str):
             return False
         try:
-            self.catalog.item_id_from_text(pattern)
+            self.catalog.item_id_from_text(pattern, self.scheme)
         except (ItemicPatternError, UnknownItemError):
             return False
         return True

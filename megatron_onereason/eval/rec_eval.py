@@ -2,7 +2,8 @@
 
 Ranking: the completions of a trace are ordered by model log-probability (beam search already returns them so);
 with several traces the lists are interleaved rank by rank (every trace's best item first). Each completion is
-decoded to an item id through the catalog (``None`` if it names no catalog item of its domain).
+decoded to an item id through the catalog (``None`` if it names no catalog item of its domain; with a begin token
+shared by all domains, by its codes alone).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ Measurement = Dict[str, Optional[float]]
 
 
 def completion_item_id(catalog: ItemCatalog, completion: ItemCompletion) -> Optional[str]:
-    if completion.domain is None:
+    if completion.codes is None:
         return None
     try:
         return catalog.item_id_for(completion.domain, completion.codes)
@@ -66,9 +67,9 @@ def cot_measurement(model, tokenizer, chat: ChatTokens, vocab: ItemicVocab, cata
                     trace: Trace, progression: bool) -> Tuple[Measurement, List[float]]:
     """Eqs. 21, 24, 25 for one instance (averaged over its targets), and eq. 23's ``ℓ_0..ℓ_T`` if asked."""
     cot = reasoning_ids(trace, chat)
-    references = cot_item_references(tokenizer.decode(cot), vocab.levels)
-    legal = CatalogPatterns(catalog)
-    history = {catalog.item_text(i) for i in instance.user.history}
+    references = cot_item_references(tokenizer.decode(cot), vocab.scheme)
+    legal = CatalogPatterns(catalog, vocab.scheme)
+    history = {catalog.item_text(i, vocab.scheme) for i in instance.user.history}
     targets = [vocab.item_ids(catalog.domain_for(i), catalog.codes_for(i)) for i in instance.targets]
     gains = cot_likelihood_gain(model, [cot_context(thinking_prompt, cot, chat)] * len(targets),
                                 [plain_prompt] * len(targets), targets)

@@ -20,9 +20,12 @@ class TinyRecommender:
 
 
 def build_tiny_recommender(out_dir: str, items_per_domain: int = 24, domains: Sequence[str] = ("video", "prod"),
-                           codebook_size: int = 8, preset: str = "tiny", seed: int = 0) -> TinyRecommender:
-    """Write the three directories under ``out_dir`` (which must not exist or be empty)."""
+                           codebook_size: int = 8, preset: str = "tiny", seed: int = 0,
+                           scheme: str = "onereason_report") -> TinyRecommender:
+    """Write the three directories under ``out_dir`` (which must not exist or be empty); the model's itemic tokens
+    follow the named ``scheme`` preset."""
     from megatron_onereason.tokenizer.catalog_builder import CatalogInputs, build_itemic_tokenizer
+    from megatron_onereason.tokenizer import itemic_tokens
     from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
     from megatron_onereason.tokenizer.rq_kmeans import RQKMeansConfig
     from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
@@ -37,5 +40,5 @@ def build_tiny_recommender(out_dir: str, items_per_domain: int = 24, domains: Se
     build_itemic_tokenizer(inputs, RQKMeansConfig(codebook_size=codebook_size, seed=seed, train_sample_size=0),
                            catalog_dir)
     save_tiny_hf_qwen3(base_dir, preset, seed=seed)
-    extend_vocabulary(base_dir, model_dir, codebook_size=codebook_size, seed=seed)
+    extend_vocabulary(base_dir, model_dir, itemic_tokens.preset(scheme, codebook_size=codebook_size), seed=seed)
     return TinyRecommender(model_dir, catalog_dir, synthetic_dir)

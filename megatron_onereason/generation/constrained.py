@@ -1,13 +1,16 @@
-"""Constrained itemic decoding: once ``<|domain_begin|>`` is emitted, only catalog continuations a → b → c.
+"""Constrained itemic decoding: once a begin token is emitted, only catalog continuations a → b → c (→ end token).
 
 The state of a sequence is read from its last ``levels + 1`` tokens — the last begin token there and the code
 tokens after it — so the same rule serves the batched transformers loop (:class:`ItemicConstraint`) and vLLM's
 per-request logits processors (:class:`RequestItemicProcessor`), with no per-request state to keep in sync. The
-catalog lookups are :class:`~megatron_onereason.tokenizer.item_trie.ItemTrie`'s.
+catalog lookups are :class:`~megatron_onereason.tokenizer.item_trie.ItemTrie`'s, keyed by what the begin token says
+(the domain, or nothing for a begin token shared by all domains). Without a trie the constraint only enforces the
+scheme's pattern: any code of the right level, then the end token (OpenOneRec's decoding over the code tokens).
 
-Outside an itemic pattern every token stays allowed except the begin tokens of domains with no catalog item (no
-continuation would exist). At an *item start* (the first item token when the begin token is not forced) only the
-begin tokens of domains with items are allowed.
+Inside an item whose codes are complete, the scheme's end token (the one matching the begin token) is the only
+allowed token. Outside an itemic pattern every token stays allowed except end tokens and the begin tokens of
+domains with no catalog item (no continuation would exist). At an *item start* (the first item token when the begin
+token is not forced) only the begin tokens of domains with items are allowed.
 """
 from __future__ import annotations
 
@@ -18,70 +21,59 @@ import torch
 from megatron_onereason.tokenizer.item_trie import ItemTrie
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
 
-ItemState = Tuple[str, Tuple[int, ...]]  # (domain, codes so far), fewer codes than levels
-
-
-def decode_code(vocab: ItemicVocab, token_id: int) -> Optional[Tuple[int, int]]:
-    """``(level, code)`` of a code token, else None."""
-    offset = int(token_id) - vocab.code_id(0, 0)
-    if not 0 <= offset < vocab.levels * vocab.codebook_size:
-        return None
-    return divmod(offset, vocab.codebook_size)
-
-
-def decode_begin(vocab: ItemicVocab, token_id: int) -> Optional[str]:
-    """The domain of a begin token, else None."""
-    index = int(token_id) - vocab.first_id
-    return vocab.domains[index] if 0 <= index < len(vocab.domains) else None
+ItemState = Tuple[Optional[str], Tuple[int, ...]]  # (begin key, codes so far); all codes only while the end is due
 
 
 def decode_item(vocab: ItemicVocab, token_ids: Sequence[int]) -> Optional[ItemState]:
     """``(domain, codes)`` when ``token_ids`` is exactly one complete itemic pattern, else None."""
-    if len(token_ids) != vocab.levels + 1:
-        return None
-    domain = decode_begin(vocab, token_ids[0])
-    codes = [decode_code(vocab, t) for t in token_ids[1:]]
-    if domain is None or any(c is None or c[0] != level for level, c in enumerate(codes)):
-        return None
-    return domain, tuple(c[1] for c in codes)
+    return vocab.decode_item(token_ids)
 
 
 class ItemicConstraint:
-    def __init__(self, trie: ItemTrie, vocab: ItemicVocab, vocab_size: int):
-        """``vocab_size``: width of the logits (the model's, padding rows included)."""
-        if vocab.levels != trie.levels or vocab.codebook_size < trie.codebook_size:
+    def __init__(self, trie: Optional[ItemTrie], vocab: ItemicVocab, vocab_size: int):
+        """``vocab_size``: width of the logits (the model's, padding rows included). ``trie=None``: the scheme's
+        pattern only, every code allowed."""
+        if trie is not None and (vocab.levels != trie.levels or vocab.codebook_size < trie.codebook_size):
             raise ValueError(f"vocabulary has {vocab.levels} levels x {vocab.codebook_size} codes, the catalog "
                              f"{trie.levels} x {trie.codebook_size}")
-        if vocab_size < vocab.end_id:
-            raise ValueError(f"logits width {vocab_size} is smaller than the itemic token range end {vocab.end_id}")
+        if vocab_size <= vocab.max_id:
+            raise ValueError(f"logits width {vocab_size} does not reach the largest itemic token id {vocab.max_id}")
         self.trie = trie
         self.vocab = vocab
         self.vocab_size = vocab_size
-        live = [vocab.begin_id(d) for d in vocab.domains if d in trie.domains]
-        if not live:
-            raise ValueError("the catalog has no item in any domain of the vocabulary")
-        self.live_begin_ids = tuple(live)
+        keys = list(vocab.begin_ids) if trie is None else [k for k in vocab.begin_ids if k in trie.domains]
+        if not keys:
+            raise ValueError("the catalog has no item under any begin token of the vocabulary")
+        self.live_keys = tuple(keys)
+        self.live_begin_ids = tuple(vocab.begin_ids[k] for k in keys)
         self.free_row = torch.ones(vocab_size, dtype=torch.bool)
-        self.free_row[[vocab.begin_id(d) for d in vocab.domains if vocab.begin_id(d) not in live]] = False
+        dead = [i for k, i in vocab.begin_ids.items() if k not in keys]
+        self.free_row[dead + list(vocab.end_ids.values())] = False
         self.item_start_row = torch.zeros(vocab_size, dtype=torch.bool)  # an item's first token: a live begin
-        self.item_start_row[list(live)] = True
+        self.item_start_row[list(self.live_begin_ids)] = True
+        self._code_rows = [torch.zeros(vocab_size, dtype=torch.bool) for _ in range(vocab.levels)]
+        for level, row in enumerate(self._code_rows):
+            row[torch.from_numpy(vocab.code_ids[level])] = True
 
     def item_state(self, token_ids: Sequence[int]) -> Optional[ItemState]:
-        """``(domain, codes)`` when ``token_ids`` ends inside an unfinished itemic pattern, else None."""
-        tail = [int(t) for t in token_ids[-(self.vocab.levels + 1):]]
+        """``(begin key, codes)`` when ``token_ids`` ends inside an unfinished itemic pattern, else None."""
+        levels = self.vocab.levels
+        tail = [int(t) for t in token_ids[-(levels + 1):]]
         for pos in range(len(tail) - 1, -1, -1):
-            domain = decode_begin(self.vocab, tail[pos])
-            if domain is not None:
+            tok = self.vocab.token(tail[pos])
+            if tok is not None and tok.kind == "begin":
                 break
         else:
             return None
         codes = []
-        for level, tok in enumerate(tail[pos + 1:]):
-            decoded = decode_code(self.vocab, tok)
-            if decoded is None or decoded[0] != level:
+        for level, t in enumerate(tail[pos + 1:]):
+            tok = self.vocab.token(t)
+            if tok is None or tok.kind != "code" or tok.level != level:
                 return None  # a broken pattern: nothing to continue
-            codes.append(decoded[1])
-        return (domain, tuple(codes)) if len(codes) < self.vocab.levels else None
+            codes.append(tok.code)
+        if len(codes) == levels and not self.vocab.end_ids:
+            return None
+        return self.vocab.token(tail[pos]).domain, tuple(codes)
 
     def allowed(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """Boolean ``[B, vocab_size]``: the tokens allowed after each history (its last ``levels + 1`` tokens)."""
@@ -89,16 +81,24 @@ class ItemicConstraint:
         inside, domains, prefixes = [], [], []
         for b, history in enumerate(histories):
             state = self.item_state(history)
-            if state is not None:
+            if state is None:
+                continue
+            key, codes = state
+            if len(codes) == self.vocab.levels:  # complete: its end token
+                mask[b] = False
+                mask[b, self.vocab.end_ids[key]] = True
+            elif self.trie is None:
+                mask[b] = self._code_rows[len(codes)]
+            else:
                 inside.append(b)
-                domains.append(state[0])
-                prefixes.append(state[1])
+                domains.append(key)
+                prefixes.append(codes)
         if inside:
             rows = self.trie.allowed_token_mask(self.vocab, domains, prefixes, vocab_size=self.vocab_size)
             empty = (~rows.any(dim=1)).nonzero().flatten().tolist()
             if empty:
                 b = empty[0]
-                raise ValueError(f"row {inside[b]}: no catalog item of domain {domains[b]!r} continues codes "
+                raise ValueError(f"row {inside[b]}: no catalog item under begin key {domains[b]!r} continues codes "
                                  f"{list(prefixes[b])} (the pattern was generated without the constraint?)")
             mask[inside] = rows
         return mask

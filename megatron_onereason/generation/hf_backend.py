@@ -34,7 +34,7 @@ class TransformersBackend:
         vocab = ItemicVocab.load(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-        trie = ItemTrie.from_catalog(ItemCatalog.load(catalog_dir)) if catalog_dir else None
+        trie = ItemTrie.from_catalog(ItemCatalog.load(catalog_dir), vocab.scheme) if catalog_dir else None
         return cls(model, tokenizer, vocab, trie)
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:

@@ -3,7 +3,8 @@
 Stage 1 prefills the prompts once, copies each prompt's cache N times and samples N reasoning traces together until
 each emits ``</think>`` (or reaches ``max_think_tokens``, when ``</think>`` is forced), then forces the answer
 separator. Stage 2 copies each trace's cache K times — the K completions reuse the trace, it is never recomputed
-— and decodes ``L + 1`` item tokens ``<|domain_begin|> c1 … cL`` (eq. 6) by sampling, beam search or
+— and decodes the item tokens ``<|domain_begin|> c1 … cL`` (eq. 6; plus the end token in schemes that have one) by
+sampling, beam search or
 hierarchical search (:mod:`megatron_onereason.generation.params`). Without thinking, stage 1 is skipped and the
 items follow the prompt (which ends with the empty think block).
 
@@ -94,14 +95,14 @@ class TwoStageGenerator:
                  trie: Optional[ItemTrie] = None):
         """``num_valid_tokens``: ids at or above it are padding rows of the model (never generated)."""
         vocab_size = int(model.config.vocab_size)
-        if not vocab.end_id <= num_valid_tokens <= vocab_size:
-            raise ValueError(f"need itemic end {vocab.end_id} <= valid tokens {num_valid_tokens} <= model vocab "
+        if not vocab.max_id < num_valid_tokens <= vocab_size:
+            raise ValueError(f"need largest itemic id {vocab.max_id} < valid tokens {num_valid_tokens} <= model vocab "
                              f"{vocab_size}")
         self.model = model
         self.vocab = vocab
         self.chat_tokens = chat_tokens
         self.vocab_size = vocab_size
-        self.constraint = ItemicConstraint(trie, vocab, vocab_size) if trie is not None else None
+        self.constraint = ItemicConstraint(trie, vocab, vocab_size)  # trie None: the scheme's pattern only
         self.valid_row = torch.arange(vocab_size) < num_valid_tokens
         self.reasoning_row = self.valid_row.clone()
         self.reasoning_row[list(chat_tokens.stop_ids)] = False
@@ -110,12 +111,10 @@ class TwoStageGenerator:
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:
         if not prompts:
             return []
-        if params.constrained and self.constraint is None:
-            raise ValueError("constrained decoding needs a catalog trie (pass trie=, or constrained=False)")
         for i, p in enumerate(prompts):
             if p.domain is not None:
-                self.vocab.begin_id(p.domain)  # raises for a domain the vocabulary lacks
-                if params.constrained and p.domain not in self.constraint.trie.domains:
+                key = self.vocab.scheme.begin_key(p.domain)  # raises for a domain the vocabulary lacks
+                if params.constrained and key not in self.constraint.live_keys:
                     raise ValueError(f"prompt {i}: the catalog has no item of domain {p.domain!r}")
         generator = None
         if params.seed is not None:
@@ -206,7 +205,7 @@ class TwoStageGenerator:
 
     def _complete_items(self, batch: _DecodeBatch, prompts: Sequence[Prompt], traces: List[Trace],
                         params: GenerationParams, generator: Optional[torch.Generator]) -> None:
-        k, steps, vocab_size = params.num_items, self.vocab.levels + 1, self.vocab_size
+        k, steps, vocab_size = params.num_items, self.vocab.scheme.item_length, self.vocab_size
         n_traces = len(traces)
         trace_of_row = torch.arange(n_traces).repeat_interleave(k)
         batch.select(trace_of_row)  # K copies of each trace's cache: the trace is not recomputed

@@ -101,8 +101,8 @@ class VLLMBackend:
             for trace in p_traces:
                 requests.append(TokensPrompt(prompt_token_ids=list(prompt.token_ids) + trace.token_ids))
                 sampling_list.append(SamplingParams(
-                    n=params.num_items, temperature=params.item_temperature, max_tokens=self.vocab.levels + 1,
-                    min_tokens=self.vocab.levels + 1, ignore_eos=True, logprobs=0, seed=params.seed,
+                    n=params.num_items, temperature=params.item_temperature, max_tokens=self.vocab.scheme.item_length,
+                    min_tokens=self.vocab.scheme.item_length, ignore_eos=True, logprobs=0, seed=params.seed,
                     extra_args=self._itemic_args(first_token_ids=first)))
                 owners.append(trace)
         for trace, result in zip(owners, self.llm.generate(requests, sampling_list)):

@@ -24,8 +24,8 @@ ITEMIC_ARG = "onereason_itemic"  # the SamplingParams.extra_args key this proces
 @functools.lru_cache(maxsize=4)
 def itemic_constraint(model_dir: str, catalog_dir: str, vocab_size: int) -> ItemicConstraint:
     """One trie per catalog per process, built on first use."""
-    trie = ItemTrie.from_catalog(ItemCatalog.load(catalog_dir))
-    return ItemicConstraint(trie, ItemicVocab.load(model_dir), vocab_size)
+    vocab = ItemicVocab.load(model_dir)
+    return ItemicConstraint(ItemTrie.from_catalog(ItemCatalog.load(catalog_dir), vocab.scheme), vocab, vocab_size)
 
 
 class ItemicLogitsProcessor(AdapterLogitsProcessor):

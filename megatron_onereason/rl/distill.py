@@ -146,8 +146,8 @@ def route_to_teachers(domains: Sequence[str], teachers: Mapping[str, Hashable]) 
 
 
 def itemic_token_mask(token_ids: torch.Tensor, vocab: ItemicVocab) -> torch.Tensor:
-    """True where ``token_ids`` is an itemic token (a domain begin or code token) of ``vocab``."""
-    return (token_ids >= vocab.first_id) & (token_ids < vocab.end_id)
+    """True where ``token_ids`` is an itemic token (a begin, code or end token) of ``vocab``."""
+    return vocab.itemic_mask(token_ids)
 
 
 def itemic_penalty(

@@ -48,6 +48,7 @@ from megatron_onereason.rl.rollout_batch import (
 from megatron_onereason.rl.tree_pack import pack_trees, tree_logprobs_layout
 from megatron_onereason.rl.workers import ActorGroup, start_hf_worker, weight_buckets
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme
 from megatron_onereason.training.checkpointing import has_checkpoint
 
 log = logging.getLogger("megatron_onereason.rl")
@@ -63,6 +64,7 @@ class RLEngine:
         self.cfg = cfg
         self.catalog = ItemCatalog.load(cfg.data.catalog)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.rollout.model_dir)
+        self.scheme = ItemicScheme.load(cfg.rollout.model_dir)
         self.train_set = self._instances(cfg.data.benchmark)
         self.eval_set = self._instances(cfg.data.eval_benchmark) if cfg.data.eval_benchmark else []
         resume = cfg.save if has_checkpoint(cfg.save) else None
@@ -117,7 +119,8 @@ class RLEngine:
         return instances
 
     def _prompt(self, instance: RecInstance) -> Prompt:
-        ids = chat_prompt_ids(self.tokenizer, rec_messages(instance, self.catalog), self.cfg.rollout.thinking)
+        ids = chat_prompt_ids(self.tokenizer, rec_messages(instance, self.catalog, self.scheme),
+                              self.cfg.rollout.thinking)
         return Prompt(tuple(ids), instance.domain)
 
     def batch_for_step(self, step: int) -> List[RecInstance]:
@@ -306,11 +309,12 @@ class RLEngine:
                         answer = self.tokenizer.decode(c.token_ids)
                         think = f"<think>\n{reasoning}\n</think>\n\n" if self.cfg.rollout.thinking else ""
                         samples.append({"user_id": inst.user.user_id, "domain": domain,
-                                        "messages": rec_messages(inst, self.catalog), "response": think + answer,
+                                        "messages": rec_messages(inst, self.catalog, self.scheme),
+                                        "response": think + answer,
                                         "answer": answer, "reasoning": reasoning})
                         hits.append(completion_item_id(self.catalog, c) in targets)
         legal = {(d, tuple(int(x) for x in codes)) for d, codes in zip(self.catalog.domains, self.catalog.codes)}
-        selection = select_rft_trajectories(samples, hits, dedupe=True, legal_items=legal)
+        selection = select_rft_trajectories(samples, hits, dedupe=True, legal_items=legal, scheme=self.scheme)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         tmp = out_path + ".tmp"
         with open(tmp, "w") as f:

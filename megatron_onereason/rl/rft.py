@@ -10,7 +10,7 @@ from typing import Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_LEVELS, ItemicPatternError, find_items
+from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme
 
 DROP_REASONS = ("miss", "malformed", "illegal", "duplicate", "over_cap")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -21,11 +21,11 @@ class RFTSelection(NamedTuple):
     dropped: Dict[str, int]  # DROP_REASONS -> number of samples dropped for that reason (first reason only)
 
 
-def _well_formed_items(response: str, levels: int) -> Optional[list]:
-    """Every item in ``response`` as ``(start, end, domain, codes)``; None when the response is malformed:
+def _well_formed_items(response: str, scheme: ItemicScheme) -> Optional[list]:
+    """Every item in ``response`` as an :class:`ItemMatch`; None when the response is malformed:
     a bad itemic pattern, a ``<think>`` block that is never closed, or no item after the reasoning."""
     try:
-        items = find_items(response, levels)
+        items = scheme.find_items(response)
     except ItemicPatternError:
         return None
     answer_start = 0
@@ -45,7 +45,8 @@ def select_rft_trajectories(
     dedupe: bool = True,
     max_per_user: Optional[int] = None,
     legal_items: Optional[Collection[Tuple[str, Tuple[int, ...]]]] = None,
-    levels: int = DEFAULT_LEVELS,
+    *,
+    scheme: ItemicScheme,
 ) -> RFTSelection:
     """Build ``D_RFT = {(x_u, CoT_u, c_u)}`` (eq. 14) from the trajectories of all domain teachers.
 
@@ -54,8 +55,9 @@ def select_rft_trajectories(
     ``"teacher"``, ...) are carried through. hit: per sample, whether its predicted item is in ``C_u^+`` (eq. 8).
 
     A sample is dropped, for the first reason that applies, when it: ``miss``-es; is ``malformed`` (an itemic
-    pattern that :func:`find_items` rejects, an unclosed ``<think>``, or no item in the answer); names an
-    ``illegal`` item (anywhere in the response) outside ``legal_items`` (a set of ``(domain, codes)``), when given;
+    pattern that ``scheme.find_items`` rejects, an unclosed ``<think>``, or no item in the answer); names an
+    ``illegal`` item (anywhere in the response) outside ``legal_items`` (a set of catalog ``(domain, codes)``; with
+    a begin token shared by all domains only the codes count), when given;
     is a ``duplicate`` of an earlier kept (user_id, response) pair, with ``dedupe``; or is ``over_cap``: beyond the
     first ``max_per_user`` kept samples of its user.
     """
@@ -65,7 +67,8 @@ def select_rft_trajectories(
         raise ValueError(f"hit has {len(hit)} entries, samples has {len(samples)}")
     if max_per_user is not None and max_per_user < 1:
         raise ValueError(f"max_per_user must be >= 1 or None, got {max_per_user}")
-    legal = None if legal_items is None else {(d, tuple(int(c) for c in codes)) for d, codes in legal_items}
+    legal = None if legal_items is None else {(scheme.begin_key(d), tuple(int(c) for c in codes))
+                                              for d, codes in legal_items}
     dropped = dict.fromkeys(DROP_REASONS, 0)
     kept: List[dict] = []
     seen = set()
@@ -77,7 +80,7 @@ def select_rft_trajectories(
         reason = None
         if not is_hit:
             reason = "miss"
-        elif (items := _well_formed_items(response, levels)) is None:
+        elif (items := _well_formed_items(response, scheme)) is None:
             reason = "malformed"
         elif legal is not None and any((dom, codes) not in legal for _, _, dom, codes in items):
             reason = "illegal"

@@ -39,7 +39,7 @@ from megatron_onereason.tokenizer.embedding_io import (
     read_item_ids,
 )
 from megatron_onereason.tokenizer.item_catalog import MANIFEST_FILE, ItemCatalog
-from megatron_onereason.tokenizer.itemic_tokens import DOMAINS, LEVEL_LETTERS
+from megatron_onereason.tokenizer.itemic_tokens import LEVEL_LETTERS, is_domain_name
 from megatron_onereason.tokenizer.progress import RateLog
 from megatron_onereason.tokenizer.rq_kmeans import (
     CODEBOOKS_FILE,
@@ -179,8 +179,8 @@ def _read_inputs(inputs: CatalogInputs):
         )
     if (inputs.domain is None) == (inputs.domain_column is None):
         raise ValueError("give exactly one of a domain for all items or a domain column of the ids file")
-    if inputs.domain is not None and inputs.domain not in DOMAINS:
-        raise ValueError(f"unknown domain {inputs.domain!r} (known: {DOMAINS})")
+    if inputs.domain is not None and not is_domain_name(inputs.domain):
+        raise ValueError(f"domain {inputs.domain!r} is not a lower-case identifier")
     domains = ids.domains if ids.domains is not None else [inputs.domain] * len(ids.ids)
     return source, ids.ids, domains
 

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_onereason.tokenizer.itemic_tokens import DOMAINS
+from megatron_onereason.tokenizer.itemic_tokens import is_domain_name
 
 
 class EmbeddingSource:
@@ -182,7 +182,7 @@ class ItemIds:
 def read_item_ids(path: str, id_column: str = "item_id", domain_column: Optional[str] = None) -> ItemIds:
     """Read item ids (as strings) from ``.txt`` (one per line), ``.parquet`` (``id_column``) or ``.npy`` (1-D).
 
-    ``domain_column`` (parquet only) gives each item's domain. Duplicate ids, empty ids and unknown domains
+    ``domain_column`` (parquet only) gives each item's domain. Duplicate ids, empty ids and malformed domain names
     raise a ``ValueError`` naming the file and the count.
     """
     if not os.path.exists(path):
@@ -228,8 +228,7 @@ def _check_ids(path: str, ids: List[str]) -> None:
 
 
 def _check_domains(path: str, domains: List[str]) -> None:
-    bad = Counter(d for d in domains if d not in DOMAINS)
+    bad = Counter(d for d in domains if not is_domain_name(d))
     if bad:
-        raise ValueError(
-            f"{path}: {sum(bad.values())} items have an unknown domain {sorted(bad)[:5]} (known: {DOMAINS})"
-        )
+        raise ValueError(f"{path}: {sum(bad.values())} items have a domain that is not a lower-case identifier, e.g. "
+                         f"{sorted(bad)[:5]}")

@@ -8,7 +8,9 @@ A catalog directory (written by :mod:`megatron_onereason.tokenizer.catalog_build
 - ``codebooks.safetensors`` and ``manifest.json`` (see the build module).
 
 Code tuples are unique across the whole catalog, not just per domain, so a tuple alone names one item; the domain
-in an itemic pattern must still match that item's domain.
+an itemic pattern's begin token names must still match that item's domain (a scheme whose begin token is shared by
+all domains names none). A catalog is independent of how items are written: the text helpers take the
+:class:`~megatron_onereason.tokenizer.itemic_tokens.ItemicScheme` of the model at hand.
 """
 from __future__ import annotations
 
@@ -19,13 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_onereason.tokenizer.code_keys import pack_codes
-from megatron_onereason.tokenizer.itemic_tokens import (
-    DOMAINS,
-    LEVEL_LETTERS,
-    find_items,
-    format_item,
-    parse_item,
-)
+from megatron_onereason.tokenizer.itemic_tokens import LEVEL_LETTERS, ItemicScheme, is_domain_name
 
 CATALOG_FILE = "catalog.parquet"
 REVERSE_MAP_FILE = "codes_to_item.parquet"
@@ -50,9 +46,9 @@ class ItemCatalog:
             )
         if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
             raise ValueError(f"codes outside [0, {codebook_size}): min {codes.min()}, max {codes.max()}")
-        unknown = sorted(set(domains) - set(DOMAINS))
-        if unknown:
-            raise ValueError(f"catalog has unknown domains {unknown} (known: {DOMAINS})")
+        bad = sorted({d for d in domains if not is_domain_name(d)}, key=repr)
+        if bad:
+            raise ValueError(f"catalog has domain names {bad[:3]} that are not lower-case identifiers")
         self.item_ids = list(item_ids)
         self.domains = list(domains)
         self.codes = codes.astype(np.int32)
@@ -99,32 +95,30 @@ class ItemCatalog:
             return int(self._key_order[i])
         return None
 
-    def item_id_for(self, domain: str, codes: Sequence[int]) -> str:
+    def item_id_for(self, domain: Optional[str], codes: Sequence[int]) -> str:
+        """The item holding ``codes``; ``domain`` (None: not known, as with a shared begin token) must be its own."""
         row = self.row_for_codes(codes)
-        pattern = format_item(domain, codes)
         if row is None:
-            raise UnknownItemError(f"no catalog item has codes {pattern}")
-        if self.domains[row] != domain:
-            raise UnknownItemError(f"codes of {pattern} belong to item {self.item_ids[row]!r} of domain "
-                                   f"{self.domains[row]!r}, not {domain!r}")
+            raise UnknownItemError(f"no catalog item has codes {tuple(int(c) for c in codes)}")
+        if domain is not None and self.domains[row] != domain:
+            raise UnknownItemError(f"codes {tuple(int(c) for c in codes)} belong to item {self.item_ids[row]!r} of "
+                                   f"domain {self.domains[row]!r}, not {domain!r}")
         return self.item_ids[row]
 
     # itemic text <-> item id
-    def item_text(self, item_id: str) -> str:
-        """``<|{domain}_begin|><a_i><b_j><c_k>`` for ``item_id``."""
+    def item_text(self, item_id: str, scheme: ItemicScheme) -> str:
+        """``item_id`` written in ``scheme`` (``<|video_begin|><a_i><b_j><c_k>`` in ``onereason_report``)."""
         row = self._row_of(item_id)
-        return format_item(self.domains[row], self.codes[row])
+        return scheme.format_item(self.domains[row], self.codes[row])
 
-    def item_id_from_text(self, text: str) -> str:
+    def item_id_from_text(self, text: str, scheme: ItemicScheme) -> str:
         """Item id of a string that is exactly one itemic pattern; malformed text raises ItemicPatternError."""
-        domain, codes = parse_item(text, self.levels)
+        domain, codes = scheme.parse_item(text)
         return self.item_id_for(domain, codes)
 
-    def item_ids_in_text(self, text: str) -> List[Tuple[int, int, str]]:
+    def item_ids_in_text(self, text: str, scheme: ItemicScheme) -> List[Tuple[int, int, str]]:
         """``(start, end, item_id)`` for every itemic pattern in ``text``."""
-        return [
-            (start, end, self.item_id_for(domain, codes)) for start, end, domain, codes in find_items(text, self.levels)
-        ]
+        return [(m.start, m.end, self.item_id_for(m.domain, m.codes)) for m in scheme.find_items(text)]
 
     # files
     def save(self, directory: str) -> None:

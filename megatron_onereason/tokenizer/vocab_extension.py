@@ -1,8 +1,12 @@
-"""Extend a HF Qwen3 directory with the itemic tokens (OpenOneRec §2.1, §4.2), streaming its safetensors.
+"""Extend a HF Qwen3 directory with the itemic tokens of a scheme (OpenOneRec §4.2), streaming its safetensors.
 
-Id layout. The new tokens get ids ``[first_id, first_id + num_new)`` with ``first_id = len(tokenizer)`` — right
-after the last token the tokenizer knows (Qwen3: 151669), not after the config's ``vocab_size`` (Qwen3: 151936;
-rows 151669..151935 are padding no token maps to). The new embedding has ``first_id + num_new`` rows:
+Id layout. The scheme's tokens (:meth:`ItemicScheme.token_strings`, in its ``token_order``) get ids
+``[first_id, first_id + num_new)`` with ``first_id = len(tokenizer)`` — right after the last token the tokenizer
+knows (Qwen3: 151669), not after the config's ``vocab_size`` (Qwen3: 151936; rows 151669..151935 are padding no
+token maps to). With the ``openonerec`` scheme the ids are those of OpenOneRec's ``expand_qwen3_vocab.py``
+(``<s_a_0>`` = 151669 … ``<|sid_end|>`` = 176246); unlike that script, the vocabulary is not padded to a multiple
+of 256 here (megatron pads the embedding itself, and export cuts it back). The new embedding has
+``first_id + num_new`` rows:
 
 - rows ``[0, first_id)`` are the old rows, copied byte for byte;
 - rows ``[first_id, first_id + num_new)`` are drawn from N(mean, cov) with the float64 mean and covariance of
@@ -12,7 +16,9 @@ rows 151669..151935 are padding no token maps to). The new embedding has ``first
 An untied ``lm_head.weight`` is extended the same way with its own mean and covariance (drawn after the
 embedding's rows, from the same generator). ``config.json`` gets ``vocab_size = first_id + num_new``; the tokens
 are added as non-special added tokens (matched atomically in text, kept by ``decode(skip_special_tokens=True)``);
-``itemic_tokens.json`` records the layout (:class:`ItemicVocab`, ``original_vocab_size`` = old config vocab).
+``itemic_tokens.json`` records the scheme and ids (:class:`ItemicVocab`, ``original_vocab_size`` = old config vocab).
+A tokenizer that already has itemic tokens (a released OpenOneRec checkpoint) is refused: a second, disjoint itemic
+vocabulary would leave the trained rows unused — describe its tokens with ``tools/import_itemic_vocab.py`` instead.
 
 Memory: the HF model is never instantiated. Only the shard(s) holding the embedding / lm_head are rewritten,
 tensor by tensor; other shards are hard-linked (or copied). Peak RAM is about one embedding matrix (Qwen3-8B:
@@ -40,14 +46,8 @@ from megatron_onereason.checkpoint.hf_io import (
 )
 from megatron_onereason.fileio import atomic_directory
 from megatron_onereason.model.qwen3_config import Qwen3Config
-from megatron_onereason.tokenizer.itemic_tokens import (
-    DEFAULT_CODEBOOK_SIZE,
-    DEFAULT_LEVELS,
-    DOMAINS,
-    ITEMIC_JSON,
-    ItemicVocab,
-    itemic_token_strings,
-)
+from megatron_onereason.tokenizer.itemic_import import existing_itemic_tokens
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME, ITEMIC_JSON, ItemicScheme, ItemicVocab
 
 EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -97,41 +97,42 @@ def _cholesky_with_jitter(cov: torch.Tensor) -> torch.Tensor:
 def extend_vocabulary(
     hf_dir: str,
     out_dir: str,
-    levels: int = DEFAULT_LEVELS,
-    codebook_size: int = DEFAULT_CODEBOOK_SIZE,
-    domains: Sequence[str] = DOMAINS,
+    scheme: ItemicScheme = DEFAULT_SCHEME,
     seed: int = 0,
     overwrite: bool = False,
 ) -> ItemicVocab:
-    """Write ``out_dir``: ``hf_dir`` with the itemic tokens added to tokenizer, embedding (and untied lm_head).
+    """Write ``out_dir``: ``hf_dir`` with ``scheme``'s tokens added to tokenizer, embedding (and untied lm_head).
 
-    Refuses an already-extended input. ``out_dir`` is written atomically and must not exist unless
-    ``overwrite``. Returns the new :class:`ItemicVocab` (also saved as ``itemic_tokens.json``).
+    Refuses an input that already has itemic tokens (or an ``itemic_tokens.json``). ``out_dir`` is written
+    atomically and must not exist unless ``overwrite``. Returns the new :class:`ItemicVocab` (also saved as
+    ``itemic_tokens.json``).
     """
     config = Qwen3Config.from_hf_dir(hf_dir)
     if os.path.exists(os.path.join(hf_dir, ITEMIC_JSON)):
         raise ValueError(f"{hf_dir}: already has {ITEMIC_JSON}; its vocabulary is already extended")
-    _check_domains(domains)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:  # refuses an existing out_dir before any work
-        tokenizer, first_id = _extended_tokenizer(hf_dir, config, itemic_token_strings(levels, codebook_size, domains))
-        vocab = ItemicVocab(config.vocab_size, first_id, levels, codebook_size, list(domains))
+        tokenizer, first_id = _extended_tokenizer(hf_dir, config, scheme.token_strings())
+        vocab = ItemicVocab.from_lookup(scheme, tokenizer.get_vocab(), where=hf_dir,
+                                        original_vocab_size=config.vocab_size)
+        end_id = first_id + len(vocab.itemic_ids)
         weight_map, index = read_weight_map(hf_dir)
-        new_rows = _sampled_vocab_rows(hf_dir, weight_map, config, vocab, seed)
+        new_rows = _sampled_vocab_rows(hf_dir, weight_map, config, first_id, end_id - first_id, seed)
         rewritten = {weight_map[name] for name in new_rows}
         for fname in sorted(set(weight_map.values())):
             src, dst = os.path.join(hf_dir, fname), os.path.join(tmp, fname)
             if fname in rewritten:
-                _rewrite_shard(src, dst, new_rows, vocab.first_id)
+                _rewrite_shard(src, dst, new_rows, first_id)
             else:
                 link_or_copy(src, dst)
         copy_hf_assets(hf_dir, tmp, skip={"config.json", *_STALE_TOKENIZER_FILES})
         if index is not None:
-            _write_json(os.path.join(tmp, INDEX_FILE), _updated_index(index, new_rows, config, vocab))
+            _write_json(os.path.join(tmp, INDEX_FILE), _updated_index(index, new_rows, end_id - config.vocab_size))
         with open(os.path.join(hf_dir, "config.json")) as f:
             hf_config = json.load(f)
-        hf_config["vocab_size"] = vocab.end_id
+        hf_config["vocab_size"] = end_id
         _write_json(os.path.join(tmp, "config.json"), hf_config)
         tokenizer.save_pretrained(tmp)
+        vocab.check_encoding(lambda text: tokenizer.encode(text, add_special_tokens=False), where=hf_dir)
         vocab.save(tmp)
     return vocab
 
@@ -143,6 +144,11 @@ def _extended_tokenizer(hf_dir: str, config: Qwen3Config, new_tokens: Sequence[s
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     known = tokenizer.get_vocab()
+    existing = existing_itemic_tokens(known)
+    if existing:
+        raise ValueError(f"{hf_dir}: the tokenizer already has {len(existing)} itemic-looking tokens (e.g. "
+                         f"{existing[0]!r}); describe them with tools/import_itemic_vocab.py instead of adding a "
+                         "second itemic vocabulary")
     clashes = [t for t in new_tokens if t in known]
     if clashes:
         raise ValueError(f"{hf_dir}: tokenizer already contains {clashes[0]!r}; its vocabulary is already extended")
@@ -159,7 +165,7 @@ def _extended_tokenizer(hf_dir: str, config: Qwen3Config, new_tokens: Sequence[s
 
 
 def _sampled_vocab_rows(
-    hf_dir: str, weight_map: Dict[str, str], config: Qwen3Config, vocab: ItemicVocab, seed: int
+    hf_dir: str, weight_map: Dict[str, str], config: Qwen3Config, first_id: int, num_new: int, seed: int
 ) -> Dict[str, torch.Tensor]:
     """New rows per vocab tensor: the embedding's first, then an untied lm_head's, from one seeded generator."""
     if EMBEDDING not in weight_map:
@@ -167,24 +173,18 @@ def _sampled_vocab_rows(
     if not config.tie_word_embeddings and LM_HEAD not in weight_map:
         raise ValueError(f"{hf_dir}: tie_word_embeddings is false but there is no tensor {LM_HEAD}")
     generator = torch.Generator().manual_seed(seed)
-    new_rows = {EMBEDDING: _new_rows(hf_dir, weight_map[EMBEDDING], EMBEDDING, config, vocab, generator)}
+    new_rows = {EMBEDDING: _new_rows(hf_dir, weight_map[EMBEDDING], EMBEDDING, config, first_id, num_new, generator)}
     if LM_HEAD in weight_map:  # tied checkpoints that still store lm_head keep it equal to the embedding
         new_rows[LM_HEAD] = (
             new_rows[EMBEDDING]
             if config.tie_word_embeddings
-            else _new_rows(hf_dir, weight_map[LM_HEAD], LM_HEAD, config, vocab, generator)
+            else _new_rows(hf_dir, weight_map[LM_HEAD], LM_HEAD, config, first_id, num_new, generator)
         )
     return new_rows
 
 
-def _check_domains(domains: Sequence[str]) -> None:
-    unknown = [d for d in domains if d not in DOMAINS]
-    if not domains or unknown or len(set(domains)) != len(domains):
-        raise ValueError(f"domains must be distinct names from {DOMAINS}, got {list(domains)}")
-
-
 def _new_rows(
-    hf_dir: str, fname: str, name: str, config: Qwen3Config, vocab: ItemicVocab, generator: torch.Generator
+    hf_dir: str, fname: str, name: str, config: Qwen3Config, first_id: int, num_new: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Sampled rows for tensor ``name`` of shard ``fname`` after checking its shape against config.json."""
     from safetensors import safe_open
@@ -197,8 +197,8 @@ def _new_rows(
             raise ValueError(
                 f"{path}: {name} has shape {shape}, config.json says ({config.vocab_size}, {config.hidden_size})"
             )
-        old_rows = rows[: vocab.first_id]
-    return sample_new_rows(old_rows, vocab.num_new_tokens, generator)
+        old_rows = rows[:first_id]
+    return sample_new_rows(old_rows, num_new, generator)
 
 
 def _rewrite_shard(src: str, dst: str, new_rows: Dict[str, torch.Tensor], first_id: int) -> None:
@@ -230,14 +230,13 @@ def _raw_bytes(t: torch.Tensor):
     return t.contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
-def _updated_index(index: Dict, new_rows: Dict[str, torch.Tensor], config: Qwen3Config, vocab: ItemicVocab) -> Dict:
-    """The index with its size totals changed by the rows added minus the padding rows dropped.
+def _updated_index(index: Dict, new_rows: Dict[str, torch.Tensor], added_rows: int) -> Dict:
+    """The index with its size totals changed by ``added_rows`` (rows added minus the padding rows dropped).
 
     The weight map itself is unchanged: every tensor stays in the shard file of the same name.
     """
     updated = json.loads(json.dumps(index))
     metadata = updated.get("metadata", {})
-    added_rows = vocab.end_id - config.vocab_size
     for rows in new_rows.values():
         if "total_size" in metadata:
             metadata["total_size"] += added_rows * rows.shape[1] * rows.element_size()

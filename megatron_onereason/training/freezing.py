@@ -2,7 +2,9 @@
 
 Whole parameters are frozen with ``requires_grad=False`` before the DDP wrapper and the optimizer are built, so
 they get no gradient buffer and no optimizer state. Row-level freezing (``itemic_rows``) keeps the embedding and
-untied output layer trainable but:
+untied output layer trainable on the rows of the itemic token ids — whatever ids the scheme's tokens have, as runs
+of consecutive rows (:attr:`ItemicVocab.id_ranges`: one run for a contiguous block, several for scattered
+tokens) — but:
 
 * zeroes the frozen rows of ``main_grad`` after ``finalize_model_grads`` — where megatron actually accumulates
   gradients (a ``.grad`` hook would miss the fused wgrad path) and after the DP/embedding all-reduces — so they
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,7 +27,7 @@ from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
 
 log = logging.getLogger(__name__)
 
-ROW_RANGE_ATTR = "onereason_trainable_rows"  # (start, end) of trainable rows of this rank's shard
+ROW_RANGE_ATTR = "onereason_trainable_rows"  # [(start, end), ...]: trainable row runs of this rank's shard
 VOCAB_MATRICES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
@@ -40,6 +42,14 @@ def local_row_range(global_start: int, global_end: int, shard_rows: int, tp_rank
     lo = min(max(global_start - tp_rank * shard_rows, 0), shard_rows)
     hi = min(max(global_end - tp_rank * shard_rows, 0), shard_rows)
     return lo, max(lo, hi)
+
+
+def local_row_ranges(global_ranges: Sequence[Tuple[int, int]], shard_rows: int,
+                     tp_rank: int) -> List[Tuple[int, int]]:
+    """The parts of ``global_ranges`` on TP shard ``tp_rank``, as local rows; ``[(0, 0)]`` (train no row) when none
+    falls there — never an empty list, which megatron's ``ParamKey(attr=...)`` would read as "not row-frozen"."""
+    local = (local_row_range(lo, hi, shard_rows, tp_rank) for lo, hi in global_ranges)
+    return [(lo, hi) for lo, hi in local if hi > lo] or [(0, 0)]
 
 
 def apply_trainable(model_chunks: Sequence[torch.nn.Module], trainable: Sequence[str],
@@ -63,9 +73,9 @@ def apply_trainable(model_chunks: Sequence[torch.nn.Module], trainable: Sequence
                 is_vocab = name.endswith(VOCAB_MATRICES)
                 param.requires_grad_(is_vocab)
                 if is_vocab:
-                    lo, hi = local_row_range(itemic.first_id, itemic.end_id, param.shape[0], tp_rank)
-                    setattr(param, ROW_RANGE_ATTR, (lo, hi))
-                    trained += (hi - lo) * param[0].numel()
+                    ranges = local_row_ranges(itemic.id_ranges, param.shape[0], tp_rank)
+                    setattr(param, ROW_RANGE_ATTR, ranges)
+                    trained += sum(hi - lo for lo, hi in ranges) * param[0].numel()
             elif patterns:
                 param.requires_grad_(any(p.search(name) for p in patterns))
                 trained += param.numel() if param.requires_grad else 0
@@ -82,16 +92,18 @@ def row_frozen_params(model_chunks: Sequence[torch.nn.Module]) -> List[torch.nn.
 
 
 def mask_frozen_row_grads(params: Sequence[torch.nn.Parameter]) -> None:
-    """Zero the gradient rows outside each parameter's trainable range (call after finalize_model_grads)."""
+    """Zero the gradient rows outside each parameter's trainable row runs (call after finalize_model_grads)."""
     for param in params:
         grad = getattr(param, "main_grad", None)
         if grad is None:
             grad = param.grad
         if grad is None:
             continue
-        lo, hi = getattr(param, ROW_RANGE_ATTR)
-        grad[:lo].zero_()
-        grad[hi:].zero_()
+        start = 0
+        for lo, hi in getattr(param, ROW_RANGE_ATTR):
+            grad[start:lo].zero_()
+            start = hi
+        grad[start:].zero_()
 
 
 def no_weight_decay_for_row_frozen():

@@ -56,7 +56,7 @@ def _micro_batches(dataset, first_sample: int, global_batch: int) -> List[Dict]:
     return [dataset[(start + i) % len(dataset)] for i in range(per_rank)]
 
 
-def _forward_step(itemic_range, num_sources, data_iterator, model):
+def _forward_step(itemic_ranges, num_sources, data_iterator, model):
     batch = next(data_iterator)
     dev = device()
     tokens = batch["tokens"].to(dev)[None]
@@ -67,7 +67,7 @@ def _forward_step(itemic_range, num_sources, data_iterator, model):
         mask = batch["loss_mask"].to(dev)
         loss_sum = (per_token_loss.view(-1).float() * mask).sum()
         report = loss_breakdown(per_token_loss.detach(), mask, batch["labels"].to(dev), batch["source_ids"].to(dev),
-                                itemic_range, num_sources)
+                                itemic_ranges, num_sources)
         return loss_sum, mask.sum().to(torch.int), {"breakdown": report}
 
     return output, loss_func
@@ -111,8 +111,7 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
         pad_id=PAD_TOKEN_ID,
     )
     install_grad_hooks(state, p)
-    itemic_range = (itemic.first_id, itemic.end_id) if itemic else (0, 0)
-    forward_step = partial(_forward_step, itemic_range, len(dataset.source_names))
+    forward_step = partial(_forward_step, itemic.id_ranges if itemic else [], len(dataset.source_names))
     forward_backward = get_forward_backward_func()
     peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
     logger = MetricsLogger(cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl, enabled=logging_rank)

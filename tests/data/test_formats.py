@@ -48,8 +48,9 @@ def test_segments_of_itemic_tokens_token_by_token(encoder, tokenizers_3x32):
     vocab = ItemicVocab.load(tokenizers_3x32["extended"])
     out = _encode_one(encoder, {"segments": [{"text": "<|prod_begin|><a_1><b_2><c_3>", "loss": False},
                                              {"text": "<|video_begin|><a_4><b_5><c_31>", "loss": True}]})
-    begin_prod, begin_video = vocab.first_id + 1, vocab.first_id  # domains: video, prod, ...
-    a, b, c = (vocab.first_id + 5 + level * 32 for level in range(3))
+    first_id = vocab.id_ranges[0][0]
+    begin_prod, begin_video = first_id + 1, first_id  # domains: video, prod, ...
+    a, b, c = (first_id + 5 + level * 32 for level in range(3))
     assert out.tokens.tolist() == [begin_prod, a + 1, b + 2, c + 3, begin_video, a + 4, b + 5, c + 31, encoder.eod_id]
     assert out.lossmask.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]
     assert out.tokens.dtype == np.int32 and out.lossmask.dtype == np.uint8 and out.itemic_tokens == 8
@@ -183,7 +184,7 @@ def test_invalid_json():
 @pytest.mark.parametrize("text, match", [
     ("see <|prod_begin|><a_1><b_2><c_32>", "codebook size 32"),  # code outside the 32-code vocabulary
     ("see <a_40>", "codebook size 32"),  # a bare code token too
-    ("see <d_1>", "level 3 outside"),  # a fourth level the vocabulary does not have
+    ("see <d_1>", "level d outside the scheme's 3 levels"),  # a fourth level the vocabulary does not have
     ("see <|prod_begin|><a_1><b_2> then", "malformed itemic pattern"),
     ("see <|music_begin|><a_1><b_2><c_3>", "unknown itemic domain"),
     ("see <a_01>", "tokenizer produced 0"),  # valid code, but not the token's spelling
@@ -199,12 +200,12 @@ def test_itemic_errors(encoder, text, match):
 
 
 def test_tokenizer_without_itemic_tokens_is_caught(tmp_path, tokenizers_3x32):
-    """itemic_tokens.json next to a tokenizer that lacks the tokens: the itemic count check refuses it."""
+    """itemic_tokens.json next to a tokenizer that lacks the tokens: refused before any sample, naming the file."""
     fake = tmp_path / "fake"
     shutil.copytree(tokenizers_3x32["base"], fake)
     shutil.copy(f"{tokenizers_3x32['extended']}/{ITEMIC_JSON}", fake / ITEMIC_JSON)
-    out = SampleEncoder(str(fake)).encode([parse_sample({"segments": [{"text": "<a_1>", "loss": True}]})])[0]
-    assert isinstance(out, SampleError) and "tokenizer produced 0" in str(out)
+    with pytest.raises(ValueError, match=r"fake/itemic_tokens.json: lacks 101 of the 101 tokens"):
+        SampleEncoder(str(fake))
     with pytest.raises(FileNotFoundError, match="itemic"):
         SampleEncoder(tokenizers_3x32["base"])
 

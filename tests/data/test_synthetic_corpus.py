@@ -10,7 +10,7 @@ from megatron_onereason.data.synthetic_catalog import make_synthetic_catalog
 from megatron_onereason.data.synthetic_corpus import CORPUS_FILES, CorpusConfig, generate_corpus, items_from_catalogs
 from megatron_onereason.tokenizer.catalog_builder import CatalogInputs, build_itemic_tokenizer
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
-
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME, preset
 from megatron_onereason.tokenizer.rq_kmeans import RQKMeansConfig
 from tools.make_synthetic_corpus import main
 
@@ -41,7 +41,7 @@ def test_every_record_parses_encodes_and_names_real_items(catalogs, tokenizers_3
             assert encoded.lossmask.sum() > 0 and (encoded.lossmask == 0).sum() > 0  # context and target
             assert sample.kind == ("chat" if name == "sft_chat" else "segments")
             text = "".join(s.text for s in sample.segments)
-            for _, _, item_id in catalog.item_ids_in_text(text):  # raises for a pattern no item has
+            for _, _, item_id in catalog.item_ids_in_text(text, DEFAULT_SCHEME):  # raises for a pattern no item has
                 assert item_id in catalog.item_ids
             sources[(name, record["source"])] += 1
     assert {s for _, s in sources} == {
@@ -54,7 +54,7 @@ def test_every_record_parses_encodes_and_names_real_items(catalogs, tokenizers_3
 def test_content_follows_the_granularities(catalogs):
     synthetic, catalog, _ = catalogs
     items = items_from_catalogs(synthetic, catalog)
-    caption_of = {i.pattern: i.caption for i in items}
+    caption_of = {DEFAULT_SCHEME.format_item(i.domain, i.codes): i.caption for i in items}
     corpus = generate_corpus(items, CorpusConfig(samples_per_task=30, seed=3))
     by_source = {}
     for records in corpus.values():
@@ -95,3 +95,24 @@ def test_cli_writes_jsonl(catalogs, tmp_path):
     with pytest.raises(FileExistsError):
         main(["--synthetic-catalog", str(root / "synthetic"), "--item-catalog", str(root / "itemic"), "--out",
               str(out)])
+
+
+def test_corpus_in_the_openonerec_scheme_encodes_with_its_tokenizer(catalogs, tokenizers_3x32, tmp_path):
+    """``--itemic-vocab`` writes every item and code token in the model's scheme; the encoder's itemic-count check
+    (text vs tokens) then holds for every record."""
+    from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
+
+    _, _, root = catalogs
+    model = str(tmp_path / "oor")
+    extend_vocabulary(tokenizers_3x32["base"], model, preset("openonerec", codebook_size=32))
+    out = tmp_path / "corpus"
+    main(["--synthetic-catalog", str(root / "synthetic"), "--item-catalog", str(root / "itemic"), "--out", str(out),
+          "--samples-per-task", "4", "--itemic-vocab", model])
+    encoder = SampleEncoder(model)
+    text = ""
+    for name in CORPUS_FILES:
+        samples = [parse_sample(parse_json_line(line)) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        for encoded in encoder.encode(samples):
+            assert not isinstance(encoded, SampleError), encoded
+        text += "".join(seg.text for sample in samples for seg in sample.segments)
+    assert "<|sid_begin|><s_a_" in text and "<|sid_end|>" in text and "_begin|><a_" not in text

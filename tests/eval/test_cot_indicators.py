@@ -18,7 +18,9 @@ from megatron_onereason.generation.prompts import ChatTokens
 from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
 from megatron_onereason.model.qwen3_config import qwen3_preset
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.itemic_tokens import preset
 
+REPORT = preset("onereason_report")
 V123 = "<|video_begin|><a_1><b_2><c_3>"
 P012 = "<|prod_begin|><a_0><b_1><c_2>"
 V777 = "<|video_begin|><a_7><b_7><c_7>"
@@ -29,12 +31,14 @@ COT = (f"The user watched {V123} twice ({V123}), bought {P012}; maybe {BROKEN} o
 
 
 def test_item_references_are_a_set_with_malformed_patterns():
-    assert cot_item_references(COT, levels=3) == {V123, P012, BROKEN, NOT_IN_CATALOG}
-    assert cot_item_references("no items here", levels=3) == set()
+    assert cot_item_references(COT, REPORT) == {V123, P012, BROKEN, NOT_IN_CATALOG}
+    assert cot_item_references("no items here", REPORT) == set()
+    sid = "<|sid_begin|><s_a_1><s_b_2><s_c_3><|sid_end|>"
+    assert cot_item_references(f"{sid}, {sid[:-11]} and {V123}", preset("openonerec")) == {sid, sid[:-11]}
 
 
 def test_legality_and_history_validity_by_hand():
-    refs = cot_item_references(COT, levels=3)
+    refs = cot_item_references(COT, REPORT)
     catalog = {V123, P012, V777}
     assert item_legality(refs, catalog) == pytest.approx(2 / 4)  # V123, P012 legal; BROKEN, NOT_IN_CATALOG not
     assert history_validity(refs, catalog, history={V123, V777}) == pytest.approx(1 / 2)  # of {V123, P012}
@@ -46,10 +50,12 @@ def test_legality_and_history_validity_by_hand():
 def test_catalog_patterns_container_matches_the_item_catalog():
     codes = np.array([[1, 2, 3], [0, 1, 2], [7, 7, 7]])
     catalog = ItemCatalog(["v1", "p0", "v7"], ["video", "prod", "video"], codes, 8)
-    patterns = CatalogPatterns(catalog)
+    patterns = CatalogPatterns(catalog, REPORT)
     assert [p in patterns for p in (V123, P012, V777, BROKEN, NOT_IN_CATALOG)] == [True, True, True, False, False]
     assert "<|prod_begin|><a_1><b_2><c_3>" not in patterns  # the codes of a video item under another domain
-    refs = cot_item_references(COT, levels=3)
+    sid = CatalogPatterns(catalog, preset("openonerec"))  # a shared begin token: the codes decide
+    assert "<|sid_begin|><s_a_1><s_b_2><s_c_3><|sid_end|>" in sid and "<|sid_begin|><s_a_1><s_b_2><s_c_3>" not in sid
+    refs = cot_item_references(COT, REPORT)
     assert item_legality(refs, patterns) == pytest.approx(2 / 4)
 
 

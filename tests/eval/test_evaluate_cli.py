@@ -16,6 +16,7 @@ from megatron_onereason.generation.hf_backend import TransformersBackend
 from megatron_onereason.generation.params import GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME
 
 KS = [1, 2, 4]
 
@@ -57,7 +58,7 @@ def test_report_matches_an_independent_recomputation(bench):
     per_domain = {}
     for user in users:
         for domain, targets in user.targets.items():
-            content = (f"{user.portrait} History: {', '.join(catalog.item_text(i) for i in user.history)}. "
+            content = (f"{user.portrait} History: {', '.join(catalog.item_text(i, DEFAULT_SCHEME) for i in user.history)}. "
                        f"Recommend the next {'video' if domain == 'video' else 'product'}.")
             prompt = Prompt(chat_prompt_ids(backend.tokenizer, [{"role": "user", "content": content}], False), domain)
             params = GenerationParams(thinking=False, num_items=KS[-1], item_strategy="beam")

@@ -15,6 +15,7 @@ from megatron_onereason.eval.benchmark import (
     write_benchmark,
 )
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME, preset
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +50,13 @@ def test_round_trip_and_prompt(catalogs, tmp_path):
     write_benchmark(path, users)
     assert load_benchmark(path, catalog) == users
     instance = rec_instances(users)[0]
-    content = rec_messages(instance, catalog)[0]["content"]
-    patterns = [catalog.item_text(i) for i in instance.user.history]
+    content = rec_messages(instance, catalog, DEFAULT_SCHEME)[0]["content"]
+    patterns = ["<|%s_begin|><a_%d><b_%d><c_%d>" % ((catalog.domain_for(i),) + catalog.codes_for(i))
+                for i in instance.user.history]
+    assert ", ".join(patterns) in content
+    sid = rec_messages(instance, catalog, preset("openonerec"))[0]["content"]  # the model's scheme writes the items
+    assert ", ".join("<|sid_begin|><s_a_%d><s_b_%d><s_c_%d><|sid_end|>" % catalog.codes_for(i)
+                     for i in instance.user.history) in sid
     assert content.startswith(instance.user.portrait) and ", ".join(patterns) in content
     noun = {"video": "video", "prod": "product"}[instance.domain]
     assert content.endswith(f"Recommend the next {noun}.")

@@ -1,4 +1,8 @@
-"""The trie logits processor allows exactly the catalog's items: never an illegal triple, every legal one reachable."""
+"""The trie logits processor allows exactly the catalog's items: never an illegal triple, every legal one reachable,
+in every itemic scheme (end tokens included, ids scattered over the vocabulary)."""
+import itertools
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -12,13 +16,13 @@ from megatron_onereason.generation.constrained import (
 )
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
-from megatron_onereason.tokenizer.itemic_tokens import DOMAINS, ItemicVocab
+from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
 
 K = 5  # codebook size
 TEXT_TOKENS = 40  # ids below this are ordinary text
-VOCAB = ItemicVocab(original_vocab_size=TEXT_TOKENS, first_id=TEXT_TOKENS, levels=3, codebook_size=K,
-                    domains=list(DOMAINS))
-WIDTH = VOCAB.end_id + 7  # the model's logits are padded past the last token
+REPORT = preset("onereason_report", codebook_size=K)
+VOCAB = ItemicVocab.from_lookup(REPORT, {t: TEXT_TOKENS + i for i, t in enumerate(REPORT.token_strings())})
+WIDTH = VOCAB.max_id + 1 + 7  # the model's logits are padded past the last token
 
 
 def _catalog(seed=3, n=30):
@@ -31,7 +35,7 @@ def _catalog(seed=3, n=30):
 
 CATALOG = _catalog()
 LEGAL = {(d, tuple(int(c) for c in codes)) for d, codes in zip(CATALOG.domains, CATALOG.codes)}
-CONSTRAINT = ItemicConstraint(ItemTrie.from_catalog(CATALOG), VOCAB, WIDTH)
+CONSTRAINT = ItemicConstraint(ItemTrie.from_catalog(CATALOG, REPORT), VOCAB, WIDTH)
 
 
 def item_tokens(domain, codes):
@@ -107,7 +111,7 @@ def test_prefix_outside_the_catalog_is_an_error():
     a, b = next((a, b) for a in sorted({c[0] for c in video}) for b in range(K)
                 if not any(c[:2] == (a, b) for c in video))
     history = [VOCAB.begin_id("video"), VOCAB.code_id(0, a), VOCAB.code_id(1, b)]
-    with pytest.raises(ValueError, match="no catalog item of domain 'video' continues"):
+    with pytest.raises(ValueError, match="no catalog item under begin key 'video' continues"):
         CONSTRAINT.allowed([history])
 
 
@@ -123,7 +127,7 @@ def test_sampling_under_adversarial_logits_never_emits_an_illegal_item(seed, dom
     output = []
     for _ in range(VOCAB.levels + 1):
         logits = torch.randn(WIDTH, generator=generator) * 5
-        boosted = torch.randint(VOCAB.first_id, WIDTH, (10,), generator=generator)
+        boosted = torch.randint(TEXT_TOKENS, WIDTH, (10,), generator=generator)
         logits[boosted] += bias
         probs = torch.softmax(processor(prompt, output, logits) / temperature, dim=-1)
         output.append(int(torch.multinomial(probs, 1, generator=generator)))
@@ -131,3 +135,47 @@ def test_sampling_under_adversarial_logits_never_emits_an_illegal_item(seed, dom
     assert item in LEGAL
     if domain is not None:
         assert item[0] == domain
+
+
+def _scattered(scheme, seed=0):
+    """The scheme's tokens at shuffled ids after the text tokens, with gaps: no layout to rely on."""
+    tokens = scheme.token_strings()
+    ids = random.Random(seed).sample(range(TEXT_TOKENS, TEXT_TOKENS + 2 * len(tokens)), len(tokens))
+    return ItemicVocab.from_lookup(scheme, dict(zip(tokens, ids)))
+
+
+def _walk(processor, steps, prompt=(3, 17, 9)):
+    frontier = [[]]
+    for _ in range(steps):
+        frontier = [out + [t] for out in frontier for t in _allowed_ids(processor, list(prompt), out,
+                                                                        width=processor.constraint.vocab_size)]
+    return frontier
+
+
+@pytest.mark.parametrize("name", ["openonerec", "onereason"])
+def test_end_token_schemes_reach_exactly_the_catalog_items(name):
+    scheme = preset(name, codebook_size=K, domains=None if name == "openonerec" else ["ad", "prod", "video"])
+    vocab = _scattered(scheme)
+    constraint = ItemicConstraint(ItemTrie.from_catalog(CATALOG, scheme), vocab, vocab.max_id + 4)
+    processor = RequestItemicProcessor(constraint, first_token_ids=constraint.live_begin_ids)
+    frontier = _walk(processor, scheme.item_length)
+    legal = {(scheme.begin_key(d), codes) for d, codes in LEGAL}
+    assert {vocab.decode_item(out) for out in frontier} == legal and len(frontier) == len(legal)
+    domain, codes = sorted(LEGAL)[0]
+    item = vocab.item_ids(domain, codes)
+    free = RequestItemicProcessor(constraint)
+    assert _allowed_ids(free, [1], [4] + item[:-1], width=constraint.vocab_size) == [item[-1]]  # codes done: end
+    after = set(_allowed_ids(free, [1], [4] + item, width=constraint.vocab_size))
+    assert set(range(TEXT_TOKENS)) <= after and not after & set(vocab.end_ids.values())  # outside: no stray end
+    if name == "onereason":  # no "ad" items: its begin token is dead, and each item ends with its domain's end
+        assert vocab.begin_id("ad") not in after and vocab.begin_id("video") in after
+        assert {out[-1] for out in frontier} == {vocab.item_end_id(d) for d in ("prod", "video")}
+
+
+def test_without_a_catalog_only_the_pattern_is_enforced():
+    """OpenOneRec's decoding over the code tokens: after the begin token any code of the right level, then the end."""
+    scheme = preset("openonerec", codebook_size=K)
+    vocab = _scattered(scheme, seed=1)
+    constraint = ItemicConstraint(None, vocab, vocab.max_id + 1)
+    frontier = _walk(RequestItemicProcessor(constraint, first_token_ids=[vocab.begin_id(None)]), scheme.item_length)
+    assert sorted(vocab.decode_item(out)[1] for out in frontier) == list(itertools.product(range(K), repeat=3))

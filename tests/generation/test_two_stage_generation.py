@@ -19,9 +19,10 @@ from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    tiny = build_tiny_recommender(str(tmp_path_factory.mktemp("gen") / "tiny"))
+@pytest.fixture(scope="module", params=["onereason_report", "openonerec"])
+def setup(tmp_path_factory, request):
+    """The tiny recommender in the default scheme, and in OpenOneRec's (shared begin token, an end token)."""
+    tiny = build_tiny_recommender(str(tmp_path_factory.mktemp("gen") / "tiny"), scheme=request.param)
     backend = TransformersBackend.from_pretrained(tiny.model_dir, tiny.catalog_dir)
     catalog = ItemCatalog.load(tiny.catalog_dir)
     tok = backend.tokenizer
@@ -33,9 +34,11 @@ def setup(tmp_path_factory):
     return tiny, backend, catalog, prompts
 
 
-def legal_items(catalog, domain=None):
-    return {(d, tuple(int(c) for c in codes)) for d, codes in zip(catalog.domains, catalog.codes)
-            if domain is None or d == domain}
+def legal_items(catalog, scheme, domain=None):
+    """(begin key, codes) of the catalog items a (forced) domain allows: its own items, or all of them when the
+    scheme's begin token is shared."""
+    return {(scheme.begin_key(d), tuple(int(c) for c in codes)) for d, codes in zip(catalog.domains, catalog.codes)
+            if domain is None or scheme.begin_key(d) == scheme.begin_key(domain)}
 
 
 def oracle_logp(model, ids):
@@ -45,16 +48,19 @@ def oracle_logp(model, ids):
     return torch.log_softmax(logits, -1), logits
 
 
-def allowed_item_ids(backend, catalog, domain, forced_domain, prefix_tokens):
-    """Token ids allowed at item step len(prefix_tokens), straight from the catalog rows."""
+def allowed_item_ids(backend, catalog, key, forced_domain, prefix_tokens):
+    """Token ids allowed at item step len(prefix_tokens), straight from the catalog rows (``key``: the begin key)."""
     vocab = backend.vocab
     if not prefix_tokens:
         if forced_domain is not None:
             return [vocab.begin_id(forced_domain)]
-        return sorted(vocab.begin_id(d) for d in set(catalog.domains))
-    codes = [t - vocab.code_id(level, 0) for level, t in enumerate(prefix_tokens[1:])]
+        return sorted({vocab.begin_id(d) for d in catalog.domains})
+    codes = [vocab.token(t).code for t in prefix_tokens[1:]]
     level = len(codes)
-    return sorted({vocab.code_id(level, c[level]) for d, c in legal_items(catalog, domain) if list(c[:level]) == codes})
+    if level == vocab.levels:
+        return [vocab.item_end_id(key)]
+    return sorted({vocab.code_id(level, c[level]) for k, c in legal_items(catalog, vocab.scheme)
+                   if k == key and list(c[:level]) == codes})
 
 
 def test_two_stage_returns_n_by_k_items_with_masks_and_exact_logprobs(setup):
@@ -80,7 +86,7 @@ def test_two_stage_returns_n_by_k_items_with_masks_and_exact_logprobs(setup):
             assert not set(chat.stop_ids) & set(trace.token_ids)
             assert all(lp == 0.0 for lp, s in zip(trace.logprobs, trace.sampled) if not s)
             for completion in trace.completions:
-                assert (completion.domain, completion.codes) in legal_items(catalog, prompt.domain)
+                assert (completion.domain, completion.codes) in legal_items(catalog, vocab.scheme, prompt.domain)
                 assert completion.token_ids == vocab.item_ids(completion.domain, completion.codes)
                 seq = list(prompt.token_ids) + trace.token_ids + completion.token_ids
                 logp, logits = oracle_logp(backend.model, seq)
@@ -104,12 +110,13 @@ def test_two_stage_returns_n_by_k_items_with_masks_and_exact_logprobs(setup):
                         continue
                     ok = torch.ones(logits.shape[1], dtype=torch.bool)
                     ok[len(backend.tokenizer):] = False
-                    ok[list(chat.stop_ids) + dead] = False
+                    ok[list(chat.stop_ids) + dead + list(vocab.end_ids.values())] = False
                     want = torch.log_softmax((logits[start - 1 + i] / 0.7).masked_fill(~ok, float("-inf")), -1)[token]
                     assert trace.logprobs[i] == pytest.approx(float(want), abs=2e-4)
                     checked_reasoning += 1
-        assert out.generated_tokens == sum(len(t.token_ids) + 4 * 4 for t in out.traces)
-        assert out.independent_rollout_tokens == sum(4 * (len(t.token_ids) + 4) for t in out.traces)
+        item_length = vocab.scheme.item_length
+        assert out.generated_tokens == sum(len(t.token_ids) + 4 * item_length for t in out.traces)
+        assert out.independent_rollout_tokens == sum(4 * (len(t.token_ids) + item_length) for t in out.traces)
     assert checked_reasoning > 0
 
 
@@ -121,7 +128,8 @@ def test_forced_begin_and_non_thinking_mode(setup):
         for trace in out.traces:
             assert len(trace.completions) == 5
             for completion in trace.completions:
-                assert (completion.domain, completion.codes) in legal_items(catalog, prompt.domain)
+                assert (completion.domain, completion.codes) in legal_items(catalog, backend.vocab.scheme,
+                                                                            prompt.domain)
                 if prompt.domain is not None:  # a forced token has probability 1 under the decoding distribution
                     assert completion.logprobs[0] == 0.0 and completion.model_logprobs[0] < 0
 
@@ -152,7 +160,8 @@ def exact_ranking(backend, context, candidates):
 def test_beam_search_as_wide_as_the_catalog_equals_exhaustive_search(setup, thinking):
     _, backend, catalog, prompts = setup
     prompt = prompts[thinking][0]  # forced domain "video"
-    candidates = [backend.vocab.item_ids(d, c) for d, c in sorted(legal_items(catalog, prompt.domain))]
+    candidates = [backend.vocab.item_ids(k, c)
+                  for k, c in sorted(legal_items(catalog, backend.vocab.scheme, prompt.domain), key=str)]
     params = GenerationParams(thinking=thinking, num_items=len(candidates), item_strategy="beam", temperature=0.0,
                               max_think_tokens=8)
     trace = backend.generate([prompt], params)[0].traces[0]
@@ -166,18 +175,18 @@ def test_narrow_beam_and_hierarchical_search_match_brute_force_replays(setup):
     """Width 3 < candidates: textbook beam search and beam-then-greedy replayed with teacher-forced scores."""
     _, backend, catalog, prompts = setup
     prompt = prompts[False][1]  # no forced domain: the begin token is part of the search
-    context, width, levels = list(prompt.token_ids), 3, backend.vocab.levels
+    context, width, length = list(prompt.token_ids), 3, backend.vocab.scheme.item_length
 
     def step_logp(prefix):
         logp, _ = oracle_logp(backend.model, context + prefix)
         return logp[-1]
 
     beams = [(0.0, [])]
-    for step in range(levels + 1):
+    for step in range(length):
         expanded = []
         for score, prefix in beams:
             logp = step_logp(prefix)
-            domain = None if not prefix else backend.vocab.domains[prefix[0] - backend.vocab.first_id]
+            domain = None if not prefix else backend.vocab.token(prefix[0]).domain
             for token in allowed_item_ids(backend, catalog, domain, None, prefix):
                 expanded.append((score + float(logp[token]), prefix + [token]))
         beams = sorted(expanded, key=lambda s: -s[0])[:width]
@@ -185,9 +194,9 @@ def test_narrow_beam_and_hierarchical_search_match_brute_force_replays(setup):
             first_level = beams  # hierarchical: the beam stops after the first code level
     greedy = []
     for score, prefix in first_level:
-        while len(prefix) < levels + 1:
+        while len(prefix) < length:
             logp = step_logp(prefix)
-            domain = backend.vocab.domains[prefix[0] - backend.vocab.first_id]
+            domain = backend.vocab.token(prefix[0]).domain
             token = max(allowed_item_ids(backend, catalog, domain, None, prefix), key=lambda t: float(logp[t]))
             score, prefix = score + float(logp[token]), prefix + [token]
         greedy.append((score, prefix))
@@ -229,7 +238,8 @@ def test_update_weights_from_megatron_names_then_generation_follows_the_new_weig
     completion = completion.completions[0]
     seq = list(prompts[False][0].token_ids) + completion.token_ids
     logp, _ = oracle_logp(new_model, seq)
-    expect = logp[torch.arange(len(seq) - 5, len(seq) - 1), torch.tensor(completion.token_ids)]
+    n = len(completion.token_ids)
+    expect = logp[torch.arange(len(seq) - n - 1, len(seq) - 1), torch.tensor(completion.token_ids)]
     torch.testing.assert_close(torch.tensor(completion.model_logprobs, dtype=torch.float64), expect, atol=2e-4, rtol=0)
     # HF names pass through unchanged
     backend.update_weights([("model.norm.weight", torch.full((cfg.hidden_size,), 0.5))])
@@ -271,7 +281,7 @@ def test_traces_closing_at_different_steps_keep_exact_item_logprobs(setup):
     _, backend, catalog, prompts = setup
     model = ThinkEndBias(backend.model, backend.chat_tokens.think_end_id, bonus=6.0)
     generator = TwoStageGenerator(model, backend.vocab, backend.chat_tokens, len(backend.tokenizer),
-                                  ItemTrie.from_catalog(catalog))
+                                  ItemTrie.from_catalog(catalog, backend.vocab.scheme))
     outputs = generator.generate(prompts[True], GenerationParams(num_traces=4, num_items=2, max_think_tokens=10,
                                                                  seed=2))
     traces = [(p, t) for p, o in zip(prompts[True], outputs) for t in o.traces]

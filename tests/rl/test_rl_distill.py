@@ -16,7 +16,7 @@ from megatron_onereason.rl.distill import (
     route_to_teachers,
     truncated_is_weights,
 )
-from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
 
 
 def test_mopd_advantages_hand_case_stop_gradient_and_clip():
@@ -168,10 +168,14 @@ def test_route_to_teachers():
 
 
 def test_itemic_penalty_and_truncation():
-    vocab = ItemicVocab(original_vocab_size=100, first_id=100, levels=3, codebook_size=4)  # ids 100..116
+    scheme = preset("onereason_report", codebook_size=4)
+    vocab = ItemicVocab.from_lookup(scheme, {t: 100 + i for i, t in enumerate(scheme.token_strings())})  # 100..116
     ids = torch.tensor([[5, 100, 7, 116], [5, 6, 7, 117]])
     is_itemic = itemic_token_mask(ids, vocab)
     assert is_itemic.tolist() == [[False, True, False, True], [False, False, False, False]]
+    sid = preset("openonerec", codebook_size=4)  # end tokens count, wherever the ids are
+    scattered = ItemicVocab.from_lookup(sid, {t: 300 - 2 * i for i, t in enumerate(sid.token_strings())})
+    assert itemic_token_mask(torch.tensor([[300, 299, 274, 272]]), scattered).tolist() == [[True, False, True, False]]
     teacher = torch.full((2, 4), -0.5)
     penalised, keep = itemic_penalty(teacher, is_itemic)
     assert penalised.tolist() == [[-0.5, -1e9, -0.5, -1e9], [-0.5] * 4]

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from megatron_onereason.rl.rft import DROP_REASONS, select_rft_trajectories
-from megatron_onereason.tokenizer.itemic_tokens import format_item
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME, preset
+
+SCHEME = DEFAULT_SCHEME
+format_item = SCHEME.format_item
 
 HIST = format_item("video", (1, 2, 3))
 GOOD = format_item("video", (4, 5, 6))
@@ -29,7 +32,7 @@ def test_selection_by_reason():
     ]
     hit = [True, False, True, True, True, True, True, True, True, True]
     legal = [("video", (1, 2, 3)), ("video", (4, 5, 6)), ("prod", [7, 8, 9])]
-    out = select_rft_trajectories(samples, torch.tensor(hit), max_per_user=2, legal_items=legal)
+    out = select_rft_trajectories(samples, torch.tensor(hit), max_per_user=2, legal_items=legal, scheme=SCHEME)
     assert out.kept == [samples[0], samples[7], samples[9]]
     assert out.dropped == {"miss": 1, "malformed": 3, "illegal": 1, "duplicate": 1, "over_cap": 1}
     assert set(out.dropped) == set(DROP_REASONS)
@@ -38,22 +41,35 @@ def test_selection_by_reason():
 def test_defaults_keep_every_wellformed_hit_and_duplicates_without_dedupe():
     samples = [dict(user_id=1, response=GOOD, teacher="a"), dict(user_id=1, response=GOOD, teacher="b"),
                dict(user_id=2, response=GOOD)]
-    assert len(select_rft_trajectories(samples, [True] * 3).kept) == 2
-    assert select_rft_trajectories(samples, [True] * 3, dedupe=False).kept == samples
+    assert len(select_rft_trajectories(samples, [True] * 3, scheme=SCHEME).kept) == 2
+    assert select_rft_trajectories(samples, [True] * 3, dedupe=False, scheme=SCHEME).kept == samples
     # Without a legal set any well-formed item is accepted.
-    assert select_rft_trajectories([dict(user_id=1, response=format_item("ad", (9, 9, 9)))], [True]).kept
+    assert select_rft_trajectories([dict(user_id=1, response=format_item("ad", (9, 9, 9)))], [True],
+                                   scheme=SCHEME).kept
 
 
 def test_levels_follow_the_vocabulary():
     two_level = "<|sid_begin|><a_1><b_2>"
-    assert select_rft_trajectories([dict(user_id=1, response=two_level)], [True], levels=2).dropped["malformed"] == 0
-    assert select_rft_trajectories([dict(user_id=1, response=two_level)], [True]).dropped["malformed"] == 1
+    assert select_rft_trajectories([dict(user_id=1, response=two_level)], [True],
+                                   scheme=preset("onereason_report", levels=2)).dropped["malformed"] == 0
+    assert select_rft_trajectories([dict(user_id=1, response=two_level)], [True],
+                                   scheme=SCHEME).dropped["malformed"] == 1
+
+
+def test_openonerec_items_are_legal_by_their_codes():
+    """A shared begin token names no domain: legality is decided by the catalog's code tuples."""
+    sid = preset("openonerec")
+    good = think("because", sid.format_item(None, (4, 5, 6)))
+    samples = [dict(user_id=1, response=good), dict(user_id=2, response=think("x", sid.format_item(None, (0, 0, 0)))),
+               dict(user_id=3, response=good[:-len("<|sid_end|>")])]  # no end token: malformed
+    out = select_rft_trajectories(samples, [True] * 3, legal_items=[("video", (4, 5, 6))], scheme=sid)
+    assert out.kept == samples[:1] and (out.dropped["illegal"], out.dropped["malformed"]) == (1, 1)
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="hit has 1"):
-        select_rft_trajectories([dict(user_id=1, response=GOOD)] * 2, [True])
+        select_rft_trajectories([dict(user_id=1, response=GOOD)] * 2, [True], scheme=SCHEME)
     with pytest.raises(ValueError, match=r"samples\[0\] needs"):
-        select_rft_trajectories([dict(response=GOOD)], [True])
+        select_rft_trajectories([dict(response=GOOD)], [True], scheme=SCHEME)
     with pytest.raises(ValueError, match="max_per_user"):
-        select_rft_trajectories([], [], max_per_user=0)
+        select_rft_trajectories([], [], max_per_user=0, scheme=SCHEME)

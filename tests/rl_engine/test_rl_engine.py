@@ -20,7 +20,7 @@ from megatron_onereason.rl.config import RLConfig
 from megatron_onereason.rl.rollout_batch import rollout_trees
 from megatron_onereason.rl.tree_pack import pack_trees
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
-from megatron_onereason.tokenizer.itemic_tokens import find_items
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
@@ -161,6 +161,6 @@ def test_rft_keeps_only_verified_hits_in_chat_format(task, tmp_path):
     assert stats["rft_kept"] + dropped == stats["rft_samples"] == 24 * 2 * 4
     for sample in lines:
         assert [m["role"] for m in sample["messages"]] == ["user", "assistant"]
-        (_, _, domain, codes), = find_items(sample["messages"][1]["content"])
+        (_, _, domain, codes), = DEFAULT_SCHEME.find_items(sample["messages"][1]["content"])
         assert catalog.item_id_for(domain, codes) in targets
     assert os.path.exists(out) and not os.path.exists(out + ".tmp")

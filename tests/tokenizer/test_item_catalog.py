@@ -24,7 +24,7 @@ from megatron_onereason.tokenizer.code_collisions import resolve_collisions
 from megatron_onereason.tokenizer.code_keys import pack_codes, unpack_keys
 from megatron_onereason.tokenizer.embedding_io import ArrayEmbeddings
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog, UnknownItemError
-from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError
+from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, preset
 from megatron_onereason.tokenizer.rq_kmeans import RQCodebooks, RQKMeansConfig
 
 faiss.omp_set_num_threads(1)
@@ -276,19 +276,23 @@ def test_extend_adds_items_without_moving_existing_ones(synthetic, tmp_path):
 def test_itemic_text_to_item_id_and_back(built):
     _, out, _ = built
     cat = ItemCatalog.load(out)
+    report, openonerec = preset("onereason_report"), preset("openonerec")
     for item_id in cat.item_ids[::17]:
-        text = cat.item_text(item_id)
+        text = cat.item_text(item_id, report)
         assert text == "<|%s_begin|><a_%d><b_%d><c_%d>" % ((cat.domain_for(item_id),) + cat.codes_for(item_id))
-        assert cat.item_id_from_text(text) == item_id
+        assert cat.item_id_from_text(text, report) == item_id
+        sid = cat.item_text(item_id, openonerec)
+        assert sid == "<|sid_begin|><s_a_%d><s_b_%d><s_c_%d><|sid_end|>" % cat.codes_for(item_id)
+        assert cat.item_id_from_text(sid, openonerec) == item_id  # the codes alone name the item
     a, b = cat.item_ids[0], cat.item_ids[-1]
-    sentence = f"bought {cat.item_text(a)} then watched {cat.item_text(b)}."
-    spans = cat.item_ids_in_text(sentence)
-    assert [s[2] for s in spans] == [a, b] and sentence[spans[0][0]:spans[0][1]] == cat.item_text(a)
+    sentence = f"bought {cat.item_text(a, report)} then watched {cat.item_text(b, report)}."
+    spans = cat.item_ids_in_text(sentence, report)
+    assert [s[2] for s in spans] == [a, b] and sentence[spans[0][0]:spans[0][1]] == cat.item_text(a, report)
 
     for bad in ["<|prod_begin|><a_1><c_2><c_3>", "<|prod_begin|><a_1><b_2>", "<|shop_begin|><a_1><b_2><c_3>",
                 "<|prod_begin|><a_1><b_2><c_3> tail"]:
         with pytest.raises(ItemicPatternError):
-            cat.item_id_from_text(bad)
+            cat.item_id_from_text(bad, report)
     used = set(map(tuple, cat.codes.tolist()))
     free = next(t for t in itertools.product(range(8), repeat=3) if t not in used)
     with pytest.raises(UnknownItemError, match="no catalog item has codes"):
@@ -325,7 +329,7 @@ def test_bad_inputs_fail_with_file_and_count(synthetic, tmp_path):
                   r"dup\.txt: 3 item ids occur more than once"))
     cases.append((CatalogInputs(emb, ids, domain_column="domain"),
                   RQKMeansConfig(codebook_size=256), r"embeddings\.npy: codebook size 256 is larger than the 200"))
-    cases.append((CatalogInputs(emb, ids, domain="shop"), CONFIG, r"unknown domain 'shop'"))
+    cases.append((CatalogInputs(emb, ids, domain="Shop!"), CONFIG, r"domain 'Shop!' is not a lower-case identifier"))
     for inputs, config, message in cases:
         with pytest.raises(ValueError, match=message):
             build_itemic_tokenizer(inputs, config, str(tmp_path / "out"))

@@ -6,9 +6,15 @@ import pytest
 
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
-from megatron_onereason.tokenizer.itemic_tokens import DOMAINS, ItemicPatternError, ItemicVocab
+from megatron_onereason.tokenizer.itemic_tokens import DOMAINS, ItemicPatternError, ItemicVocab, preset
 
 K = 6
+REPORT = preset("onereason_report", codebook_size=K)
+
+
+def contiguous_vocab(scheme, first_id):
+    """The scheme's tokens at ids first_id, first_id + 1, ... in its token order (a test layout)."""
+    return ItemicVocab.from_lookup(scheme, {t: first_id + i for i, t in enumerate(scheme.token_strings())})
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +31,7 @@ def catalog_tuples(catalog, domain):
 
 
 def test_trie_allows_exactly_the_catalog_tuples(catalog):
-    trie = ItemTrie.from_catalog(catalog)
+    trie = ItemTrie.from_catalog(catalog, REPORT)
     for domain in ("video", "prod", "living", "ad"):
         want = catalog_tuples(catalog, domain)
         # walk the trie from the root: every accepted path must be a catalog tuple and vice versa
@@ -44,15 +50,29 @@ def test_trie_allows_exactly_the_catalog_tuples(catalog):
             assert trie.contains(domain, t) == (t in want)
     assert trie.allowed_next("video", (K, 0)).tolist() == []  # out-of-range code: nothing continues it
     assert trie.allowed_next("video", (0, 1, 2)).tolist() == []  # a complete item has no next code
-    with pytest.raises(ItemicPatternError):
-        trie.allowed_next("shop", ())
+    assert trie.allowed_next("shop", ()).tolist() == []  # no items under that begin key
     with pytest.raises(ItemicPatternError):
         trie.allowed_next("video", (0, 1, 2, 3))
 
 
+def test_shared_begin_token_groups_every_domain(catalog):
+    """With one begin token for all domains the text cannot say the domain: every catalog item is allowed."""
+    trie = ItemTrie.from_catalog(catalog, preset("openonerec", codebook_size=K))
+    assert trie.domains == [None]
+    everything = {tuple(c) for c in catalog.codes.tolist()}
+    for t in itertools.product(range(K), repeat=3):
+        assert trie.contains(None, t) == (t in everything)
+    assert trie.allowed_next("video", ()).tolist() == []
+
+
+def test_catalog_domains_the_scheme_cannot_write_are_refused(catalog):
+    with pytest.raises(ItemicPatternError, match=r"catalog domains \['living'\] have no begin token"):
+        ItemTrie.from_catalog(catalog, preset("onereason", codebook_size=K, domains=["video", "prod"]))
+
+
 def test_batch_mask_marks_exactly_the_allowed_token_ids(catalog):
-    trie = ItemTrie.from_catalog(catalog)
-    vocab = ItemicVocab(original_vocab_size=50, first_id=53, levels=3, codebook_size=8, domains=list(DOMAINS))
+    trie = ItemTrie.from_catalog(catalog, REPORT)
+    vocab = contiguous_vocab(preset("onereason_report", codebook_size=8), 53)
     video = sorted(catalog_tuples(catalog, "video"))
     prod = sorted(catalog_tuples(catalog, "prod"))
     rows = [("video", ()), ("prod", prod[3][:1]), ("video", video[5][:2]), ("living", (K - 1, K - 1)), ("ad", ())]
@@ -65,8 +85,8 @@ def test_batch_mask_marks_exactly_the_allowed_token_ids(catalog):
         assert np.flatnonzero(mask[b].numpy()).tolist() == want_ids
     assert mask[4].sum() == 0  # no "ad" items in this catalog
     assert mask.shape[1] == 128
-    assert trie.allowed_token_mask(vocab, ["video"], [()]).shape == (1, vocab.end_id)
+    assert trie.allowed_token_mask(vocab, ["video"], [()]).shape == (1, 53 + len(DOMAINS) + 3 * 8)
     with pytest.raises(ItemicPatternError, match="already a complete item"):
         trie.allowed_token_mask(vocab, ["video"], [video[0]])
     with pytest.raises(ValueError, match="3 levels x 4 codes, the catalog 3 x 6"):
-        trie.allowed_token_mask(ItemicVocab(50, 53, 3, 4), ["video"], [()])
+        trie.allowed_token_mask(contiguous_vocab(preset("onereason_report", codebook_size=4), 53), ["video"], [()])

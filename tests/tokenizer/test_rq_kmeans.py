@@ -163,8 +163,9 @@ def test_item_id_readers_and_errors(tmp_path):
     (tmp_path / "dup.txt").write_text("a\nb\na\nc\nb\n")
     with pytest.raises(ValueError, match=r"dup\.txt: 2 item ids occur more than once"):
         read_item_ids(str(tmp_path / "dup.txt"))
-    pq.write_table(pa.table({"item_id": ["p", "q", "r"], "domain": ["prod", "shop", "shop"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match=r"bad\.parquet: 2 items have an unknown domain \['shop'\]"):
+    pq.write_table(pa.table({"item_id": ["p", "q", "r"], "domain": ["prod", "Shop", "Shop"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet: 2 items have a domain that is not a lower-case identifier, "
+                                         r"e\.g\. \['Shop'\]"):
         read_item_ids(str(tmp_path / "bad.parquet"), domain_column="domain")
     with pytest.raises(ValueError, match=r"ids\.parquet: missing column\(s\) \['dom'\]"):
         read_item_ids(str(tmp_path / "ids.parquet"), domain_column="dom")

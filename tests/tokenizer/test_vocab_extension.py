@@ -13,13 +13,14 @@ from safetensors import safe_open
 
 from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
 from megatron_onereason.model.qwen3_config import qwen3_preset
-from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
 from megatron_onereason.tokenizer.qwen3_tokenizer import build_tiny_qwen3_tokenizer, save_tiny_hf_qwen3
 from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary, sample_new_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LEVELS, CODEBOOK = 3, 64
 NUM_NEW = 5 + LEVELS * CODEBOOK
+SCHEME = preset("onereason_report", LEVELS, CODEBOOK)
 
 
 # ------------------------------------------------------------------------------------------ sample_new_rows
@@ -96,7 +97,7 @@ def sources(tmp_path_factory):
 def extended(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("out")
     return {
-        key: (str(root / key), extend_vocabulary(src, str(root / key), LEVELS, CODEBOOK, seed=0))
+        key: (str(root / key), extend_vocabulary(src, str(root / key), SCHEME, seed=0))
         for key, src in sources.items()
     }
 
@@ -106,7 +107,10 @@ def test_rows_config_and_layout(sources, extended, key):
     src, (out, vocab) = sources[key], extended[key]
     assert vocab == ItemicVocab.load(out)
     first_id = 1000 if key == "tied" else 1024
-    assert (vocab.original_vocab_size, vocab.first_id, vocab.num_new_tokens) == (1024, first_id, NUM_NEW)
+    assert (vocab.original_vocab_size, vocab.id_ranges) == (1024, [(first_id, first_id + NUM_NEW)])
+    # markers first (today's layout): begin tokens in domain order, then level a, b, c codes
+    assert vocab.begin_id("video") == first_id and vocab.code_id(0, 0) == first_id + 5
+    assert vocab.code_id(2, CODEBOOK - 1) == first_id + NUM_NEW - 1
 
     with open(os.path.join(src, "config.json")) as f:
         old_config = json.load(f)
@@ -149,7 +153,8 @@ def test_extended_tokenizer_and_model(sources, extended, key):
 
     src, (out, vocab) = sources[key], extended[key]
     old_tok, tok = AutoTokenizer.from_pretrained(src), AutoTokenizer.from_pretrained(out)
-    assert len(tok) == vocab.end_id
+    assert len(tok) == vocab.max_id + 1
+    first_id = vocab.id_ranges[0][0]
     assert tok.encode("<|prod_begin|><a_12><b_7><c_3>") == vocab.item_ids("prod", (12, 7, 3))
     text = "I liked<|video_begin|><a_0><b_63><c_5>, then <think>\nmore\n</think> it."
     ids = tok.encode(text)
@@ -165,22 +170,23 @@ def test_extended_tokenizer_and_model(sources, extended, key):
     with torch.no_grad():
         old_logits, new_logits = old_model(x).logits, model(x).logits
         itemic_logits = model(torch.tensor([ids])).logits
-    assert new_logits.shape[-1] == vocab.end_id
-    torch.testing.assert_close(new_logits[..., : vocab.first_id], old_logits[..., : vocab.first_id], rtol=0, atol=1e-5)
+    assert new_logits.shape[-1] == vocab.max_id + 1
+    torch.testing.assert_close(new_logits[..., :first_id], old_logits[..., :first_id], rtol=0, atol=1e-5)
     assert torch.isfinite(itemic_logits).all()
 
 
 def test_refuses_extended_input_and_existing_output(extended, tmp_path):
     out, _ = extended["tied"]
     with pytest.raises(ValueError, match="itemic_tokens.json"):
-        extend_vocabulary(out, str(tmp_path / "again"), LEVELS, CODEBOOK)
+        extend_vocabulary(out, str(tmp_path / "again"), SCHEME)
     no_json = str(tmp_path / "no_json")
     shutil.copytree(out, no_json)
     os.remove(os.path.join(no_json, "itemic_tokens.json"))
-    with pytest.raises(ValueError, match=r"<\|video_begin\|>"):
-        extend_vocabulary(no_json, str(tmp_path / "again"), LEVELS, CODEBOOK)
+    for other in ("onereason_report", "openonerec"):  # a second, disjoint itemic vocabulary: refused too
+        with pytest.raises(ValueError, match=r"already has 192 itemic-looking tokens \(e\.g\. '<a_0>'\)"):
+            extend_vocabulary(no_json, str(tmp_path / "again"), preset(other, codebook_size=8))
     with pytest.raises(FileExistsError, match="already exists"):
-        extend_vocabulary(no_json, out, LEVELS, CODEBOOK)
+        extend_vocabulary(no_json, out, SCHEME)
     assert not os.path.exists(tmp_path / "again")
 
 
@@ -188,7 +194,7 @@ def test_overwrite_is_deterministic(sources, extended):
     out, _ = extended["tied"]
     with open(os.path.join(out, "model.safetensors"), "rb") as f:
         before = f.read()
-    extend_vocabulary(sources["tied"], out, LEVELS, CODEBOOK, seed=0, overwrite=True)
+    extend_vocabulary(sources["tied"], out, SCHEME, seed=0, overwrite=True)
     with open(os.path.join(out, "model.safetensors"), "rb") as f:
         assert f.read() == before
     assert not [e for e in os.listdir(os.path.dirname(out)) if e.startswith(".")]
@@ -203,9 +209,7 @@ def test_bad_input_leaves_no_output(sources, tmp_path):
     with open(os.path.join(bad, "config.json"), "w") as f:
         json.dump(config, f)
     with pytest.raises(ValueError, match=r"model\.safetensors: model\.embed_tokens\.weight has shape"):
-        extend_vocabulary(bad, str(tmp_path / "out"), LEVELS, CODEBOOK)
-    with pytest.raises(ValueError, match="domains"):
-        extend_vocabulary(sources["tied"], str(tmp_path / "out"), LEVELS, CODEBOOK, domains=["prod", "music"])
+        extend_vocabulary(bad, str(tmp_path / "out"), SCHEME)
     assert sorted(os.listdir(tmp_path)) == ["bad"]
 
 
@@ -214,9 +218,45 @@ def test_cli(sources, tmp_path, monkeypatch, capsys):
     argv = ["extend_vocab.py", "--hf-dir", sources["tied"], "--out-dir", out]
     argv += ["--levels", "2", "--codebook-size", "16", "--domains", "prod,video", "--seed", "7"]
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(os.path.join(REPO, "tools", "extend_vocab.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(os.path.join(REPO, "tools", "extend_vocab.py"), run_name="__main__")
+    assert exited.value.code == 0
     vocab = ItemicVocab.load(out)
-    assert (vocab.levels, vocab.codebook_size, vocab.domains, vocab.first_id) == (2, 16, ["prod", "video"], 1000)
-    assert json.loads(capsys.readouterr().out)["num_new_tokens"] == 2 + 2 * 16
+    assert (vocab.levels, vocab.codebook_size, vocab.domains, vocab.id_ranges) == (2, 16, ["prod", "video"],
+                                                                                   [(1000, 1034)])
+    assert json.loads(capsys.readouterr().out)["num_itemic_tokens"] == 2 + 2 * 16
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["vocab_size"] == 1000 + 34
+
+
+def test_openonerec_scheme_gives_openonerec_ids(sources, tmp_path):
+    """``--scheme openonerec`` assigns every itemic token the id OpenOneRec's expand script gives it (the oracle:
+    conftest.expand_like_openonerec, plain ``add_tokens``), so both tokenize the same text identically."""
+    from transformers import AutoTokenizer
+
+    from conftest import expand_like_openonerec
+
+    theirs = AutoTokenizer.from_pretrained(expand_like_openonerec(sources["tied"], str(tmp_path / "theirs"),
+                                                                  codebook_size=CODEBOOK))
+    vocab = extend_vocabulary(sources["tied"], str(tmp_path / "ours"), preset("openonerec", LEVELS, CODEBOOK))
+    ours = AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
+    table = theirs.get_vocab()
+    assert len(ours) == len(theirs)
+    assert {t: table[t] for t in vocab.scheme.token_strings()} == {t: ours.convert_tokens_to_ids(t)
+                                                                   for t in vocab.scheme.token_strings()}
+    assert vocab.id_ranges == [(1000, 1000 + 3 * CODEBOOK + 2)] and vocab.begin_id(None) == 1000 + 3 * CODEBOOK
+    text = "看过<|sid_begin|><s_a_63><s_b_0><s_c_7><|sid_end|>, then <|sid_begin|><s_a_1>"
+    assert ours.encode(text) == theirs.encode(text)
+
+
+def test_cli_refuses_an_openonerec_checkpoint_in_one_line(openonerec_hf_dir, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "extend_vocab.py"), "--hf-dir",
+                           openonerec_hf_dir, "--out-dir", str(tmp_path / "out"), "--scheme", "openonerec"],
+                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "already has 24576 itemic-looking tokens (e.g. '<s_a_0>')" in proc.stderr
+    assert "tools/import_itemic_vocab.py" in proc.stderr
+    assert not os.path.exists(tmp_path / "out")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import REPO, run_torchrun
 from megatron_onereason.data.indexed import IndexedPairWriter
 from megatron_onereason.model.qwen3_config import qwen3_preset
-from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
 from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
 from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
 
@@ -34,7 +34,7 @@ def setup(tokenizers_3x32, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     untied_base, untied = str(root / "untied_base"), str(root / "untied")
     save_tiny_hf_qwen3(untied_base, dataclasses.replace(qwen3_preset("tiny"), tie_word_embeddings=False), seed=3)
-    extend_vocabulary(untied_base, untied, levels=3, codebook_size=32)
+    extend_vocabulary(untied_base, untied, preset("onereason_report", codebook_size=32))
     hf = {"tied": tokenizers_3x32["extended"], "untied": untied}
     ckpt = {}
     for name, hf_dir in hf.items():
@@ -42,11 +42,12 @@ def setup(tokenizers_3x32, tmp_path_factory):
         _cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", ckpt[name], "--tp", "2")
     vocab = ItemicVocab.load(hf["tied"])
     rng = np.random.default_rng(0)
-    for source, (n_docs, low) in {"text": (50, 0), "items": (40, vocab.first_id)}.items():
+    (first_id, end_id), = vocab.id_ranges
+    for source, (n_docs, low) in {"text": (50, 0), "items": (40, first_id)}.items():
         with IndexedPairWriter(str(root / source)) as writer:
             for _ in range(n_docs):
                 n = int(rng.integers(6, 50))
-                writer.add(rng.integers(low, vocab.end_id, n), (rng.random(n) < 0.8).astype(np.uint8))
+                writer.add(rng.integers(low, end_id, n), (rng.random(n) < 0.8).astype(np.uint8))
     base = [f"data.blend=[0.6, {root / 'text'}, 0.4, {root / 'items'}]", "data.seq_length=96",
             "data.max_sample_length=48", "train.global_batch_size=4", f"optim.decay_iters={ITERS}",
             "optim.warmup_iters=1", "optim.lr=3e-3", "optim.min_lr=3e-4"]
@@ -108,8 +109,9 @@ def test_stage1_changes_only_the_new_vocabulary_rows(setup, model, layout):
         if name not in vocab_matrices:
             assert torch.equal(tensor, after[name]), f"frozen {name} changed"
             continue
-        assert torch.equal(tensor[: vocab.first_id], after[name][: vocab.first_id]), f"old rows of {name} changed"
-        moved = (after[name][vocab.first_id:] - tensor[vocab.first_id:]).abs().amax(dim=1) > 0
+        (first_id, _), = vocab.id_ranges
+        assert torch.equal(tensor[:first_id], after[name][:first_id]), f"old rows of {name} changed"
+        moved = (after[name][first_id:] - tensor[first_id:]).abs().amax(dim=1) > 0
         if name == "model.embed_tokens.weight" and model == "untied":
             # An untied input embedding row only gets gradient when its token occurs in the 3 steps' inputs.
             assert bool(moved.any()), f"no new row of {name} moved"

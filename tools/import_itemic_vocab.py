@@ -1,0 +1,38 @@
+"""Describe the itemic tokens a HF checkpoint already has: OUT = IN (files hard-linked) + itemic_tokens.json.
+
+    PYTHONPATH=. python tools/import_itemic_vocab.py --hf-dir OneRec-1.7B --out-dir OneRec-1.7B-onereason \\
+        [--scheme auto|openonerec|onereason|onereason_report] [--overwrite]
+
+For released OpenOneRec checkpoints (``<|sid_begin|><s_a_N><s_b_N><s_c_N><|sid_end|>``, added by their
+expand_qwen3_vocab.py). ``auto`` reads the scheme off the tokenizer and refuses, naming the reason, when the tokens are
+ambiguous (two code families) or incomplete (a missing code, level or end token); a preset name resolves the
+ambiguity. See megatron_onereason/tokenizer/itemic_import.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_onereason.tokenizer.itemic_import import describe, import_itemic_vocab
+from megatron_onereason.tokenizer.itemic_tokens import PRESETS
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hf-dir", required=True, help="input HF directory whose tokenizer has itemic tokens")
+    parser.add_argument("--out-dir", required=True, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--scheme", default="auto", choices=["auto", *PRESETS])
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        vocab = import_itemic_vocab(args.hf_dir, args.out_dir, args.scheme, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(describe(vocab, args.out_dir), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
