@@ -36,6 +36,7 @@ from megatron_onereason.fileio import atomic_file
 from megatron_onereason.generation.backend import GenerationBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
+from megatron_onereason.tokenizer.itemic_tokens import PRESETS, preset
 
 SYNTHETIC_KS = (1, 8, 16, 32, 64)
 MODES = {"thinking": (True,), "non-thinking": (False,), "both": (True, False)}
@@ -59,6 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="rec", help=f"comma-separated, from {ALL_TASKS}")
     p.add_argument("--k", help="comma-separated K values (default 1,8,16,32,64; RecIF: 1,32,128)")
     p.add_argument("--sid2pid", metavar="FILE", help="RecIF sid2pid.json: adds the pid_* metrics")
+    p.add_argument("--scheme", choices=sorted(PRESETS),
+                   help="itemic scheme of a --score-generations dump (default: the one it records, else openonerec)")
     p.add_argument("--sid2pid-strategy", choices=PID_STRATEGIES, default=PID_STRATEGIES[0],
                    help="which of the products sharing a code tuple a generated item counts as (OpenOneRec's)")
     p.add_argument("--mode", choices=sorted(MODES), default="both")
@@ -166,7 +169,8 @@ def run_evaluation(args: argparse.Namespace, model_dir: str) -> Dict:
 
 def _score_generations(args: argparse.Namespace) -> Dict:
     sid2pid = Sid2Pid.load(args.sid2pid, args.sid2pid_strategy, args.seed) if args.sid2pid else None
-    report = score_generations(args.score_generations, args.k, sid2pid)
+    scheme = preset(args.scheme) if args.scheme else None
+    report = score_generations(args.score_generations, args.k, sid2pid, scheme)
     with atomic_file(args.out) as f:
         json.dump(report, f, indent=1)
     means = ", ".join(f"{name} {value:.4f}" for name, value in report["mean"].items())

@@ -17,33 +17,35 @@ A sample's id is its 0-based row number (OpenOneRec's dataframe index), so dumps
 "metadata": {...}, "logprobs": [float], "pid_generations": [int]}}}`` (``logprobs`` and ``pid_generations``
 optional).
 
+Items are written in an itemic scheme (:mod:`~megatron_onereason.tokenizer.itemic_tokens`): RecIF-Bench and
+released OpenOneRec checkpoints use ``openonerec`` (``<|sid_begin|><s_a_N><s_b_N><s_c_N><|sid_end|>``).
+
 **Scoring** (OpenOneRec's recommendation evaluator with its defaults, ``select_k="first_k"``): a sample's
 predictions are its generations in stored order, duplicates included; each is read as one item
-(:func:`generation_item`: the first pattern after the last ``</think>``, or that whole text when it has no begin
-token — a non-thinking dump stores only the code tokens). ``pass@K``, ``position1_pass@K`` and ``recall@K``
-are :mod:`~megatron_onereason.eval.metrics`' over the code tuples. The ``pid_*`` versions take the product ids
-instead: targets are ``answer_pid`` without zeros, predictions each generation's item mapped through ``sid2pid``
-(or the dump's ``pid_generations``); an unmapped item never hits. OpenOneRec's pid reader takes the first code
-triple anywhere after ``</think>`` rather than the first pattern; the two agree whenever the answer is one pattern.
-A sample with no generation or no target scores 0 (as in OpenOneRec) and is counted.
+(:func:`generation_item`). ``pass@K``, ``position1_pass@K`` and ``recall@K`` are
+:mod:`~megatron_onereason.eval.metrics`' over code tuples (OpenOneRec compares the text between the begin and end
+tokens: the codes). The ``pid_*`` versions take product ids instead: targets are ``answer_pid`` without zeros,
+predictions each generation's item mapped through ``sid2pid`` (or the dump's ``pid_generations``); an unmapped item
+never hits. A sample with no generation or no target scores 0 (as in OpenOneRec) and is counted.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_onereason.data.formats import SampleError, iter_input, parse_json_line
 from megatron_onereason.eval.metrics import pass_at_k, position1_pass_at_k, recall_at_k
 from megatron_onereason.fileio import atomic_file
+from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme, ItemMatch, preset
 
 THINK_END = "</think>"
 DEFAULT_KS = (1, 32, 128)  # OpenOneRec's k_values
 SID2PID_FILE = "sid2pid.json"
 SID2PID_RADIX = 8192  # OpenOneRec's key encoding, whatever the codebook size
+DEFAULT_SCHEME = "openonerec"  # the scheme RecIF-Bench files and OpenOneRec's dumps are written in
 PID_STRATEGIES = ("most_popular_after_downsampling", "most_popular_originally", "random")
 Codes = Tuple[int, ...]
 
@@ -53,38 +55,46 @@ class RecifError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- item text
-_BEGIN = "<|sid_begin|>"
-_END = "<|sid_end|>"
-_CODES = r"<s_a_(0|[1-9]\d*)><s_b_(0|[1-9]\d*)><s_c_(0|[1-9]\d*)>"
-_CODES_RE = re.compile(_CODES)
-_ITEM_RE = re.compile(re.escape(_BEGIN) + _CODES + re.escape(_END))
+def _codes_text(scheme: ItemicScheme, codes: Codes) -> str:
+    return "".join(scheme.code_for(level, code) for level, code in enumerate(codes))
 
 
-def answer_items(answer: str) -> List[Codes]:
-    """The ground-truth items of ``answer`` (complete patterns, whitespace between), in order; else ``ValueError``."""
+def answer_items(answer: str, scheme: ItemicScheme) -> List[ItemMatch]:
+    """The ground-truth items of ``answer``, in order: complete patterns of ``scheme`` with only whitespace around
+    them, each written exactly as the scheme writes it; anything else raises ``ValueError``."""
     items, pos = [], 0
-    for match in _ITEM_RE.finditer(answer):
-        if answer[pos:match.start()].strip():
+    for match in scheme.find_items(answer):
+        gap = answer[pos:match.start]
+        if gap.strip() or answer[match.start:match.end] != scheme.format_item(match.domain, match.codes):
             break
-        items.append(tuple(int(c) for c in match.groups()))
-        pos = match.end()
+        items.append(match)
+        pos = match.end
     if answer[pos:].strip():
         raise ValueError(f"malformed item at {answer[pos:].strip()[:60]!r}")
     return items
 
 
-def generation_item(generation: str) -> Optional[Codes]:
-    """The item a generation names, read as OpenOneRec reads it, or None.
+def generation_item(generation: str, scheme: ItemicScheme) -> Optional[Codes]:
+    """The codes of the one item a generation names, or None.
 
-    The text after the last ``</think>``; if it holds a begin token, its first non-empty piece between begin tokens
-    (cut at an end token); that piece must be exactly the code tokens.
+    The answer is the text after the last ``</think>``, stripped. It names an item when it is exactly one pattern
+    written as ``scheme`` writes it (the end token may be missing: generation stops after the last code) or exactly
+    the code tokens (a non-thinking dump stores only what followed the forced begin token). OpenOneRec takes the
+    first non-empty piece between begin tokens; the two differ only on answers holding several patterns or text
+    beside one, which neither decoding produces.
     """
     answer = generation.split(THINK_END)[-1].strip()
-    if _BEGIN in answer:
-        pieces = [part.split(_END)[0].strip() if _END in part else part.strip() for part in answer.split(_BEGIN)]
-        answer = next((piece for piece in pieces if piece), answer)
-    match = _CODES_RE.fullmatch(answer)
-    return tuple(int(c) for c in match.groups()) if match else None
+    bare = scheme.loose_item_re.match(answer) is None
+    try:
+        domain, codes = scheme.parse_item(scheme.begin_for(scheme.marker_keys()[0]) + answer if bare else answer,
+                                          require_end=False)
+        written = _codes_text(scheme, codes)
+        if not bare:
+            begin = scheme.begin_for(domain)
+            written = (begin + written, begin + written + (scheme.end_for(domain) or ""))
+    except ItemicPatternError:
+        return None
+    return codes if answer in ((written,) if bare else written) else None
 
 
 # ---------------------------------------------------------------------------------------------- task files
@@ -93,7 +103,7 @@ class RecifSample:
     sample_id: str
     messages: Tuple[Dict[str, str], ...]  # {"role", "content"} with content flattened to a string
     answer: str  # the ground truth as written
-    targets: Tuple[Codes, ...]  # its items, in order
+    targets: Tuple[ItemMatch, ...]  # its items, in order (domain None for a shared begin token)
     metadata: Dict[str, Any]  # the row's metadata without "answer"
 
 
@@ -145,7 +155,7 @@ def _flatten_content(content: Any, index: int) -> str:
     raise SampleError("schema", f"messages[{index}].content must be a string or a list of text parts")
 
 
-def _parse_row(row: Dict[str, Any], sample_id: str) -> RecifSample:
+def _parse_row(row: Dict[str, Any], sample_id: str, scheme: ItemicScheme) -> RecifSample:
     raw_messages = _json_field(row, "messages", list)
     messages = []
     for i, m in enumerate(raw_messages):
@@ -159,7 +169,7 @@ def _parse_row(row: Dict[str, Any], sample_id: str) -> RecifSample:
     if not isinstance(answer, str) or not answer.strip():
         raise SampleError("no_answer", "'metadata' has no non-empty string 'answer'")
     try:
-        targets = answer_items(answer)
+        targets = answer_items(answer, scheme)
     except ValueError as e:
         raise SampleError("answer", f"metadata.answer: {e}") from None
     if not targets:
@@ -176,9 +186,11 @@ def _records(path: str) -> Iterator[Tuple[int, Any]]:
         raise RecifError(f"{path}: not a readable parquet/JSONL file ({str(e).splitlines()[0]})") from None
 
 
-def load_recif_task(path: str, split: str = "test", skip_invalid: bool = False, limit: int = 0) -> RecifTask:
-    """Read a RecIF task; a bad row raises :class:`RecifError` naming ``file: row N: field`` (or, with
-    ``skip_invalid``, is skipped and counted by reason). ``limit``: keep the first N valid samples."""
+def load_recif_task(path: str, scheme: ItemicScheme, split: str = "test", skip_invalid: bool = False,
+                    limit: int = 0) -> RecifTask:
+    """Read a RecIF task whose answers are written in ``scheme``; a bad row raises :class:`RecifError` naming
+    ``file: row N: field`` (or, with ``skip_invalid``, is skipped and counted by reason). ``limit``: keep the first
+    N valid samples."""
     name, data_file = task_file(path, split)
     task = RecifTask(name, data_file, [])
     for number, raw in _records(data_file):
@@ -188,7 +200,7 @@ def load_recif_task(path: str, split: str = "test", skip_invalid: bool = False, 
             continue
         try:
             row = parse_json_line(raw) if isinstance(raw, bytes) else raw
-            task.samples.append(_parse_row(row, str(number)))
+            task.samples.append(_parse_row(row, str(number), scheme))
         except SampleError as e:
             if not skip_invalid:
                 raise RecifError(f"{data_file}: row {number}: {e}") from None
@@ -357,8 +369,8 @@ def answer_pids(metadata: Dict[str, Any], where: str) -> List[int]:
     return [p for p in pids if p != 0]
 
 
-def score_samples(samples: Sequence[StoredSample], ks: Sequence[int] = DEFAULT_KS, sid2pid: Optional[Sid2Pid] = None,
-                  source: str = "generations") -> Dict:
+def score_samples(samples: Sequence[StoredSample], scheme: ItemicScheme, ks: Sequence[int] = DEFAULT_KS,
+                  sid2pid: Optional[Sid2Pid] = None, source: str = "generations") -> Dict:
     """``{"k", "pid_source", "counts", "mean", "per_sample"}``; ``per_sample`` in the order of ``samples``.
 
     ``pid_*`` metrics come from ``sid2pid`` when given, else from the samples' ``pid_generations`` when every
@@ -377,10 +389,10 @@ def score_samples(samples: Sequence[StoredSample], ks: Sequence[int] = DEFAULT_K
     for s in samples:
         where = f"{source}: sample {s.sample_id}"
         try:
-            targets = answer_items(s.ground_truth)
+            targets = [m.codes for m in answer_items(s.ground_truth, scheme)]
         except ValueError as e:
             raise RecifError(f"{where}: ground_truth: {e}") from None
-        items = [generation_item(g) for g in s.generations]
+        items = [generation_item(g, scheme) for g in s.generations]
         counts["generations"] += len(items)
         counts["unparsed_generations"] += sum(i is None for i in items)
         counts["no_generations"] += not items
@@ -401,8 +413,12 @@ def score_samples(samples: Sequence[StoredSample], ks: Sequence[int] = DEFAULT_K
             "counts": counts, "mean": mean, "per_sample": per_sample}
 
 
-def score_generations(path: str, ks: Sequence[int] = DEFAULT_KS, sid2pid: Optional[Sid2Pid] = None) -> Dict:
-    """Score a generation dump file (see :func:`score_samples`)."""
+def score_generations(path: str, ks: Sequence[int] = DEFAULT_KS, sid2pid: Optional[Sid2Pid] = None,
+                      scheme: Optional[ItemicScheme] = None) -> Dict:
+    """Score a generation dump file (see :func:`score_samples`). The scheme: ``scheme``, else the one the dump
+    records (``evaluate --recif`` writes it), else :data:`DEFAULT_SCHEME` (RecIF-Bench's)."""
     header, samples = read_generations(path)
+    if scheme is None:
+        scheme = ItemicScheme.from_dict(header.get("scheme", DEFAULT_SCHEME), where=f"{path}: scheme")
     return {"source": path, "model_name": header.get("model_name"), "task_name": header.get("task_name"),
-            **score_samples(samples, ks, sid2pid, path)}
+            "scheme": scheme.name, **score_samples(samples, scheme, ks, sid2pid, path)}

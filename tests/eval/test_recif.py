@@ -9,7 +9,9 @@ from recif_inputs import RECIF_FIXTURE, fixture_messages, recif_fixture, recif_r
 
 from megatron_onereason import evaluate
 from megatron_onereason.eval.recif import RecifError, Sid2Pid, answer_items, generation_item, load_recif_task, prompt_text
+from megatron_onereason.tokenizer.itemic_tokens import preset
 
+OPENONEREC = preset("openonerec")
 KS = (1, 32)
 NAMES = [f"{p}{m}@{k}" for p in ("", "pid_") for k in KS for m in ("pass", "position1_pass", "recall")]
 _TRIPLE_RE = re.compile(r"<s_a_(\d+)><s_b_(\d+)><s_c_(\d+)>")
@@ -81,48 +83,61 @@ def test_sid2pid_strategies_by_hand():
 
 @pytest.mark.parametrize("generation, item", [
     ("reasoning <|sid_begin|><s_a_1><s_b_2><s_c_3><|sid_end|>\n</think>\n<|sid_begin|><s_a_4><s_b_5><s_c_6>", (4, 5, 6)),
+    ("</think>\n<|sid_begin|><s_a_4><s_b_5><s_c_6><|sid_end|>", (4, 5, 6)),
     ("<s_a_7><s_b_8><s_c_9>", (7, 8, 9)),  # a non-thinking dump stores only the codes after the forced begin token
-    (" <|sid_begin|><s_a_7><s_b_8><s_c_9><|sid_end|><|sid_begin|><s_a_1><s_b_1><s_c_1><|sid_end|>", (7, 8, 9)),
-    ("</think>\n<|sid_begin|><|sid_begin|><s_a_7><s_b_8><s_c_9>", (7, 8, 9)),  # the first non-empty pattern
     ("</think>\n<|sid_begin|>", None),  # beam search found nothing
     ("</think>\n<|sid_begin|><s_a_7><s_b_8>", None),  # truncated
     ("</think>\n<|sid_begin|><s_a_7><s_c_8><s_b_9>", None),  # levels out of order
-    ("</think>\nsure: <|sid_begin|><s_a_7><s_b_8><s_c_9>", None),  # the text before the begin token comes first
+    ("</think>\n<|sid_begin|><s_a_7><s_b_8><s_c_9000>", None),  # outside the codebook
+    ("</think>\nsure: <|sid_begin|><s_a_7><s_b_8><s_c_9>", None),  # OpenOneRec reads "sure:" here: no hit either
     ("</think>\n<|sid_begin|><s_a_07><s_b_8><s_c_9>", None),  # not the token <s_a_7>
+    ("</think>\n<|sid_begin|><s_a_7><s_b_8><s_c_9><|sid_end|><|sid_begin|><s_a_1><s_b_1><s_c_1><|sid_end|>", None),
     ("no item at all", None),
 ])
 def test_generation_item_by_hand(generation, item):
-    assert generation_item(generation) == item
+    assert generation_item(generation, OPENONEREC) == item
+
+
+def test_items_in_a_per_domain_scheme():
+    onereason = preset("onereason")
+    assert generation_item("</think>\n<|ad_begin|><s_a_4><s_b_5><s_c_6><|ad_end|>", onereason) == (4, 5, 6)
+    assert generation_item("</think>\n<|ad_begin|><s_a_4><s_b_5><s_c_6><|video_end|>", onereason) is None
+    assert generation_item("<s_a_4><s_b_5><s_c_6>", onereason) == (4, 5, 6)
+    items = answer_items("<|video_begin|><s_a_1><s_b_2><s_c_3><|video_end|><|ad_begin|><s_a_1><s_b_2><s_c_4><|ad_end|>",
+                         onereason)
+    assert [(m.domain, m.codes) for m in items] == [("video", (1, 2, 3)), ("ad", (1, 2, 4))]
 
 
 def test_answer_items_by_hand():
     item = "<|sid_begin|><s_a_{}><s_b_2><s_c_3><|sid_end|>"
-    assert answer_items(item.format(1) + " " + item.format(5) + item.format(1)) == [(1, 2, 3), (5, 2, 3), (1, 2, 3)]
-    assert answer_items("  ") == []
-    for bad in (item.format(1) + "<|sid_begin|><s_a_1><s_b_2><|sid_end|>", "x" + item.format(1), item[:-11].format(1)):
-        with pytest.raises(ValueError, match="malformed item"):
-            answer_items(bad)
+    items = answer_items(item.format(1) + " " + item.format(5) + item.format(1), OPENONEREC)
+    assert [(m.domain, m.codes) for m in items] == [(None, (1, 2, 3)), (None, (5, 2, 3)), (None, (1, 2, 3))]
+    assert answer_items("  ", OPENONEREC) == []
+    for bad in (item.format(1) + "<|sid_begin|><s_a_1><s_b_2><|sid_end|>", "x" + item.format(1), item[:-11].format(1),
+                item.format("01")):
+        with pytest.raises(ValueError, match="malformed"):
+            answer_items(bad, OPENONEREC)
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_loader_reads_recif_task_files(recif_fixture, tmp_path, fmt):
     samples = [s for _, s in recif_fixture]
     folder = write_recif_task(str(tmp_path), "ad", recif_rows(samples), fmt)
-    task = load_recif_task(folder)
+    task = load_recif_task(folder, OPENONEREC)
     assert task.name == "ad" and task.path.endswith(f"ad_test.{fmt}") and not task.skipped
     assert [s.sample_id for s in task.samples] == [str(i) for i in range(len(samples))]
     for loaded, s in zip(task.samples, samples):
         assert list(loaded.messages) == fixture_messages(s["prompt"])
-        assert [tuple(map(int, t)) for t in _TRIPLE_RE.findall(s["ground_truth"])] == list(loaded.targets)
+        assert [tuple(map(int, t)) for t in _TRIPLE_RE.findall(s["ground_truth"])] == [m.codes for m in loaded.targets]
         assert loaded.metadata == {"uid": s["metadata"]["uid"], "answer_pid": s["metadata"]["answer_pid"]}
-    assert load_recif_task(task.path, limit=5).samples == task.samples[:5]
+    assert load_recif_task(task.path, OPENONEREC, limit=5).samples == task.samples[:5]
 
 
 def test_prompt_is_openonerecs_soft_switch_rendering(recif_fixture, tmp_path):
     from megatron_onereason.tokenizer.qwen3_tokenizer import build_tiny_qwen3_tokenizer
 
     tokenizer = build_tiny_qwen3_tokenizer()
-    task = load_recif_task(write_recif_task(str(tmp_path), "ad", recif_rows([s for _, s in recif_fixture])))
+    task = load_recif_task(write_recif_task(str(tmp_path), "ad", recif_rows([s for _, s in recif_fixture])), OPENONEREC)
     for loaded, (_, s) in zip(task.samples, recif_fixture):
         assert prompt_text(tokenizer, loaded.messages, thinking=True) == s["prompt"]
         no_think = s["prompt"].replace("/think<|im_end|>", "/no_think<|im_end|>") + "<think>\n\n</think>\n\n"
@@ -134,24 +149,24 @@ def test_bad_task_files_name_the_file_row_and_field(recif_fixture, tmp_path):
     broken = tmp_path / "broken_test.parquet"
     broken.write_bytes(b"PAR1 this is not parquet PAR1")
     with pytest.raises(RecifError, match=r"broken_test\.parquet: not a readable parquet/JSONL file"):
-        load_recif_task(str(broken))
+        load_recif_task(str(broken), OPENONEREC)
     (tmp_path / "missing").mkdir()
     with pytest.raises(RecifError, match=r"a RecIF task folder needs missing_test\.parquet"):
-        load_recif_task(str(tmp_path / "missing"))
+        load_recif_task(str(tmp_path / "missing"), OPENONEREC)
     folder = write_recif_task(str(tmp_path), "nometa", [{"messages": r["messages"]} for r in rows])
     with pytest.raises(RecifError, match=r"nometa_test\.parquet: row 0: missing 'metadata'"):
-        load_recif_task(folder)
+        load_recif_task(folder, OPENONEREC)
     no_answer = [dict(r) for r in rows]
     no_answer[2]["metadata"] = json.dumps({"uid": 1})
     folder = write_recif_task(str(tmp_path), "noanswer", no_answer, "jsonl")
     with pytest.raises(RecifError, match=r"noanswer_test\.jsonl: row 2: 'metadata' has no non-empty string 'answer'"):
-        load_recif_task(folder)
-    task = load_recif_task(folder, skip_invalid=True)
+        load_recif_task(folder, OPENONEREC)
+    task = load_recif_task(folder, OPENONEREC, skip_invalid=True)
     assert [s.sample_id for s in task.samples] == ["0", "1", "3"] and task.skipped == {"no_answer": 1}
     bad_utf8 = tmp_path / "utf8_test.jsonl"
     bad_utf8.write_bytes(json.dumps(rows[0]).encode() + b'\n{"messages": "\xc3\x28"}\n')
     with pytest.raises(RecifError, match=r"utf8_test\.jsonl: row 1: invalid UTF-8"):
-        load_recif_task(str(bad_utf8))
+        load_recif_task(str(bad_utf8), OPENONEREC)
 
 
 def test_bad_dump_is_one_line_and_leaves_no_output(recif_fixture, tmp_path, capsys):
