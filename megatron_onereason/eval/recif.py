@@ -42,6 +42,7 @@ from megatron_onereason.fileio import atomic_file
 from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme, ItemMatch, preset
 
 THINK_END = "</think>"
+RECIF_ANSWER_SEPARATOR = "\n"  # OpenOneRec's stage 2 continues the trace with "</think>\n" and the begin token
 DEFAULT_KS = (1, 32, 128)  # OpenOneRec's k_values
 SID2PID_FILE = "sid2pid.json"
 SID2PID_RADIX = 8192  # OpenOneRec's key encoding, whatever the codebook size
@@ -171,7 +172,7 @@ def _parse_row(row: Dict[str, Any], sample_id: str, scheme: ItemicScheme) -> Rec
     try:
         targets = answer_items(answer, scheme)
     except ValueError as e:
-        raise SampleError("answer", f"metadata.answer: {e}") from None
+        raise SampleError("answer", f"metadata.answer is not written in scheme {scheme.name!r}: {e}") from None
     if not targets:
         raise SampleError("answer", f"metadata.answer names no item: {answer[:80]!r}")
     return RecifSample(sample_id, tuple(messages), answer.strip(), tuple(targets), metadata)
@@ -419,6 +420,34 @@ def score_generations(path: str, ks: Sequence[int] = DEFAULT_KS, sid2pid: Option
     records (``evaluate --recif`` writes it), else :data:`DEFAULT_SCHEME` (RecIF-Bench's)."""
     header, samples = read_generations(path)
     if scheme is None:
-        scheme = ItemicScheme.from_dict(header.get("scheme", DEFAULT_SCHEME), where=f"{path}: scheme")
+        try:
+            scheme = ItemicScheme.from_dict(header.get("scheme", DEFAULT_SCHEME), where=f"{path}: scheme")
+        except ValueError as e:
+            raise RecifError(f"{path}: 'scheme': {e}") from None
     return {"source": path, "model_name": header.get("model_name"), "task_name": header.get("task_name"),
             "scheme": scheme.name, **score_samples(samples, scheme, ks, sid2pid, path)}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def generated_sample(sample: RecifSample, prompt: str, output, tokenizer) -> StoredSample:
+    """A sample's generations as OpenOneRec stores them: trace-major (trace 0's items best first, then trace 1's),
+    each the decoded trace (reasoning, ``</think>``, separator) plus the item; ``logprobs`` the item's code tokens'
+    log-probability (OpenOneRec's beam ``cum_logprob``: the begin token is part of the context)."""
+    generations, logprobs = [], []
+    for trace in output.traces:
+        reasoning = tokenizer.decode(trace.token_ids, skip_special_tokens=False)
+        for completion in trace.completions:
+            generations.append(reasoning + tokenizer.decode(completion.token_ids, skip_special_tokens=False))
+            logprobs.append(float(sum(completion.model_logprobs[1:])))
+    return StoredSample(sample.sample_id, generations, sample.answer, sample.metadata, prompt=prompt,
+                        logprobs=logprobs)
+
+
+def markdown_table(results: Dict[str, Dict]) -> str:
+    """One row per mode, a column per metric (in %)."""
+    names = [n for n in next(iter(results.values()))["mean"]]
+    lines = ["| mode | samples | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for mode, r in results.items():
+        cells = [mode, str(r["counts"]["samples"])] + [f"{100 * r['mean'][n]:.2f}" for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -477,9 +477,12 @@ class ItemicVocab:
         """What an id is in the scheme, or None for a non-itemic token."""
         return self._token_of_id.get(int(token_id))
 
-    def decode_item(self, token_ids: Sequence[int]) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
-        """``(domain, codes)`` when ``token_ids`` is exactly one complete item (end token included), else None."""
-        if len(token_ids) != self.scheme.item_length:
+    def decode_item(self, token_ids: Sequence[int],
+                    require_end: bool = True) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
+        """``(domain, codes)`` when ``token_ids`` is exactly one complete item (end token included, unless
+        ``require_end`` is False and the tokens stop after the last code), else None."""
+        with_end = self.scheme.end_token is not None and (require_end or len(token_ids) == self.scheme.item_length)
+        if len(token_ids) != self.levels + 1 + with_end:
             return None
         head = self.token(token_ids[0])
         if head is None or head.kind != "begin":
@@ -490,7 +493,7 @@ class ItemicVocab:
             if tok is None or tok.kind != "code" or tok.level != level:
                 return None
             codes.append(tok.code)
-        if self.end_ids and int(token_ids[-1]) != self.end_ids[head.domain]:
+        if with_end and int(token_ids[-1]) != self.end_ids[head.domain]:
             return None
         return head.domain, tuple(codes)
 

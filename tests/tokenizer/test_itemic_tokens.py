@@ -187,6 +187,10 @@ def test_ids_are_looked_up_not_computed(name):
     key = None if scheme.shared_begin else domain
     assert vocab.decode_item(want) == (key, codes)
     assert vocab.decode_item(want[:-1]) is None and vocab.decode_item(want[::-1]) is None
+    codes_only = want[:1 + len(codes)]  # a generation that stops at the last code (OpenOneRec's RecIF decoding)
+    assert vocab.decode_item(codes_only, require_end=False) == (key, codes)
+    assert vocab.decode_item(want, require_end=False) == (key, codes)
+    assert vocab.decode_item(codes_only[:-1], require_end=False) is None
     ids = np.arange(0, 100 + 3 * len(table) + 10)
     oracle = np.isin(ids, list(table.values()))
     assert (vocab.itemic_mask(ids) == oracle).all()
