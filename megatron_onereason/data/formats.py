@@ -203,7 +203,7 @@ def _parse_messages(raw: Any, lenient: bool) -> List[Message]:
         if not isinstance(m, dict):
             raise SampleError("schema", f"message {i} must be an object")
         role, reasoning = m.get("role"), _optional_str(m, "reasoning")
-        content = _content_text(m.get("content"), i) if lenient else _optional_str(m, "content")
+        content = message_text(m.get("content"), i) if lenient else _optional_str(m, "content")
         if role not in CHAT_ROLES:
             raise SampleError("schema", f"message {i}: role must be one of {CHAT_ROLES}, got {role!r}")
         if content is None:
@@ -223,7 +223,7 @@ def _parse_messages(raw: Any, lenient: bool) -> List[Message]:
     return messages
 
 
-def _content_text(content: Any, i: int) -> Optional[str]:
+def message_text(content: Any, i: int) -> Optional[str]:
     """A message's text: a string, one ``{"type": "text", "text": …}`` part, or a list of parts (concatenated)."""
     if content is None or isinstance(content, str):
         return content
