@@ -47,6 +47,9 @@ ITEMIC_JSON = "itemic_tokens.json"
 FORMAT_VERSION = 2
 MARKERS_FIRST, CODES_FIRST = "markers_first", "codes_first"  # the order in which a scheme's tokens are added
 _DOMAIN_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+# A token that looks itemic in any scheme: a code token (<a_12>, <s_b_7>, <item_c_3>) or a begin token (<|x_begin|>).
+CODE_LIKE_RE = re.compile(r"<(?P<prefix>(?:[A-Za-z0-9]+_)*)(?P<letter>[a-h])_(?P<code>\d+)>")
+ITEMIC_LIKE_RE = re.compile(CODE_LIKE_RE.pattern + r"|<\|[a-z][a-z0-9_]*_begin\|>")
 _FIELD_RES = {"letter": r"(?P<{p}letter>[a-h])", "code": r"(?P<{p}code>\d+)",
               "domain": r"(?P<{p}domain>[a-z][a-z0-9_]*)"}
 
