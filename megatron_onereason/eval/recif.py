@@ -3,7 +3,7 @@
 **Task files.** ``{task}/{task}_{split}.parquet`` (or a JSONL file with the same fields), one sample per row:
 
 - ``messages``: a JSON string (or a list) of chat turns, system + user; ``content`` is a string or a list of
-  ``{"type": "text", "text": ...}`` parts, joined (other part types are ignored, as OpenOneRec's loader does);
+  ``{"type": "text", "text": ...}`` parts, joined (:func:`~megatron_onereason.data.formats.message_text`);
 - ``metadata``: a JSON string (or an object) with ``answer`` — the ground-truth items written in the checkpoint's
   scheme, in order, the first being the user's next interaction — and ``uid``, ``answer_pid`` (the answer's
   product ids; ``answer_iid`` for the goods task) and other fields, kept as they are.
@@ -36,12 +36,19 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
-from megatron_onereason.data.formats import SampleError, iter_input, parse_json_line
+from megatron_onereason.data.formats import (
+    NO_THINK,
+    THINK,
+    THINK_END,
+    SampleError,
+    iter_input,
+    message_text,
+    parse_json_line,
+)
 from megatron_onereason.eval.metrics import pass_at_k, position1_pass_at_k, recall_at_k
 from megatron_onereason.fileio import atomic_file
 from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme, ItemMatch, preset
 
-THINK_END = "</think>"
 RECIF_ANSWER_SEPARATOR = "\n"  # OpenOneRec's stage 2 continues the trace with "</think>\n" and the begin token
 DEFAULT_KS = (1, 32, 128)  # OpenOneRec's k_values
 SID2PID_FILE = "sid2pid.json"
@@ -148,21 +155,16 @@ def _json_field(row: Dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
-def _flatten_content(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    raise SampleError("schema", f"messages[{index}].content must be a string or a list of text parts")
-
-
 def _parse_row(row: Dict[str, Any], sample_id: str, scheme: ItemicScheme) -> RecifSample:
     raw_messages = _json_field(row, "messages", list)
     messages = []
     for i, m in enumerate(raw_messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise SampleError("schema", f"messages[{i}] must be an object with role system, user or assistant")
-        messages.append({"role": m["role"], "content": _flatten_content(m.get("content"), i)})
+        content = message_text(m.get("content"), i)
+        if content is None:
+            raise SampleError("schema", f"messages[{i}] has no content")
+        messages.append({"role": m["role"], "content": content})
     if not messages or messages[-1]["role"] != "user":
         raise SampleError("schema", "'messages' must end with the user turn the model answers")
     metadata = _json_field(row, "metadata", dict)
@@ -181,10 +183,12 @@ def _parse_row(row: Dict[str, Any], sample_id: str, scheme: ItemicScheme) -> Rec
 def _records(path: str) -> Iterator[Tuple[int, Any]]:
     """``(0-based row, parquet row dict or raw JSONL line)``; an unreadable file raises :class:`RecifError`."""
     try:
-        for number, raw in iter_input(path):
+        for number, raw in iter_input(path, columns=("messages", "metadata")):
             yield number - 1, raw
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise RecifError(f"{path}: not a readable parquet/JSONL file ({str(e).splitlines()[0]})") from None
+    except ValueError as e:  # names the file
+        raise RecifError(str(e).splitlines()[0]) from None
+    except OSError as e:
+        raise RecifError(f"{path}: not readable ({e})") from None
 
 
 def load_recif_task(path: str, scheme: ItemicScheme, split: str = "test", skip_invalid: bool = False,
@@ -215,7 +219,7 @@ def soft_switch(messages: Sequence[Dict[str, str]], thinking: bool) -> List[Dict
     """Qwen3's soft switch as OpenOneRec applies it: ``/think`` or ``/no_think`` appended to the last user turn."""
     out = [dict(m) for m in messages]
     last_user = max(i for i, m in enumerate(out) if m["role"] == "user")
-    out[last_user]["content"] += "/think" if thinking else "/no_think"
+    out[last_user]["content"] += THINK if thinking else NO_THINK
     return out
 
 

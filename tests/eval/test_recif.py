@@ -148,7 +148,7 @@ def test_bad_task_files_name_the_file_row_and_field(recif_fixture, tmp_path):
     rows = recif_rows([s for _, s in recif_fixture[:4]])
     broken = tmp_path / "broken_test.parquet"
     broken.write_bytes(b"PAR1 this is not parquet PAR1")
-    with pytest.raises(RecifError, match=r"broken_test\.parquet: not a readable parquet/JSONL file"):
+    with pytest.raises(RecifError, match=r"broken_test\.parquet: not a readable parquet file"):
         load_recif_task(str(broken), OPENONEREC)
     (tmp_path / "missing").mkdir()
     with pytest.raises(RecifError, match=r"a RecIF task folder needs missing_test\.parquet"):
