@@ -99,8 +99,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="do not constrain itemic patterns inside the CoT (γ_legal then measures the model)")
     p.add_argument("--batch-size", type=int, default=8, help="instances per generation call")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N instances only (0: all)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
-    p.add_argument("--device", default="cpu", help="transformers backend device")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine (vLLM: sampling only)")
+    p.add_argument("--device", default="cpu", help="hf backend device")
     p.add_argument("--seed", type=int, default=0)
     recif = p.add_argument_group("RecIF-Bench (--recif, --score-generations)")
     recif.add_argument("--split", default="test", help="task folder split: {task}/{task}_{split}.parquet")
@@ -144,8 +144,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.temperature = 0.6 if is_recif else 0.0  # OpenOneRec's stage-1 temperature
     if args.max_think_tokens is None:
         args.max_think_tokens = 1000 if is_recif else 256  # OpenOneRec's max_new_thinking_tokens
-    if "cot" in args.tasks and args.backend != "transformers":
-        p.error("--tasks cot scores targets with the model's forward pass: it needs --backend transformers")
+    if "cot" in args.tasks and args.backend != "hf":
+        p.error("--tasks cot scores targets with the model's forward pass: it needs --backend hf")
+    if args.recif is not None and args.backend != "hf":
+        p.error("--recif beam-searches the code tokens (OpenOneRec's decoding); the vLLM backend only samples: "
+                "use --backend hf")
     return args
 
 

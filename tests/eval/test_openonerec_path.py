@@ -1,8 +1,9 @@
 """The whole path for a released-OpenOneRec-style checkpoint, through the user-facing CLIs, on real RecIF text:
 
-tiny Qwen3 expanded exactly as OpenOneRec's expand_qwen3_vocab.py does (``openonerec_hf_dir``) → import its itemic
-tokens → megatron checkpoint (logits verified) → preprocess OpenOneRec-format SFT parquet → SFT steps (torchrun) →
-evaluate on a RecIF-format task file → export to HF (logits verified); ``tools/extend_vocab.py`` refuses it.
+tiny Qwen3 expanded exactly as OpenOneRec's expand_qwen3_vocab.py does (``openonerec_hf_dir``) → import its
+itemic tokens → megatron checkpoint (logits verified) → preprocess OpenOneRec-format SFT parquet → SFT steps
+(torchrun) → evaluate on a RecIF-format task file → export to HF (logits verified); ``tools/extend_vocab.py``
+refuses it.
 """
 import json
 import os
@@ -42,7 +43,7 @@ def _sft_rows(samples):
     return rows
 
 
-def test_openonerec_checkpoint_import_convert_sft_evaluate_export(openonerec_hf_dir, recif_fixture, tmp_path):  # noqa: F811
+def test_import_convert_sft_evaluate_export(openonerec_hf_dir, recif_fixture, tmp_path):  # noqa: F811
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -8,7 +8,14 @@ import pytest
 from recif_inputs import RECIF_FIXTURE, fixture_messages, recif_fixture, recif_rows, write_recif_task  # noqa: F401
 
 from megatron_onereason import evaluate
-from megatron_onereason.eval.recif import RecifError, Sid2Pid, answer_items, generation_item, load_recif_task, prompt_text
+from megatron_onereason.eval.recif import (
+    RecifError,
+    Sid2Pid,
+    answer_items,
+    generation_item,
+    load_recif_task,
+    prompt_text,
+)
 from megatron_onereason.tokenizer.itemic_tokens import preset
 
 OPENONEREC = preset("openonerec")
@@ -82,7 +89,7 @@ def test_sid2pid_strategies_by_hand():
 
 
 @pytest.mark.parametrize("generation, item", [
-    ("reasoning <|sid_begin|><s_a_1><s_b_2><s_c_3><|sid_end|>\n</think>\n<|sid_begin|><s_a_4><s_b_5><s_c_6>", (4, 5, 6)),
+    ("why <|sid_begin|><s_a_1><s_b_2><s_c_3><|sid_end|>\n</think>\n<|sid_begin|><s_a_4><s_b_5><s_c_6>", (4, 5, 6)),
     ("</think>\n<|sid_begin|><s_a_4><s_b_5><s_c_6><|sid_end|>", (4, 5, 6)),
     ("<s_a_7><s_b_8><s_c_9>", (7, 8, 9)),  # a non-thinking dump stores only the codes after the forced begin token
     ("</think>\n<|sid_begin|>", None),  # beam search found nothing
