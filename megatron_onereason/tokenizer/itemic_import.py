@@ -14,8 +14,9 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections import defaultdict
-from typing import Dict, List, Mapping, Optional, Set
+from typing import Callable, Dict, List, Mapping, Set
 
 from megatron_onereason.checkpoint.hf_io import link_or_copy
 from megatron_onereason.fileio import atomic_directory
@@ -189,9 +190,16 @@ def _link_tree(src: str, dst: str) -> None:
             link_or_copy(path, os.path.join(dst, name))
 
 
-def describe(vocab: ItemicVocab, out_dir: Optional[str] = None) -> Dict:
-    """The one-screen summary the import and extension tools print."""
+def run_tool(action: Callable[[], ItemicVocab], out_dir: str) -> int:
+    """A vocabulary tool's main: run ``action``, print the new vocabulary's summary as JSON (exit status 0), or
+    one ``error:`` line for bad input (status 1, no traceback)."""
+    try:
+        vocab = action()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     d = vocab.to_dict()
-    head = {"out_dir": out_dir} if out_dir else {}
-    return {**head, "scheme": d["scheme"], "num_itemic_tokens": d["num_itemic_tokens"], "id_ranges": d["id_ranges"],
-            "begin_token_ids": d["begin_token_ids"], "end_token_ids": d["end_token_ids"]}
+    summary = {"out_dir": out_dir, **{k: d[k] for k in ("scheme", "num_itemic_tokens", "id_ranges", "begin_token_ids",
+                                                        "end_token_ids")}}
+    print(json.dumps(summary, indent=2))
+    return 0
