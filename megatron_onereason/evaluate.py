@@ -13,7 +13,7 @@ exported to a temporary HF directory first.
 **RecIF-Bench** (``--recif``; formats in :mod:`megatron_onereason.eval.recif`): the benchmark's messages verbatim,
 rendered as OpenOneRec's ``qwen3_soft_switch`` template renders them (``/think`` or ``/no_think`` on the last user
 turn), and OpenOneRec's decoding: in thinking mode ``--num-traces`` reasoning traces sampled at ``--temperature``
-up to ``</think>``, then ``\n`` and the begin token; without thinking the begin token follows the prompt; then a
+up to ``</think>``, then ``\\n`` and the begin token; without thinking the begin token follows the prompt; then a
 beam search over exactly the code tokens (no end token), ``--num-beams`` per trace (default ``max(K)`` over all
 traces: OpenOneRec's 128 = 16 beams x 8 traces). Items are constrained to the catalog with ``--catalog``, else to
 the scheme's token pattern only. Generations are ranked trace-major, as OpenOneRec stores them (its ``first_k``).

@@ -47,11 +47,10 @@ from megatron_onereason.data.formats import (
 )
 from megatron_onereason.eval.metrics import pass_at_k, position1_pass_at_k, recall_at_k
 from megatron_onereason.fileio import atomic_file
-from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme, ItemMatch, preset
+from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme, ItemMatch
 
 RECIF_ANSWER_SEPARATOR = "\n"  # OpenOneRec's stage 2 continues the trace with "</think>\n" and the begin token
 DEFAULT_KS = (1, 32, 128)  # OpenOneRec's k_values
-SID2PID_FILE = "sid2pid.json"
 SID2PID_RADIX = 8192  # OpenOneRec's key encoding, whatever the codebook size
 DEFAULT_SCHEME = "openonerec"  # the scheme RecIF-Bench files and OpenOneRec's dumps are written in
 PID_STRATEGIES = ("most_popular_after_downsampling", "most_popular_originally", "random")
@@ -92,17 +91,15 @@ def generation_item(generation: str, scheme: ItemicScheme) -> Optional[Codes]:
     beside one, which neither decoding produces.
     """
     answer = generation.split(THINK_END)[-1].strip()
-    bare = scheme.loose_item_re.match(answer) is None
+    bare = scheme.loose_item_re.match(answer) is None  # no begin token in front: the code tokens alone
     try:
-        domain, codes = scheme.parse_item(scheme.begin_for(scheme.marker_keys()[0]) + answer if bare else answer,
+        domain, codes = scheme.parse_item((scheme.begin_for(scheme.marker_keys()[0]) if bare else "") + answer,
                                           require_end=False)
-        written = _codes_text(scheme, codes)
-        if not bare:
-            begin = scheme.begin_for(domain)
-            written = (begin + written, begin + written + (scheme.end_for(domain) or ""))
+        codes_text, begin = _codes_text(scheme, codes), scheme.begin_for(domain)
     except ItemicPatternError:
         return None
-    return codes if answer in ((written,) if bare else written) else None
+    written = {codes_text} if bare else {begin + codes_text, begin + codes_text + (scheme.end_for(domain) or "")}
+    return codes if answer in written else None
 
 
 # ---------------------------------------------------------------------------------------------- task files
@@ -134,7 +131,7 @@ def task_file(path: str, split: str = "test") -> Tuple[str, str]:
         raise RecifError(f"{path}: a RecIF task folder needs {os.path.basename(candidates[0])} (or .jsonl)")
     if not os.path.exists(path):
         raise RecifError(f"{path}: no such file or directory")
-    if not path.endswith((".parquet", ".jsonl", ".json")):
+    if not path.endswith((".parquet", ".jsonl")):
         raise RecifError(f"{path}: expected a task folder, a .parquet or a .jsonl file")
     name = os.path.basename(path).rsplit(".", 1)[0]
     suffix = f"_{split}"
@@ -227,8 +224,8 @@ def prompt_text(tokenizer, messages: Sequence[Dict[str, str]], thinking: bool) -
     """The benchmark's prompt, rendered as OpenOneRec's ``qwen3_soft_switch`` template renders it.
 
     That template is Qwen3's with the switch appended to the last user turn: the messages are used verbatim, a
-    thinking prompt ends with ``<|im_start|>assistant\n`` (the model opens its reasoning itself), a non-thinking
-    one with the empty think block ``<think>\n\n</think>\n\n``.
+    thinking prompt ends with ``<|im_start|>assistant\\n`` (the model opens its reasoning itself), a non-thinking
+    one with the empty think block ``<think>\\n\\n</think>\\n\\n``.
     """
     return tokenizer.apply_chat_template(soft_switch(messages, thinking), tokenize=False, add_generation_prompt=True,
                                          enable_thinking=thinking)
