@@ -216,8 +216,8 @@ class _PackDispatch:
 
 def _check_supported(config) -> None:
     unsupported = {"attention_dropout": config.attention_dropout,
-                   "apply_query_key_layer_scaling": config.apply_query_key_layer_scaling,
-                   "window_size": config.window_size,
+                   "apply_query_key_layer_scaling": getattr(config, "apply_query_key_layer_scaling", False),
+                   "window_size": getattr(config, "window_size", None),
                    "softmax_type": None if getattr(config, "softmax_type", "vanilla") == "vanilla" else
                    config.softmax_type}
     bad = {k: v for k, v in unsupported.items() if v}
@@ -236,13 +236,20 @@ class PackedDotProductAttention(_PackDispatch, DotProductAttention):
 @functools.lru_cache(maxsize=None)
 def te_packed_attention_class():
     """The TE spec's core attention (made on first use: it subclasses TE's, which needs TE and CUDA): TE's kernels
-    for unpacked batches and document packs, :func:`packed_attention` for tree packs. Its state dict is TE's."""
+    for unpacked batches and document packs (flash ``thd``), :func:`packed_attention` for tree packs. Its state dict
+    is TE's."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    return _with_te_document_packs(TEDotProductAttention)
+
+
+def _with_te_document_packs(base):
+    """``base`` (TE's core attention) taking packs: documents through its ``thd`` kernel, trees through ours."""
 
     def __init__(self, config, *args, **kwargs):
         _check_supported(config)
-        TEDotProductAttention.__init__(self, config, *args, **kwargs)
+        base.__init__(self, config, *args, **kwargs)
 
-    return type("TEPackedDotProductAttention", (_PackDispatch, TEDotProductAttention),
+    return type("TEPackedDotProductAttention", (_PackDispatch, base),
                 {"te_document_packs": True, "__init__": __init__, "__module__": __name__,
                  "__doc__": te_packed_attention_class.__doc__})

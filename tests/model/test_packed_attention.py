@@ -1,10 +1,12 @@
 """Packed attention kernels against a dense-mask reference built by hand (float64 math, outputs and gradients)."""
+import types
+
 import numpy as np
 import pytest
 import torch
 
 from megatron_onereason.model.pack_layout import PackLayout, Segment
-from megatron_onereason.model.packed_attention import flex_block_mask, packed_attention
+from megatron_onereason.model.packed_attention import _with_te_document_packs, flex_block_mask, packed_attention
 from megatron_onereason.rl.tree_pack import TreeSequence, pack_trees
 
 
@@ -116,6 +118,39 @@ def test_flex_forward_matches_dense_reference_on_cpu_and_refuses_cpu_backward():
     torch.testing.assert_close(out.double(), reference(q, k, v, hand_mask(TREES), 0.25), atol=1e-5, rtol=0)
     with pytest.raises(NotImplementedError, match="no backward on CPU"):
         packed_attention(q.requires_grad_(), k, v, params, 0.25)
+
+
+class FakeTEAttention(torch.nn.Module):
+    """Stands in for TE's core attention (no TE here): takes ``thd`` document packs as TE's flash kernel does."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__()
+        self.softmax_scale = config.kv_channels ** -0.5
+        self.calls = []
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type, attention_bias=None, packed_seq_params=None):
+        self.calls.append(packed_seq_params)
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        return torch.cat([reference(*(x[s:e, None] for x in (query, key, value)),
+                                    torch.ones(e - s, e - s, dtype=torch.bool).tril(), self.softmax_scale)
+                          for s, e in zip(cu[:-1], cu[1:])])[:, 0].float()
+
+
+def test_te_spec_sends_document_packs_to_tes_thd_kernel_and_tree_packs_to_ours():
+    attention = _with_te_document_packs(FakeTEAttention)(types.SimpleNamespace(attention_dropout=0.0, kv_channels=16))
+    g = torch.Generator().manual_seed(2)
+    calls = {}
+    for name, pieces in (("documents", DOCS), ("trees", TREES)):
+        layout = layout_of(pieces)
+        q, k, v = (torch.randn(layout.length, 1, h, 16, generator=g) for h in (4, 2, 2))
+        attention.calls.clear()
+        out = attention(q, k, v, None, None, packed_seq_params=layout.params("cpu"))
+        torch.testing.assert_close(out.double(), reference(q, k, v, hand_mask(pieces), 0.25), atol=1e-5, rtol=0)
+        calls[name] = list(attention.calls)
+    assert calls["trees"] == []
+    (thd,) = calls["documents"]
+    assert thd.qkv_format == "thd" and thd.max_seqlen_q == thd.max_seqlen_kv == 60
+    assert thd.cu_seqlens_q.tolist() == thd.cu_seqlens_kv.tolist() == [0, 37, 42, 43, 103, 112]
 
 
 def test_bad_structures_are_refused():
