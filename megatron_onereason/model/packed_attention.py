@@ -43,12 +43,14 @@ def pack_params(layout: PackLayout, device, backend: str = "auto") -> "PackedAtt
     """The ``packed_seq_params`` of a pack, its tensors on ``device`` (see :meth:`PackLayout.params`)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    cu = torch.tensor(layout.boundaries, dtype=torch.int32).to(device)
+    def to_device(array):  # from pageable memory an asynchronous copy is staged at once: the host never waits
+        return torch.as_tensor(array).to(device, non_blocking=True)
+
+    cu = to_device(torch.tensor(layout.boundaries, dtype=torch.int32))
     return PackedAttentionParams(
         qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=layout.length,
-        max_seqlen_kv=layout.length, layout=layout,
-        position_ids=torch.from_numpy(layout.position_ids()).to(device),
-        key_ranges=torch.from_numpy(layout.key_ranges()).to(device), backend=backend)
+        max_seqlen_kv=layout.length, layout=layout, position_ids=to_device(layout.position_ids()),
+        key_ranges=to_device(layout.key_ranges()), backend=backend)
 
 
 def document_params(cu_seqlens, device, backend: str = "auto") -> "PackedAttentionParams":
