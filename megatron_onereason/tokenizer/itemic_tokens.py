@@ -312,7 +312,10 @@ class ItemicScheme:
     def from_dict(cls, d: Union[str, Mapping], where: str = "itemic scheme") -> "ItemicScheme":
         """A scheme from its :meth:`to_dict` form, or from a preset name (a string)."""
         if isinstance(d, str):
-            return preset(d)
+            try:
+                return preset(d)
+            except ValueError as e:
+                raise ValueError(f"{where}: field 'scheme': {e}") from None
         if not isinstance(d, Mapping):
             raise ValueError(f"{where}: 'scheme' must be a preset name or an object, got {type(d).__name__}")
         known = {"name", "code_token", "begin_token", "end_token", "levels", "codebook_size", "domains", "token_order"}
