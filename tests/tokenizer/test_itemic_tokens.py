@@ -266,6 +266,10 @@ def test_hand_written_scheme_name_next_to_an_openonerec_tokenizer(openonerec_hf_
     with pytest.raises(ValueError, match=r"itemic_tokens.json: lacks .* \(first missing: '<\|video_begin\|>'\)"):
         ItemicVocab.load(str(d))
     with open(d / ITEMIC_JSON, "w") as f:
+        json.dump({"scheme": "sid_v2"}, f)
+    with pytest.raises(ValueError, match=r"oor/itemic_tokens.json: field 'scheme': unknown itemic scheme 'sid_v2'"):
+        ItemicVocab.load(str(d))
+    with open(d / ITEMIC_JSON, "w") as f:
         f.write("{not json")
     with pytest.raises(ValueError, match="itemic_tokens.json: not valid JSON"):
         ItemicScheme.load(str(d))
