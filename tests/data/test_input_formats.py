@@ -19,7 +19,6 @@ from megatron_onereason.data.indexed import lossmask_prefix, tokens_prefix
 from megatron_onereason.tokenizer.itemic_import import import_itemic_vocab
 from tools.preprocess_data import main, preprocess
 
-FIXTURE = "/work/shared/fixtures/recif/ad_test_onerec1.7b_100.json"
 PROMPT = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n<\|im_start\|>user\n(.*?)/think<\|im_end\|>\n"
                     r"<\|im_start\|>assistant\n\Z", re.S)
 
@@ -38,12 +37,9 @@ def hf(oor_model):
 
 
 @pytest.fixture(scope="module")
-def recif_turns():
+def recif_turns(recif_fixture):
     """(system, user) of 40 real RecIF-Bench prompts, and their ground-truth items, soft switch removed."""
-    if not os.path.exists(FIXTURE):
-        pytest.skip(f"{FIXTURE} not present")
-    with open(FIXTURE) as f:
-        samples = list(json.load(f)["samples"].values())[:40]
+    samples = [s for _, s in recif_fixture[:40]]
     out = []
     for s in samples:
         system, user = PROMPT.match(s["prompt"]).groups()

@@ -3,10 +3,6 @@ import json
 import os
 import re
 
-import pytest
-
-FIXTURES = os.environ.get("ONEREASON_FIXTURES", "/work/shared/fixtures")  # the project's real-data fixtures
-RECIF_FIXTURE = os.path.join(FIXTURES, "recif", "ad_test_onerec1.7b_100.json")
 _TURN_RE = re.compile(r"<\|im_start\|>(system|user)\n(.*?)<\|im_end\|>\n", re.S)
 
 
@@ -47,12 +43,3 @@ def write_recif_task(root, name, rows, fmt="parquet"):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return folder
-
-
-@pytest.fixture(scope="session")
-def recif_fixture():
-    """The fixture's samples, in file order (a list of (sample id, sample))."""
-    if not os.path.exists(RECIF_FIXTURE):
-        pytest.skip(f"{RECIF_FIXTURE} not found (set ONEREASON_FIXTURES to the fixtures directory)")
-    with open(RECIF_FIXTURE, encoding="utf-8") as f:
-        return list(json.load(f)["samples"].items())

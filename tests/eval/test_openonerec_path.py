@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import REPO, run_torchrun
-from recif_inputs import recif_fixture, recif_rows, write_recif_task  # noqa: F401
+from recif_inputs import recif_rows, write_recif_task
 
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
 
@@ -43,7 +43,7 @@ def _sft_rows(samples):
     return rows
 
 
-def test_import_convert_sft_evaluate_export(openonerec_hf_dir, recif_fixture, tmp_path):  # noqa: F811
+def test_import_convert_sft_evaluate_export(openonerec_hf_dir, recif_fixture, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 

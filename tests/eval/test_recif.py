@@ -5,7 +5,7 @@ import os
 import re
 
 import pytest
-from recif_inputs import RECIF_FIXTURE, fixture_messages, recif_fixture, recif_rows, write_recif_task  # noqa: F401
+from recif_inputs import fixture_messages, recif_rows, write_recif_task
 
 from megatron_onereason import evaluate
 from megatron_onereason.eval.recif import (
@@ -41,8 +41,8 @@ def _assert_matches_fixture(report, fixture, names):
         assert report["mean"][name] == pytest.approx(sum(float(s[name]) for _, s in fixture) / len(fixture))
 
 
-def test_scoring_reproduces_every_openonerec_per_sample_score(recif_fixture, tmp_path):
-    report = _score(tmp_path, RECIF_FIXTURE)
+def test_scoring_reproduces_every_openonerec_per_sample_score(recif_fixture, recif_fixture_path, tmp_path):
+    report = _score(tmp_path, recif_fixture_path)
     assert sorted(k for k in report["per_sample"][0] if k != "id") == sorted(NAMES)
     _assert_matches_fixture(report, recif_fixture, NAMES)
     assert report["pid_source"] == "pid_generations"

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from recif_inputs import recif_fixture, recif_rows, write_recif_task  # noqa: F401
+from recif_inputs import recif_rows, write_recif_task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_onereason import evaluate
@@ -24,7 +24,7 @@ BEAMS = 4
 
 
 @pytest.fixture(scope="module")
-def setup(openonerec_hf_dir, recif_fixture, tmp_path_factory):  # noqa: F811
+def setup(openonerec_hf_dir, recif_fixture, tmp_path_factory):
     root = tmp_path_factory.mktemp("recif_eval")
     # resize_token_embeddings gives the new rows nearly equal embeddings: spread them so that beams do not tie
     tokenizer = AutoTokenizer.from_pretrained(openonerec_hf_dir)

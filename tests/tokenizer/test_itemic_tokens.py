@@ -21,17 +21,13 @@ from megatron_onereason.tokenizer.itemic_tokens import (
     preset,
 )
 
-FIXTURE = "/work/shared/fixtures/recif/ad_test_onerec1.7b_100.json"
 SID = re.compile(r"<\|sid_begin\|><s_a_(\d+)><s_b_(\d+)><s_c_(\d+)><\|sid_end\|>")  # OpenOneRec's item notation
 CODES_ONLY = re.compile(r"<s_a_(\d+)><s_b_(\d+)><s_c_(\d+)>")  # what OpenOneRec's scorer extracts
 
 
 @pytest.fixture(scope="module")
-def recif_samples():
-    if not os.path.exists(FIXTURE):
-        pytest.skip(f"{FIXTURE} not present")
-    with open(FIXTURE) as f:
-        return list(json.load(f)["samples"].values())
+def recif_samples(recif_fixture):
+    return [s for _, s in recif_fixture]
 
 
 # ------------------------------------------------------------------------------------------ strings
