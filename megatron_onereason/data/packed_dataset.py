@@ -23,7 +23,7 @@ class PackedDataset(torch.utils.data.Dataset):
     """Item ``i``: a dict of 1-D tensors (one packed sequence; the model adds the batch dimension of 1).
 
     Keys: ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``cu_seqlens``, ``source_ids`` (tensors, see
-    :class:`~.packing.Pack`) and ``num_documents`` (int). ``source_names[k]`` names source id ``k``.
+    :class:`~.packing.Pack`), ``num_documents`` and ``max_seqlen`` (ints). ``source_names[k]`` names source id ``k``.
     """
 
     def __init__(self, sources: Sequence[IndexedPair], blend: BlendPlan, plan: PackPlan, pad_id: int) -> None:
@@ -57,6 +57,7 @@ class PackedDataset(torch.utils.data.Dataset):
             for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "source_ids")
         }
         out["num_documents"] = pack.num_documents
+        out["max_seqlen"] = pack.max_seqlen
         return out
 
     def stats(self) -> Dict:

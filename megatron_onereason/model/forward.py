@@ -1,19 +1,39 @@
-"""Forward passes through megatron-core's pipeline schedules, for evaluation and conversion checks."""
+"""Packs onto the device and forward passes through megatron-core's pipeline schedules (evaluation, conversion checks).
+
+The training step must never wait for the GPU: :func:`pack_to_device` copies a (pinned) pack without blocking and
+builds its ``PackedSeqParams`` from the host copy of ``cu_seqlens``, so nothing is read back from the device.
+"""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 
-def packed_seq_params(cu_seqlens: torch.Tensor):
-    """megatron-core ``PackedSeqParams`` (``thd``) for one pack whose document boundaries are ``cu_seqlens``."""
+def packed_seq_params(cu_seqlens: torch.Tensor, device: Optional[torch.device] = None,
+                      max_seqlen: Optional[int] = None):
+    """megatron-core ``PackedSeqParams`` (``thd``) for one pack whose document boundaries are ``cu_seqlens``.
+
+    ``max_seqlen`` (the longest segment, a host ``int`` such as a pack's ``max_seqlen``) saves reading it from
+    ``cu_seqlens``: a device→host sync when ``cu_seqlens`` is on the GPU. The boundaries are copied to ``device``
+    without blocking.
+    """
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    cu = cu_seqlens.to(dtype=torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-                           max_seqlen_kv=max_len)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu = cu_seqlens.to(device=device or cu_seqlens.device, dtype=torch.int32, non_blocking=True)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen,
+                           max_seqlen_kv=max_seqlen)
+
+
+def pack_to_device(pack: Dict, device: torch.device) -> Dict:
+    """A pack (an item of :class:`~megatron_onereason.data.packed_dataset.PackedDataset`, on the host) with its
+    tensors on ``device`` and its ``packed_seq_params``. Nothing is read back from the device, and the copies do not
+    block: from pinned memory (the training loader pins on CUDA) they overlap the previous micro-batch's kernels."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in pack.items()}
+    out["packed_seq_params"] = packed_seq_params(out["cu_seqlens"], max_seqlen=pack["max_seqlen"])
+    return out
 
 
 def forward_logits(

@@ -19,6 +19,8 @@ class ModelSection:
     itemic_vocab: Optional[str] = None  # dir with itemic_tokens.json; default: the checkpoint's hf/ assets
     layer_spec: Literal["auto", "te", "local"] = "auto"
     recompute_granularity: Optional[Literal["full", "selective"]] = None
+    # Every fused kernel the machine has (model/builder.py: fused_kernel_flags); false: unfused torch ops.
+    fused_kernels: bool = True
 
 
 @dataclass

@@ -77,6 +77,7 @@ def build_config(model: ModelSection, p: ParallelSection, prec: PrecisionSection
         layer_spec=model.layer_spec,
         padded_vocab_size=info.padded_vocab_size,
         recompute_granularity=model.recompute_granularity,
+        fused_kernels=model.fused_kernels,
         calculate_per_token_loss=True,
         **overrides,
     )

@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from megatron_onereason.metrics_log import MetricsLogger, format_eta
-from megatron_onereason.model.forward import packed_seq_params
+from megatron_onereason.model.forward import pack_to_device
 from megatron_onereason.training import checkpointing
 from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
@@ -57,16 +57,14 @@ def _micro_batches(dataset, first_sample: int, global_batch: int) -> List[Dict]:
 
 
 def _forward_step(itemic_range, num_sources, data_iterator, model):
-    batch = next(data_iterator)
-    dev = device()
-    tokens = batch["tokens"].to(dev)[None]
-    output = model(tokens, batch["position_ids"].to(dev)[None], None, labels=batch["labels"].to(dev)[None],
-                   packed_seq_params=packed_seq_params(batch["cu_seqlens"].to(dev)))
+    batch = pack_to_device(next(data_iterator), device())  # no device->host sync: see model/forward.py
+    output = model(batch["tokens"][None], batch["position_ids"][None], None, labels=batch["labels"][None],
+                   packed_seq_params=batch["packed_seq_params"])
 
     def loss_func(per_token_loss):
-        mask = batch["loss_mask"].to(dev)
+        mask = batch["loss_mask"]
         loss_sum = (per_token_loss.view(-1).float() * mask).sum()
-        report = loss_breakdown(per_token_loss.detach(), mask, batch["labels"].to(dev), batch["source_ids"].to(dev),
+        report = loss_breakdown(per_token_loss.detach(), mask, batch["labels"], batch["source_ids"],
                                 itemic_range, num_sources)
         return loss_sum, mask.sum().to(torch.int), {"breakdown": report}
 
