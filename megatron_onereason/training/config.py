@@ -65,6 +65,10 @@ class DataSection:
     overlong_policy: Literal["split", "truncate", "drop"] = "split"
     total_tokens: Optional[int] = None  # tokens drawn by the blend; default: all of the smallest-ratio source
     seed: int = 1234
+    # Where the blend + pack plan is saved once and memory-mapped by every rank (keyed by the inputs' lengths and
+    # these settings; tools/plan_packs.py builds it ahead of a job); default: pack_plans/ beside the first prefix.
+    plan_cache: Optional[str] = None
+    num_workers: int = 2  # background processes per rank assembling packs ahead of the step (0: in the step)
 
 
 @dataclass

@@ -24,7 +24,12 @@ from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
 from megatron_onereason.training.freezing import mask_frozen_row_grads
 from megatron_onereason.training.loss import breakdown_metrics, loss_breakdown
-from megatron_onereason.training.setup import device, install_grad_hooks, setup_model_and_optimizer
+from megatron_onereason.training.setup import (
+    device,
+    install_grad_hooks,
+    setup_model_and_optimizer,
+    setup_training_data,
+)
 
 log = logging.getLogger("megatron_onereason.train")
 PAD_TOKEN_ID = 0  # padding sits in its own attention segment with no loss, so its id never matters
@@ -44,16 +49,6 @@ class _StopFlag:
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device())
         torch.distributed.all_reduce(flag)
         return bool(flag.item())
-
-
-def _micro_batches(dataset, first_sample: int, global_batch: int) -> List[Dict]:
-    """This DP rank's packs of the global batch ``[first_sample, first_sample + global_batch)``."""
-    from megatron.core import parallel_state
-
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    per_rank = global_batch // dp
-    start = first_sample + rank * per_rank
-    return [dataset[(start + i) % len(dataset)] for i in range(per_rank)]
 
 
 def _forward_step(itemic_range, num_sources, data_iterator, model):
@@ -76,9 +71,6 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_onereason.data.blending import BlendConfig, parse_blend
-    from megatron_onereason.data.packed_dataset import build_packed_dataset
-    from megatron_onereason.data.packing import PackingConfig
     from megatron_onereason.platform import initialize_distributed
 
     p = cfg.parallel
@@ -102,12 +94,8 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     info, itemic, row_params = state.info, state.itemic, state.row_params
     iteration, consumed = state.iteration, state.consumed_samples
 
-    dataset = build_packed_dataset(
-        BlendConfig(parse_blend([str(x) for x in cfg.data.blend]), cfg.data.total_tokens, cfg.data.seed),
-        PackingConfig(cfg.data.seq_length, cfg.data.max_sample_length, cfg.data.overlong_policy,
-                      seed=cfg.data.seed),
-        pad_id=PAD_TOKEN_ID,
-    )
+    data = setup_training_data(cfg.data, cfg.train.global_batch_size, consumed, PAD_TOKEN_ID)
+    dataset = data.dataset
     install_grad_hooks(state, p)
     itemic_range = (itemic.first_id, itemic.end_id) if itemic else (0, 0)
     forward_step = partial(_forward_step, itemic_range, len(dataset.source_names))
@@ -126,7 +114,7 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
 
     while iteration < cfg.train.iters:
         step_start = time.time()
-        micro = _micro_batches(dataset, consumed, gbs)
+        micro = data.next_global_batch()
         iterators = [iter(micro) for _ in model] if len(model) > 1 else iter(micro)
         for m in model:
             m.zero_grad_buffer()
