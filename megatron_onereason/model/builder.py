@@ -226,6 +226,7 @@ def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig, support: 
         recompute_num_layers=1 if build.recompute_granularity == "full" else None,
         use_cpu_initialization=not cuda,
         batch_p2p_sync=False,  # a torch.cuda.synchronize() after every p2p exchange: only old PyTorch needed it
+        deallocate_pipeline_outputs=True,  # a stage's sent output is freed (its backward needs only the grad)
         **fusions,
         **fp8_kwargs,
     )
@@ -337,8 +338,9 @@ def _padded_vocab_mask_hook(vocab_size: int, padded_rows: int):
         start = 0 if local == padded_rows else parallel_state.get_tensor_model_parallel_rank() * local
         first_pad = min(max(vocab_size - start, 0), local)
         if first_pad < local:
-            keep = torch.arange(local, device=logits.device) < first_pad
-            logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+            # In place: an out-of-place fill would hold a second [S, V/TP] copy of the logits at the peak (4 GiB
+            # for a 48K pack of the 8B model at TP=4). The linear layer keeps its input, not its output.
+            logits[..., first_pad:] = torch.finfo(logits.dtype).min
         return logits, bias
 
     return hook

@@ -80,6 +80,9 @@ class TrainSection:
     # "all"; or a list of regular expressions over parameter names.
     trainable: List[str] = field(default_factory=lambda: ["all"])
     exit_at_iteration: Optional[int] = None  # save and stop there (what SIGTERM does at the next iteration)
+    # Before building anything, the memory planner (python -m megatron_onereason.plan) checks every pipeline stage
+    # fits the device: "refuse" stops a layout that does not, "warn" only logs it, "off" skips the check.
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
 from megatron_onereason.training.freezing import mask_frozen_row_grads
 from megatron_onereason.training.loss import breakdown_metrics, loss_breakdown
+from megatron_onereason.training.memory_plan import check_run_fits
 from megatron_onereason.training.setup import (
     device,
     install_grad_hooks,
@@ -87,6 +88,7 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by DP={dp}")
     if not cfg.data.blend:
         raise ValueError("data.blend is empty: give [weight, prefix, ...] of tools/preprocess_data.py outputs")
+    check_run_fits(cfg, world, rank)  # the memory planner refuses a layout that cannot fit (train.memory_check)
 
     state = setup_model_and_optimizer(cfg.model, p, cfg.precision, cfg.optim, cfg.train.trainable, cfg.train.iters,
                                       resume_from=cfg.checkpoint.load)
