@@ -96,8 +96,11 @@ def test_cli_prints_the_8b_table_and_refuses_what_does_not_fit(capsys):
     assert "| 0 | 18 |" in out and "| 1 | 18 |" in out and "fits" in out
     assert plan_main(args + ["--device-memory-gib", "10"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
-    assert plan_main(args + ["parallel.pipeline_model_parallel_size=5"]) == 2  # 36 layers do not split in 5
+    assert plan_main(args[:-4] + ["--world-size", "20", "--model", "8b",
+                                  "parallel.pipeline_model_parallel_size=5"]) == 2  # 36 layers: not in 5 stages
     assert "does not split over PP=5" in capsys.readouterr().err
+    assert plan_main(args + ["train.global_batch_size=100"]) == 2
+    assert "not divisible by DP=16" in capsys.readouterr().err
 
 
 def test_trainer_refuses_a_layout_that_cannot_fit(tmp_path):
