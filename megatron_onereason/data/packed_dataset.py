@@ -36,11 +36,21 @@ from megatron_onereason.data.packing import (
 log = logging.getLogger(__name__)
 
 
+def pack_item(pack: Pack) -> Dict[str, Union[torch.Tensor, int]]:
+    """A :class:`~.packing.Pack` as the dataset yields it: its arrays as tensors, ``num_documents`` as an int."""
+    out: Dict[str, Union[torch.Tensor, int]] = {
+        name: torch.from_numpy(getattr(pack, name))
+        for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "source_ids")
+    }
+    out["num_documents"] = pack.num_documents
+    return out
+
+
 class PackedDataset(torch.utils.data.Dataset):
     """Item ``i``: a dict of 1-D tensors (one packed sequence; the model adds the batch dimension of 1).
 
     Keys: ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``cu_seqlens``, ``source_ids`` (tensors, see
-    :class:`~.packing.Pack`), ``num_documents`` and ``max_seqlen`` (ints). ``source_names[k]`` names source id ``k``.
+    :class:`~.packing.Pack`), and ``num_documents`` (int). ``source_names[k]`` names source id ``k``.
     """
 
     def __init__(self, sources: Sequence[IndexedPair], blend: BlendPlan, plan: PackPlan, pad_id: int) -> None:
@@ -68,14 +78,7 @@ class PackedDataset(torch.utils.data.Dataset):
         return assemble_pack(tokens, targets, source_ids, self.plan.seq_length, self.pad_id)
 
     def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, int]]:
-        pack = self.pack(index)
-        out: Dict[str, Union[torch.Tensor, int]] = {
-            name: torch.from_numpy(getattr(pack, name))
-            for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "source_ids")
-        }
-        out["num_documents"] = pack.num_documents
-        out["max_seqlen"] = pack.max_seqlen
-        return out
+        return pack_item(self.pack(index))
 
     def stats(self) -> Dict:
         return {"blend": self.blend.stats(), "packing": self.plan.stats.to_dict()}

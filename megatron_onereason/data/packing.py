@@ -262,11 +262,6 @@ class Pack:
     source_ids: np.ndarray  # int64 [S], source index per token, PAD_SOURCE_ID on padding
     num_documents: int  # documents in the pack (not counting the padding segment)
 
-    @property
-    def max_seqlen(self) -> int:
-        """Longest segment: what packed attention sizes its kernels by, known on the host (no device read)."""
-        return int(np.diff(self.cu_seqlens).max())
-
 
 def packed_loss_mask(target_mask: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray:
     """Per-position loss weight of a packed sequence.

@@ -1,7 +1,7 @@
 """Packs onto the device and forward passes through megatron-core's pipeline schedules (evaluation, conversion checks).
 
 The training step must never wait for the GPU: :func:`pack_to_device` copies a (pinned) pack without blocking and
-builds its ``PackedSeqParams`` from the host copy of ``cu_seqlens``, so nothing is read back from the device.
+builds its ``packed_seq_params`` from the host copy of ``cu_seqlens``, so nothing is read back from the device.
 """
 from __future__ import annotations
 
@@ -9,30 +9,18 @@ from typing import Dict, List, Optional
 
 import torch
 
-
-def packed_seq_params(cu_seqlens: torch.Tensor, device: Optional[torch.device] = None,
-                      max_seqlen: Optional[int] = None):
-    """megatron-core ``PackedSeqParams`` (``thd``) for one pack whose document boundaries are ``cu_seqlens``.
-
-    ``max_seqlen`` (the longest segment, a host ``int`` such as a pack's ``max_seqlen``) saves reading it from
-    ``cu_seqlens``: a device→host sync when ``cu_seqlens`` is on the GPU. The boundaries are copied to ``device``
-    without blocking.
-    """
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    cu = cu_seqlens.to(device=device or cu_seqlens.device, dtype=torch.int32, non_blocking=True)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_seqlen,
-                           max_seqlen_kv=max_seqlen)
+from megatron_onereason.model.pack_layout import PackLayout
 
 
 def pack_to_device(pack: Dict, device: torch.device) -> Dict:
     """A pack (an item of :class:`~megatron_onereason.data.packed_dataset.PackedDataset`, on the host) with its
-    tensors on ``device`` and its ``packed_seq_params``. Nothing is read back from the device, and the copies do not
-    block: from pinned memory (the training loader pins on CUDA) they overlap the previous micro-batch's kernels."""
+    tensors on ``device`` and its ``packed_seq_params`` (built from the host ``cu_seqlens``). Nothing is read back
+    from the device, and the copies do not block: from pinned memory (the training loader pins on CUDA) they
+    overlap the previous micro-batch's kernels."""
+    from megatron_onereason.model.packed_attention import document_params
+
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in pack.items()}
-    out["packed_seq_params"] = packed_seq_params(out["cu_seqlens"], max_seqlen=pack["max_seqlen"])
+    out["packed_seq_params"] = document_params(pack["cu_seqlens"], device)
     return out
 
 
@@ -42,22 +30,29 @@ def forward_logits(
     cu_seqlens: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
     labels: Optional[torch.Tensor] = None,
+    layout: Optional[PackLayout] = None,
 ) -> Optional[torch.Tensor]:
     """Logits ``[B, S, V]`` (gathered over TP, cut to ``vocab_size``) on the last pipeline stage; None elsewhere.
 
     With ``labels`` ``[B, S]``: megatron's per-token cross-entropy ``[B, S]`` (vocab-parallel) instead of logits.
 
-    ``cu_seqlens`` marks packed documents (``B`` must be 1): each attends only within itself and its positions
-    restart at 0. Every rank of the model-parallel group calls this with the same ``tokens``.
+    ``cu_seqlens`` (host-side) marks packed documents (``B`` must be 1): each attends only within itself and its
+    positions restart at 0. ``layout`` gives any pack structure instead (documents or RL trees, see
+    :mod:`megatron_onereason.model.pack_layout`). Every rank of the model-parallel group calls this with the same
+    ``tokens``.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if cu_seqlens is not None and tokens.size(0) != 1:
+    if cu_seqlens is not None:
+        if layout is not None:
+            raise ValueError("give cu_seqlens or layout, not both")
+        layout = PackLayout.from_cu_seqlens(cu_seqlens)
+    if layout is not None and tokens.size(0) != 1:
         raise ValueError(f"packed forward takes one pack per call, got batch {tokens.size(0)}")
     batch, seq = tokens.shape
     position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
-    psp = packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
+    psp = layout.params(tokens.device) if layout is not None else None
 
     def forward_step(data_iterator, model):
         toks = next(data_iterator)

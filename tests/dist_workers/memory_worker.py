@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import torch
 
+from megatron_onereason.data.packed_dataset import pack_item
 from megatron_onereason.data.packing import assemble_pack
 from megatron_onereason.model.forward import pack_to_device
 from megatron_onereason.platform import device, initialize_distributed
@@ -27,10 +28,7 @@ def a_pack(seq, vocab):
     lengths = [seq // 4] * 3 + [seq - 3 * (seq // 4)]
     pack = assemble_pack([rng.integers(0, vocab, n) for n in lengths], [np.ones(n, np.uint8) for n in lengths],
                          [0] * 4, seq, 0)
-    item = {k: torch.from_numpy(getattr(pack, k)) for k in ("tokens", "labels", "loss_mask", "position_ids",
-                                                             "cu_seqlens", "source_ids")}
-    item.update(num_documents=pack.num_documents, max_seqlen=pack.max_seqlen)
-    return item
+    return pack_item(pack)
 
 
 def saved_bytes(model, batch):
