@@ -11,16 +11,18 @@ pipeline stage, in bytes:
 * **optimizer**: Adam's two fp32 moments, plus an fp32 master copy when the parameters are bf16; divided over DP
   with the distributed optimizer. Buffer padding for the distributed optimizer (< 64 elements per parameter plus
   ``lcm(DP, 128)`` per bucket) is not counted.
-* **activations**: what the forward pass keeps for the backward, per micro-batch (:func:`layer_activation_elements`,
-  TE / flash attention: no ``S²`` term), times the micro-batches in flight on this stage (1F1B warm-up, interleaved
-  when virtual stages are set), plus the backward's working set: one layer recomputed (full recompute) and its
-  gradients.
-* **logits**: the last stage's ``[S, V/TP]`` logits and the cross-entropy's copies (fp32 copy and softmax for
-  megatron's own cross-entropy, in place for TE's fused one); one micro-batch at a time.
+* **activations**: what the forward pass keeps for the backward, per micro-batch (:func:`layer_activation_bytes`,
+  counted tensor by tensor for the kernels that run; flash-style attention: no ``S²`` term), times the micro-batches
+  in flight on this stage (1F1B warm-up, interleaved when virtual stages are set).
+* **transient**: the larger of two moments that do not overlap — the backward's working set (one layer recomputed
+  with full recompute, and the gradients of its largest intermediates) and, on the last stage, the logits
+  ``[S, V/TP]`` with the cross-entropy's copies (an fp32 copy that becomes the softmax and then the gradient for
+  megatron's own cross-entropy; in place for TE's fused one), one micro-batch at a time.
 * **runtime**: CUDA context, NCCL and cuBLAS workspaces (an assumption, ``runtime_gib``).
 
 Validated on CPU against real models (``tests/training/test_memory_plan.py``): weights, grads and non-distributed
-optimizer states are exact; stored activations are within the margin stated there. FLOPs come from
+optimizer states are exact; stored activations are within the margin stated there, and the peak of a
+forward-backward within its margin. FLOPs come from
 :mod:`megatron_onereason.training.flops` (model FLOPs for MFU; full recompute adds one forward to what the hardware
 does).
 """
@@ -82,8 +84,9 @@ class StageMemory:
     weights: int
     grads: int
     optimizer: int
-    activations: int  # stored for backward over the in-flight micro-batches + the backward's working set
-    logits: int
+    activations: int  # kept for the backward by the micro-batches in flight
+    working: int  # the backward's working set
+    logits: int  # the last stage's logits and cross-entropy (forward or backward of one micro-batch)
     runtime: int
     in_flight: int  # micro-batches (chunk forwards with virtual stages) holding activations at the peak
 
@@ -92,8 +95,12 @@ class StageMemory:
         return self.weights + self.grads + self.optimizer
 
     @property
+    def transient(self) -> int:
+        return max(self.working, self.logits)
+
+    @property
     def total(self) -> int:
-        return self.states + self.activations + self.logits + self.runtime
+        return self.states + self.activations + self.transient + self.runtime
 
 
 # --------------------------------------------------------------------------------------------------- parameters
@@ -206,6 +213,19 @@ def kernels_of(layer_spec: str, fusions: dict) -> PlannedKernels:
     )
 
 
+def _norm_bytes(kernels: PlannedKernels, value_bytes: int) -> int:
+    """Bytes per value of what an RMSNorm keeps: torch's RMSNorm of the local spec has fp32 weights in a bf16
+    model, so it computes — and keeps its input and normalised input — in fp32."""
+    return 4 if not kernels.te_norm and value_bytes == 2 else value_bytes
+
+
+def norm_and_linear_bytes(hidden: int, shards: int, kernels: PlannedKernels, value_bytes: int) -> float:
+    """Per token: an RMSNorm over ``hidden`` values followed by a linear layer, sequence-sharded ``shards`` ways —
+    the norm's input (+ its normalised input with torch's norm), its fp32 ``rstd``, and the linear layer's input."""
+    values = (1 if kernels.te_norm else 2) * hidden * _norm_bytes(kernels, value_bytes) + hidden * value_bytes
+    return (values + 4) / shards
+
+
 def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, recompute: Optional[str], kernels: PlannedKernels,
                            value_bytes: int) -> float:
     """Bytes one decoder layer keeps for its backward, per token of the pack (``value_bytes``: 2 for bf16).
@@ -213,13 +233,15 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, recompute: Optional
     Counted tensor by tensor (``[·]`` = values per token; ``/sp``: sharded by sequence parallelism, ``/t``: by
     tensor parallelism over heads or columns):
 
-    * each of the two norms: its input ``[h/sp]`` (+ its normalised input with torch's RMSNorm) and ``rstd``
-      (fp32); the following linear layer's input ``[h/sp]`` (re-gathered over TP in the backward);
-    * q/k norms: q ``[nq·d/t]`` (a copy) and k, which is a view that keeps the whole fused QKV output
-      ``[(nq+2·nkv)·d/t]`` alive (+ their normalised outputs with torch's norm), ``rstd`` per head;
+    * each of the two norms and the linear layer after it (:func:`norm_and_linear_bytes`) over ``[h/sp]`` (the
+      linear layers re-gather their input over TP in the backward);
+    * the fused QKV output ``[(nq+2·nkv)·d/t]``, kept whole because k (the k norm's input) and v (attention's) are
+      views of it; the q norm's input ``[nq·d/t]`` (a copy; torch's fp32 norm also keeps an fp32 copy of k), the
+      normalised q and k with torch's norm, ``rstd`` per head (fp32);
     * unfused RoPE: cos and sin for q and k ``[4·d]``;
-    * core attention (flash / FlexAttention / per-document SDPA): contiguous q, k, v, the output and the fp32
-      log-sum-exp per head (dropped with selective recompute); linear_proj's input ``[nq·d/t]``;
+    * core attention (flash / FlexAttention / per-document SDPA): contiguous q and k ``[(nq+nkv)·d/t]``, the
+      output ``[nq·d/t]`` and the fp32 log-sum-exp per head (dropped with selective recompute); linear_proj's
+      input ``[nq·d/t]``;
     * MLP: fc1's output ``[2f/t]`` (SwiGLU's input), fc2's input ``[f/t]`` (+ silu's output and the linear half
       ``[2f/t]`` when unfused).
 
@@ -227,23 +249,23 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, recompute: Optional
     """
     h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
     nq, nkv = cfg.num_attention_heads, cfg.num_query_groups
-    t, sp = layout.tp, (layout.tp if layout.sequence_parallel else 1)
+    t, sp, v = layout.tp, (layout.tp if layout.sequence_parallel else 1), value_bytes
     if recompute == "full":
-        return h / sp * value_bytes
-    norm_values = 2 if kernels.te_norm else 3  # input (+ normalised) + the linear layer's input
-    values = 2 * norm_values * h / sp
-    fp32 = 2 / sp  # rstd of the two norms
-    values += nq * d / t + (nq + 2 * nkv) * d / t  # q norm input (copy), k norm input (a view of fused QKV)
+        return h / sp * v
+    total = 2 * norm_and_linear_bytes(h, sp, kernels, v)
+    norm_v = _norm_bytes(kernels, v)
+    total += (nq + 2 * nkv) * d / t * v  # the fused QKV output, kept whole by its views k and v
+    total += (nq + (nkv if norm_v != v else 0)) * d / t * norm_v  # q norm's input (a copy); k's when upcast
     if not kernels.te_norm:
-        values += (nq + nkv) * d / t  # normalised q, k
-    fp32 += (nq + nkv) / t
+        total += (nq + nkv) * d / t * norm_v  # normalised q, k
+    total += (nq + nkv) / t * 4  # rstd per head
     if not kernels.fused_rope:
-        values += 4 * d
-    values += (nq + 2 * nkv) * d / t + nq * d / t + nq * d / t  # attention q, k, v, output; linear_proj input
+        total += 4 * d * v
+    total += ((nq + nkv) * d / t + 2 * nq * d / t) * v  # attention's q, k (v: the view); output; linear_proj input
     if recompute != "selective":
-        fp32 += nq / t
-    values += 3 * f / t + (0 if kernels.fused_swiglu else 2 * f / t)
-    return values * value_bytes + fp32 * 4
+        total += nq / t * 4
+    total += (3 * f / t + (0 if kernels.fused_swiglu else 2 * f / t)) * v
+    return total
 
 
 def in_flight_microbatches(layout: Layout, pp_rank: int, micro_batches: int) -> int:
@@ -278,37 +300,36 @@ def stored_activation_bytes(cfg: Qwen3Config, layout: Layout, step: StepShape, k
     if pp_rank == 0:
         per_micro_batch += tokens * 8  # token ids (int64) for the embedding's backward
     stored = per_micro_batch * in_flight
-    if pp_rank == layout.pp - 1:  # one micro-batch at a time reaches the loss
-        stored += tokens * ((2 if kernels.te_norm else 3) * cfg.hidden_size / sp * v + 4 / sp + 9)
+    if pp_rank == layout.pp - 1:  # one micro-batch at a time reaches the loss: final norm, output layer, labels
+        stored += tokens * (norm_and_linear_bytes(cfg.hidden_size, sp, kernels, v) + 9)
     return int(stored)
 
 
-def activation_bytes(cfg: Qwen3Config, layout: Layout, step: StepShape, kernels: PlannedKernels,
-                     pp_rank: int) -> Tuple[int, int]:
-    """(activation bytes at the peak, chunk forwards in flight) of one rank: the stored activations plus the
-    backward's working set — the layer being differentiated (recomputed, with full recompute) and the gradients of
-    its largest intermediates (fc1's output and the residual stream)."""
-    in_flight = in_flight_microbatches(layout, pp_rank, step.micro_batches)
-    stored = stored_activation_bytes(cfg, layout, step, kernels, pp_rank, in_flight)
+def working_bytes(cfg: Qwen3Config, layout: Layout, step: StepShape, kernels: PlannedKernels) -> int:
+    """The backward's working set on any stage: the layer being differentiated (recomputed, with full recompute)
+    and the gradients of its largest intermediates (fc1's output and the residual stream)."""
     tokens = step.seq_length / layout.cp
     sp = layout.tp if layout.sequence_parallel else 1
     v = step.bytes_per_value
     grads = (2 * cfg.ffn_hidden_size / layout.tp + 2 * cfg.hidden_size / sp) * tokens * v
     recomputed = layer_activation_bytes(cfg, layout, None, kernels, v) * tokens if step.recompute == "full" else 0
-    return int(stored + grads + recomputed), in_flight
+    return int(grads + recomputed)
 
 
-def logits_bytes(vocab_rows: int, layout: Layout, step: StepShape, kernels: PlannedKernels) -> int:
-    """Peak bytes of the last stage's logits and cross-entropy for one micro-batch.
+def logits_bytes(vocab_rows: int, layout: Layout, step: StepShape, kernels: PlannedKernels,
+                 stored: bool = False) -> int:
+    """Peak bytes of the last stage's logits and cross-entropy for one micro-batch (``stored``: only what the
+    cross-entropy keeps for the backward).
 
     ``[S, V/TP]`` logits in the activation dtype; megatron's vocab-parallel cross-entropy (unfused or its jit
     "native" fusion) turns an fp32 copy of them into the saved softmax (and then the fp32 gradient), alive beside
-    the 16-bit logits at the peak (with fp32 logits it works in place); TE's fused cross-entropy works in place.
+    the 16-bit logits at the peak (with fp32 logits it works in place); TE's fused cross-entropy keeps the gradient
+    in the logits' place.
     """
     elements = step.seq_length / layout.cp * vocab_rows / layout.tp
-    if kernels.te_cross_entropy or not step.bf16:
+    if kernels.te_cross_entropy:
         return int(elements * step.bytes_per_value)
-    return int(elements * (4 + step.bytes_per_value))
+    return int(elements * (4 + (step.bytes_per_value if step.bf16 and not stored else 0)))
 
 
 def plan_memory(cfg: Qwen3Config, vocab_rows: int, layout: Layout, step: StepShape,
@@ -323,11 +344,13 @@ def plan_memory(cfg: Qwen3Config, vocab_rows: int, layout: Layout, step: StepSha
         params = rank_parameters(cfg, vocab_rows, layout, r)
         trainable = trainable_parameters(params, step.trainable)
         weights, grads, optimizer = state_bytes(params, trainable, layout, step.bf16, not kernels.te_norm)
-        activations, in_flight = activation_bytes(cfg, layout, step, kernels, r)
+        in_flight = in_flight_microbatches(layout, r, step.micro_batches)
+        activations = stored_activation_bytes(cfg, layout, step, kernels, r, in_flight)
         logits = logits_bytes(vocab_rows, layout, step, kernels) if r == layout.pp - 1 else 0
         out.append(StageMemory(r, cfg.num_layers // layout.pp, sum(n for _, n in params),
                                sum(n for _, n in trainable), weights, grads, optimizer,
-                               activations, logits, int(runtime_gib * GIB), in_flight))
+                               activations, working_bytes(cfg, layout, step, kernels), logits,
+                               int(runtime_gib * GIB), in_flight))
     return out
 
 
@@ -371,14 +394,16 @@ class Plan:
         def gib(x):
             return f"{x / GIB:.2f}"
 
-        rows = ["| PP rank | layers | params (M) | weights | grads | optimizer | activations (in flight) | logits "
-                "| runtime | total GiB |" + (" of device |" if self.capacity else ""),
-                "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if self.capacity else "")]
+        rows = ["| PP rank | layers | params (M) | weights | grads | optimizer | activations (in flight) "
+                "| backward working set | logits + CE | runtime | total GiB |" + (" of device |" if self.capacity else ""),
+                "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if self.capacity else "")]
         for s in self.stages:
             share = f" {100 * s.total / self.capacity:.0f}% |" if self.capacity else ""
             rows.append(f"| {s.pp_rank} | {s.layers} | {s.params / 1e6:.1f} | {gib(s.weights)} | {gib(s.grads)} | "
-                        f"{gib(s.optimizer)} | {gib(s.activations)} ({s.in_flight}) | {gib(s.logits)} | "
-                        f"{gib(s.runtime)} | **{gib(s.total)}** |{share}")
+                        f"{gib(s.optimizer)} | {gib(s.activations)} ({s.in_flight}) | {gib(s.working)} | "
+                        f"{gib(s.logits)} | {gib(s.runtime)} | **{gib(s.total)}** |{share}")
+        rows.append("(total = weights + grads + optimizer + activations + the larger of the working set and the "
+                    "logits, which do not overlap + runtime)")
         return "\n".join(rows)
 
 
@@ -446,8 +471,8 @@ def check_training_memory(cfg, model: Qwen3Config, vocab_rows: int, world_size: 
         peak = plan.peak
         message = (f"memory plan: pipeline rank {peak.pp_rank} needs {peak.total / GIB:.1f} GiB per device, "
                    f"{where} (weights {peak.weights / GIB:.1f}, grads {peak.grads / GIB:.1f}, optimizer "
-                   f"{peak.optimizer / GIB:.1f}, activations {peak.activations / GIB:.1f}, logits "
-                   f"{peak.logits / GIB:.1f}); use more TP/PP, the distributed optimizer or recompute, shorter packs, "
+                   f"{peak.optimizer / GIB:.1f}, activations {peak.activations / GIB:.1f}, transient "
+                   f"{peak.transient / GIB:.1f}); use more TP/PP, the distributed optimizer or recompute, shorter packs, "
                    f"or set train.memory_check=warn to start anyway")
         if cfg.train.memory_check == "refuse":
             raise MemoryPlanError(message + "\n" + plan.table())

@@ -6,7 +6,7 @@ CASE: {"model_dir": HF dir with config.json (init_from), "tp", "pp", "distopt", 
 "recompute"}. Each rank writes OUT_DIR/rank{r}.json: its parameters (name, elements), weight bytes, the DDP grad
 buffers' bytes, the optimizer's state bytes after one step (Adam moments and fp32 master copies) and, on PP=1, the
 bytes the forward pass keeps for the backward of one pack (saved-tensor hooks, parameters excluded, storages counted
-once and whole).
+once and whole) and the peak bytes allocated during a forward-backward (the profiler's allocation trace).
 """
 import json
 import os
@@ -48,6 +48,23 @@ def saved_bytes(model, batch):
     return sum(seen.values()), loss
 
 
+def peak_bytes(model, batch, trace_path):
+    """Peak of the bytes allocated during one forward-backward (the profiler's allocation trace on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = model(batch["tokens"][None], batch["position_ids"][None], None, labels=batch["labels"][None],
+                     packed_seq_params=batch["packed_seq_params"])
+        (loss.float() * batch["loss_mask"][None]).sum().backward()
+        del loss
+    os.makedirs(os.path.dirname(trace_path), exist_ok=True)
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    os.remove(trace_path)
+    return max(e["Total Allocated"] for e in events)
+
+
 def main(case_path, out_dir):
     from megatron.core import parallel_state
 
@@ -69,6 +86,7 @@ def main(case_path, out_dir):
         batch = pack_to_device(a_pack(case["seq"], 500), device())
         result["stored_activations"], loss = saved_bytes(state.chunks[0], batch)
         (loss.float() * batch["loss_mask"][None]).sum().backward()
+        result["peak_activations"] = peak_bytes(state.chunks[0], batch, os.path.join(out_dir, "trace.json"))
     else:
         for p in state.chunks[0].parameters():  # the optimizer needs a gradient to create its states
             if p.requires_grad:
