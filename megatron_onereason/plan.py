@@ -9,7 +9,7 @@ preset, a HF directory or ``config.json``, or a megatron checkpoint directory), 
 (``checkpoint.load``, ``model.load``) or ``model.init_from``. Kernels: ``te`` (the NGC container of the Dockerfile:
 Transformer Engine and apex), ``plain`` (CUDA PyTorch with Triton only), ``cpu``. Prints a markdown table (GiB per
 device) and the step's FLOPs with the time they take at ``--mfu``; exits 1 when a stage does not fit
-``--device-memory-gib``. The trainer runs the same plan at start (``train.memory_check``). The accounting is
+``--device-memory-gib``; ``--print-config`` prints the resolved config first. The trainer runs the same plan at start (``train.memory_check``). The accounting is
 documented in :mod:`megatron_onereason.training.memory_plan`.
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ import argparse
 import os
 import sys
 
-from megatron_onereason.config import ConfigError, load_config
+import yaml
+
+from megatron_onereason.config import ConfigError, load_config, to_dict
 from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import H100_BF16_DENSE_TFLOPS
 from megatron_onereason.training.memory_plan import GIB, PlannedKernels, plan_training
@@ -55,10 +57,13 @@ def main(argv=None) -> int:
     p.add_argument("--doc-length", type=int, help="document length for attention FLOPs (default: the sample cap)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the time estimate")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="per device, bf16 dense")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) first")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False, width=120))
         par = cfg.parallel
         world = args.world_size or (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                     * par.context_parallel_size)
