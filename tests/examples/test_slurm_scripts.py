@@ -2,6 +2,7 @@
 only after its predecessor's training_complete.json, an early stop (exit 75) requeues the job, completed stages are
 skipped. SLURM itself is simulated by fake ``srun`` / ``scontrol`` executables that log their arguments."""
 import os
+import pwd
 import subprocess
 import sys
 
@@ -73,6 +74,16 @@ def test_sft_dry_run_waits_for_pretraining():
     (train,) = [i for i, l in enumerate(lines) if l.startswith("srun ") and "megatron_onereason.train" in l]
     assert gate < train and "--config examples/configs/sft.yaml" in lines[train]
     assert "8 nodes x 8 GPUs" in lines[0] and "DP=8 on 64 ranks" in proc.stdout
+
+
+def test_defaults_need_no_user_variable():
+    """WORK defaults to /lustre/<login>/onereason even where USER is unset (cron, containers); GRPO shares the lib."""
+    proc = script("grpo_multinode.sh", "--dry-run", env=bare_env())
+    assert proc.returncode == 0, proc.stderr
+    work = f"/lustre/{pwd.getpwuid(os.getuid()).pw_name}/onereason"  # what `id -un` prints
+    assert proc.stdout.splitlines()[0] == f"# dry run of grpo_multinode.sh: 4 nodes x 8 GPUs, WORK={work}"
+    (driver,) = [l for l in proc.stdout.splitlines() if "megatron_onereason.rl.run" in l]
+    assert f"--container-image={work}/images/megatron-onereason.sqsh" in driver and f"save={work}/ckpt/onereason-grpo" in driver
 
 
 def test_outside_slurm_without_dry_run_one_line_error():
