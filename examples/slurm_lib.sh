@@ -27,7 +27,7 @@ for arg in "$@"; do
 done
 
 sbatch_value() {  # the script's own "#SBATCH --NAME=VALUE" (the spooled copy SLURM runs keeps them)
-  sed -n "s/^#SBATCH --$1=\([^ ]*\).*/\1/p" "$0" | head -n 1
+  sed -n "s/^#SBATCH --$1=\([^ ]*\).*/\1/p" "$0" | sed -n 1p
 }
 
 ONEREASON_USER=${USER:-$(id -un)}
@@ -53,7 +53,7 @@ else
   docker build -t megatron-onereason . && enroot import -o $IMAGE dockerd://megatron-onereason (or set IMAGE=)" ;;
   esac
   JOB_ID=$SLURM_JOB_ID
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads it all: no SIGPIPE under pipefail
   mkdir -p "$WORK"
 fi
 export MASTER_ADDR MASTER_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))  # rendezvous for srun-launched ranks
