@@ -49,8 +49,7 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job: submit it (sbatch $0), or preview it with: bash $0 --dry-run"
   case $IMAGE in
-    *.sqsh) [ -f "$IMAGE" ] || die "container image $IMAGE not found: build and import it once with
-  docker build -t megatron-onereason . && enroot import -o $IMAGE dockerd://megatron-onereason (or set IMAGE=)" ;;
+    *.sqsh) [ -f "$IMAGE" ] || die "container image $IMAGE not found: make it once with 'docker build -t megatron-onereason . && enroot import -o $IMAGE dockerd://megatron-onereason', or set IMAGE=" ;;
   esac
   JOB_ID=$SLURM_JOB_ID
   MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # sed reads it all: no SIGPIPE under pipefail

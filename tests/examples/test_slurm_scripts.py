@@ -148,6 +148,14 @@ def test_complete_stages_chain_and_are_skipped_when_resubmitted(job):
     assert not any("hf_to_mcore" in c for c in calls)  # the converted base exists: no second conversion
 
 
+def test_missing_image_is_refused_with_the_import_command(job):
+    os.remove(job.work / "images" / "megatron-onereason.sqsh")
+    proc, stages, calls = job("pretrain_8b.sh", stage1="complete")
+    assert proc.returncode == 1 and not any(c.startswith("srun") for c in calls)
+    (line,) = proc.stderr.strip().splitlines()
+    assert "megatron-onereason.sqsh not found" in line and "enroot import -o" in line
+
+
 def test_sft_refuses_a_partly_pretrained_model(job):
     proc, stages, calls = job("sft_8b.sh", sft="complete")
     assert proc.returncode == 1 and stages == [] and not any(c.startswith("srun") for c in calls)
