@@ -9,6 +9,8 @@
 #   MOUNTS         pyxis --container-mounts, comma-separated SRC:DST (default $WORK:$WORK; add data elsewhere, or
 #                  $PWD:/opt/megatron_onereason to run this checkout instead of the image's copy)
 #   CODE           the package inside the image (the container's working directory)
+#   PYTHON, PLAN_MODEL, PLAN_VOCAB_SIZE   dry run only: the local Python for the planner, and the model it plans
+#                  (default 8b with 176250 tokens: Qwen3 + 5 domain tokens + 3 x 8192 codes)
 # and the stage lineage: a training stage starts only when its predecessor wrote its completion marker
 # (CHECKPOINT_SAVE/training_complete.json, written when a run reaches train.iters); a trainer that stopped early
 # (SIGTERM from --signal, train.exit_at_iteration) saved and exits 75, and the job is requeued (scontrol requeue:
