@@ -1,6 +1,8 @@
 #!/bin/bash
 # Multi-node GRPO with the actor-rollout engine: Ray head on node 0, workers join, the driver runs on the head.
-#   sbatch examples/grpo_multinode.sh      (IMAGE, WORK as in pretrain_8b.sh; CONFIG: the RL YAML)
+#   bash examples/grpo_multinode.sh --dry-run    the resolved commands, no cluster needed
+#   sbatch examples/grpo_multinode.sh            from the repository root (CONFIG: the RL YAML; ALGO_ARGS: overrides)
+# WORK, IMAGE, MOUNTS, logs: as in examples/pretrain_8b.sh (examples/slurm_lib.sh).
 #SBATCH --job-name=onereason-grpo
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -8,28 +10,27 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
 set -euo pipefail
-IMAGE=${IMAGE:-megatron-onereason:latest}
-WORK=${WORK:-/lustre/$USER/onereason}
-CODE=${CODE:-/opt/megatron_onereason}
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}}  # sbatch runs a spooled copy of this file
+[ -f "$REPO/examples/slurm_lib.sh" ] || { echo "$0: error: $REPO/examples/slurm_lib.sh not found: submit from the repository root or set REPO=" >&2; exit 1; }
+source "$REPO/examples/slurm_lib.sh"
+
 CONFIG=${CONFIG:-examples/configs/grpo_8b.yaml}
-ALGO_ARGS=${ALGO_ARGS:-}
-RUN="srun --container-image=$IMAGE --container-mounts=$WORK:$WORK --container-workdir=$CODE"
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-PORT=$((6379 + SLURM_JOB_ID % 1000))
-mkdir -p logs
+NAME=${SLURM_JOB_NAME:-${JOB_NAME:-onereason-grpo}}
+read -r -a ALGO_ARGS <<< "${ALGO_ARGS:-}"
+HEAD=$MASTER_ADDR
+PORT=$((6379 + ${SLURM_JOB_ID:-0} % 1000))
 
 # Ray head on the first node, one worker per other node (each offers its 8 GPUs), all in the background.
-$RUN --nodes=1 --ntasks=1 -w "$HEAD" ray start --head --port=$PORT --num-gpus=8 --block &
-sleep 20
-if [ "$SLURM_NNODES" -gt 1 ]; then
-  $RUN --nodes=$((SLURM_NNODES - 1)) --ntasks=$((SLURM_NNODES - 1)) --exclude="$HEAD" \
-    ray start --address="$HEAD:$PORT" --num-gpus=8 --block &
-  sleep 20
+background "${SRUN[@]}" --nodes=1 --ntasks=1 -w "$HEAD" ray start --head --port=$PORT --num-gpus=$GPUS_PER_NODE --block
+if [ "$NODES" -gt 1 ]; then
+  background "${SRUN[@]}" --nodes=$((NODES - 1)) --ntasks=$((NODES - 1)) --exclude="$HEAD" \
+    ray start --address="$HEAD:$PORT" --num-gpus=$GPUS_PER_NODE --block
 fi
 # The driver joins the cluster (ray.address=auto) and places actor, rollout and teachers with placement groups.
-$RUN --overlap --nodes=1 --ntasks=1 -w "$HEAD" env RAY_ADDRESS="$HEAD:$PORT" \
+run "${SRUN[@]}" --overlap --nodes=1 --ntasks=1 -w "$HEAD" env RAY_ADDRESS="$HEAD:$PORT" \
   python -m megatron_onereason.rl.run --config "$CONFIG" ray.address=auto ray.gpus_per_worker=1 \
-  save="$WORK/ckpt/${SLURM_JOB_NAME}" metrics_jsonl="$WORK/metrics/${SLURM_JOB_NAME}.jsonl" \
-  tensorboard_dir="$WORK/tb/${SLURM_JOB_NAME}" $ALGO_ARGS
+  save="$WORK/ckpt/$NAME" metrics_jsonl="$WORK/metrics/$NAME.jsonl" tensorboard_dir="$WORK/tb/$NAME" \
+  ${ALGO_ARGS[@]+"${ALGO_ARGS[@]}"}

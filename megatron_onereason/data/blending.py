@@ -51,9 +51,9 @@ def parse_blend(spec: Sequence[str]) -> Tuple[BlendComponent, ...]:
 class BlendPlan:
     """The blended document list: document ``k`` is document ``doc_of[k]`` of source ``source_of[k]``."""
 
-    source_of: np.ndarray  # int64 [docs]
-    doc_of: np.ndarray  # int64 [docs]
-    lengths: np.ndarray  # int64 [docs]
+    source_of: np.ndarray  # [docs], integer (int16 as planned)
+    doc_of: np.ndarray  # [docs], integer (int32 as planned below 2**31 documents per source)
+    lengths: np.ndarray  # [docs], the sources' integer type
     names: List[str]
     tokens_per_source: np.ndarray  # int64 [sources], tokens taken
     epochs_per_source: np.ndarray  # float64 [sources], tokens taken / tokens the source has
@@ -75,11 +75,13 @@ def blend_documents(
     if not len(lengths_per_source) == len(weights) == len(names) or not weights:
         raise ValueError(f"need one weight and name per source, got {len(lengths_per_source)} sources, "
                          f"{len(weights)} weights, {len(names)} names")
+    if len(weights) > np.iinfo(np.int16).max:
+        raise ValueError(f"at most {np.iinfo(np.int16).max} blend sources, got {len(weights)}")
     weights = np.asarray(weights, dtype=np.float64)
     if np.any(weights < 0) or weights.sum() <= 0:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {weights.tolist()}")
-    lengths_per_source = [np.asarray(lengths, dtype=np.int64) for lengths in lengths_per_source]
-    available = np.array([lengths.sum() for lengths in lengths_per_source], dtype=np.int64)
+    lengths_per_source = [np.asarray(lengths) for lengths in lengths_per_source]  # no copy: may be memory maps
+    available = np.array([lengths.sum(dtype=np.int64) for lengths in lengths_per_source], dtype=np.int64)
     share = weights / weights.sum()
     for name, s, a in zip(names, share, available):
         if s > 0 and a == 0:
@@ -98,22 +100,26 @@ def blend_documents(
             if want >= available[i]:  # a whole pass
                 chosen = order
             else:  # the shortest shuffled prefix reaching the remaining budget
-                cumulative = np.cumsum(lengths[order])
+                cumulative = np.cumsum(lengths[order], dtype=np.int64)
                 chosen = order[:int(np.searchsorted(cumulative, want)) + 1]
-            tokens = int(lengths[chosen].sum())
+                del cumulative
+            tokens = int(lengths[chosen].sum(dtype=np.int64))
             want -= tokens
             taken[i] += tokens
-            docs.append(chosen)
-            sources.append(np.full(chosen.size, i, dtype=np.int64))
+            docs.append(chosen.astype(np.int32) if lengths.size < 2**31 else chosen)
+            sources.append(np.full(chosen.size, i, dtype=np.int16))
+            del order, chosen
     doc_of = np.concatenate(docs) if docs else np.empty(0, np.int64)
-    source_of = np.concatenate(sources) if sources else np.empty(0, np.int64)
+    del docs
+    source_of = np.concatenate(sources) if sources else np.empty(0, np.int16)
+    del sources
     lengths = _lengths_of(lengths_per_source, source_of, doc_of)
     return BlendPlan(source_of, doc_of, lengths, list(names), taken,
                      np.divide(taken, available, out=np.zeros(len(weights)), where=available > 0))
 
 
 def _lengths_of(lengths_per_source: Sequence[np.ndarray], source_of: np.ndarray, doc_of: np.ndarray) -> np.ndarray:
-    out = np.empty(doc_of.size, dtype=np.int64)
+    out = np.empty(doc_of.size, dtype=np.result_type(*lengths_per_source) if lengths_per_source else np.int64)
     for i, lengths in enumerate(lengths_per_source):
         sel = source_of == i
         out[sel] = lengths[doc_of[sel]]

@@ -76,9 +76,9 @@ class PackPlan:
     Chunk ``c`` is tokens ``chunk_start[c] : chunk_start[c] + chunk_length[c]`` of document ``chunk_doc[c]``.
     """
 
-    chunk_doc: np.ndarray  # int64 [chunks]
-    chunk_start: np.ndarray  # int64 [chunks]
-    chunk_length: np.ndarray  # int64 [chunks]
+    chunk_doc: np.ndarray  # [chunks], int32 or int64 (planned: int32 below 2**31 documents; saved: narrowest)
+    chunk_start: np.ndarray  # [chunks], integer
+    chunk_length: np.ndarray  # [chunks], integer
     pack_offsets: np.ndarray  # int64 [packs + 1]
     seq_length: int
     stats: PackingStats
@@ -92,13 +92,22 @@ class PackPlan:
         return slice(int(self.pack_offsets[pack]), int(self.pack_offsets[pack + 1]))
 
 
+def _index_dtype(bound: int):
+    """int32 when every value is below ``bound`` < 2**31 (half the memory of int64 at billions of chunks)."""
+    return np.int32 if bound < 2**31 else np.int64
+
+
 def split_overlong(lengths: np.ndarray, config: PackingConfig):
-    """Documents → chunks no longer than the cap. Returns ``(doc, start, length, counts)``, counts a dict of stats."""
-    lengths = np.asarray(lengths, dtype=np.int64)
+    """Documents → chunks no longer than the cap. Returns ``(doc, start, length, counts)``, counts a dict of stats.
+
+    ``doc`` is int32 below 2**31 documents (else int64); ``start`` and ``length`` take the lengths' integer width.
+    """
+    lengths = np.asarray(lengths)
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
     if lengths.size and lengths.min() < 0:
         raise ValueError(f"negative document length at index {int(np.argmin(lengths))}")
+    lengths = lengths.astype(_index_dtype(int(lengths.max()) + 1 if lengths.size else 0), copy=False)
     cap = config.cap
     overlong = lengths > cap
     empty = lengths == 0
@@ -112,16 +121,28 @@ def split_overlong(lengths: np.ndarray, config: PackingConfig):
         if config.overlong_policy == "drop":
             per_doc = np.where(overlong, 0, per_doc)
             counts["dropped_documents"] = int(overlong.sum())
-            counts["dropped_tokens"] = int(lengths[overlong].sum())
+            counts["dropped_tokens"] = int(lengths[overlong].sum(dtype=np.int64))
         else:
             counts["truncated_documents"] = int(overlong.sum())
-            counts["truncated_tokens"] = int((lengths[overlong] - cap).sum())
-    doc = np.repeat(np.arange(lengths.size, dtype=np.int64), per_doc)
+            counts["truncated_tokens"] = int((lengths[overlong] - cap).sum(dtype=np.int64))
+    del overlong, empty
+    doc = np.repeat(np.arange(lengths.size, dtype=_index_dtype(lengths.size)), per_doc)
+    if doc.size == lengths.size:  # one chunk per document (nothing split, dropped or empty): starts are all 0
+        return doc, np.zeros_like(lengths), np.minimum(lengths, cap), counts
     first_chunk = np.cumsum(per_doc) - per_doc
-    index_in_doc = np.arange(doc.size, dtype=np.int64) - np.repeat(first_chunk, per_doc)
-    start = index_in_doc * cap
+    index_in_doc = (np.arange(doc.size, dtype=np.int64) - np.repeat(first_chunk, per_doc)).astype(lengths.dtype)
+    del first_chunk, per_doc
+    start = index_in_doc * lengths.dtype.type(cap)
     length = np.minimum(lengths[doc] - start, cap)
     return doc, start, length, counts
+
+
+def _stable_argsort(keys: np.ndarray, bound: int) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for keys in ``[0, bound]``: as uint16 when they fit, which numpy sorts
+    by radix sort in linear time."""
+    if bound < 2**16:
+        keys = keys.astype(np.uint16)
+    return np.argsort(keys, kind="stable")
 
 
 def _fill_window(lengths: np.ndarray, seq_length: int) -> np.ndarray:
@@ -133,13 +154,14 @@ def _fill_window(lengths: np.ndarray, seq_length: int) -> np.ndarray:
     ``room // length`` items of that length go in at once: a pack costs a handful of Python steps, not one per
     item. Items of equal length keep their (shuffled) input order, which makes the fill deterministic.
     """
-    order = np.argsort(-lengths, kind="stable")
+    order = _stable_argsort(seq_length - lengths.astype(np.int64), seq_length)  # longest first
     sorted_lengths = lengths[order]
-    distinct, run_start, run_count = np.unique(sorted_lengths, return_index=True, return_counts=True)
-    available = distinct.tolist()  # ascending lengths that still have items
+    run_start = np.flatnonzero(np.diff(sorted_lengths, prepend=sorted_lengths[:1] + 1))  # runs of equal length
+    run_count = np.diff(np.append(run_start, lengths.size))
+    available = sorted_lengths[run_start][::-1].tolist()  # ascending lengths that still have items
     bucket = {length: j for j, length in enumerate(available)}
-    next_item = run_start.tolist()  # next unplaced position in `order` of each length's run
-    left = run_count.tolist()
+    next_item = run_start[::-1].tolist()  # next unplaced position in `order` of each length's run
+    left = run_count[::-1].tolist()
     pack_of_sorted = np.empty(lengths.size, dtype=np.int64)
     pack = 0
     while available:
@@ -164,13 +186,17 @@ def _fill_window(lengths: np.ndarray, seq_length: int) -> np.ndarray:
 
 
 def plan_packs(lengths: np.ndarray, config: PackingConfig) -> PackPlan:
-    """Plan packs over document lengths (deterministic given ``config.seed``)."""
+    """Plan packs over document lengths (deterministic given ``config.seed``).
+
+    Memory is linear in the number of chunks (about 50 bytes each at the peak) and time linear too: the chunks of
+    each window are grouped by pack as the window is filled, and the final pack shuffle moves whole packs.
+    """
     doc, start, length, counts = split_overlong(lengths, config)
     rng = np.random.default_rng(config.seed)
     n = doc.size
     order = rng.permutation(n) if config.shuffle else np.arange(n)
     seq = config.seq_length
-    chunk_ids, pack_ids = [], []
+    chunk_ids, pack_sizes = [], []
     num_packs = 0
     carry = np.empty(0, dtype=np.int64)
     for begin in range(0, n, config.window):
@@ -184,26 +210,30 @@ def plan_packs(lengths: np.ndarray, config: PackingConfig) -> PackPlan:
             in_last = pack_of == packs_here - 1
             carry = ids[in_last]
             ids, pack_of, packs_here = ids[~in_last], pack_of[~in_last], packs_here - 1
-        chunk_ids.append(ids)
-        pack_ids.append(pack_of + num_packs)
+        by_pack = _stable_argsort(pack_of, packs_here)  # a pack's chunks keep their (shuffled) window order
+        chunk_ids.append(ids[by_pack])
+        pack_sizes.append(np.bincount(pack_of, minlength=packs_here))
         num_packs += packs_here
-    if chunk_ids:
-        chunk_ids_all = np.concatenate(chunk_ids)
-        pack_ids_all = np.concatenate(pack_ids)
-    else:
-        chunk_ids_all = pack_ids_all = np.empty(0, dtype=np.int64)
+    del order
+    chunk_ids_all = np.concatenate(chunk_ids) if chunk_ids else np.empty(0, dtype=np.int64)
+    sizes = np.concatenate(pack_sizes) if pack_sizes else np.empty(0, dtype=np.int64)
+    del chunk_ids, pack_sizes
     if config.shuffle:
         # FFD fills packs longest-first: shuffle the pack order so pack index does not track sample length.
-        pack_ids_all = rng.permutation(num_packs)[pack_ids_all]
-    by_pack = np.argsort(pack_ids_all, kind="stable")
-    chunk_ids_all = chunk_ids_all[by_pack]
+        # Pack q moves to position perm[q]; whole packs move, so this is a gather of chunk ranges.
+        first_chunk = np.cumsum(sizes) - sizes
+        old_pack_at = np.argsort(rng.permutation(num_packs))
+        sizes = sizes[old_pack_at]
+        new_first = np.cumsum(sizes) - sizes
+        chunk_ids_all = chunk_ids_all[np.repeat(first_chunk[old_pack_at] - new_first, sizes)
+                                      + np.arange(n, dtype=np.int64)]
     pack_offsets = np.zeros(num_packs + 1, dtype=np.int64)
-    np.cumsum(np.bincount(pack_ids_all, minlength=num_packs), out=pack_offsets[1:])
-    lengths = np.asarray(lengths, dtype=np.int64)
-    packed_tokens = int(length.sum())
+    np.cumsum(sizes, out=pack_offsets[1:])
+    lengths = np.asarray(lengths)
+    packed_tokens = int(length.sum(dtype=np.int64))
     stats = PackingStats(
         documents=int(lengths.size),
-        input_tokens=int(lengths.sum()),
+        input_tokens=int(lengths.sum(dtype=np.int64)),
         packed_tokens=packed_tokens,
         chunks=int(n),
         packs=num_packs,

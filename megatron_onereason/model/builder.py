@@ -8,8 +8,10 @@ tree packs keep their structure, without an ``S × S`` mask.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Dict, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,9 @@ class ModelBuildConfig:
     init_method_std: float = 0.02
     # Training: the loss is a sum over tokens and megatron divides gradients by the global token count.
     calculate_per_token_loss: bool = False
+    # Every fused kernel megatron-core offers for this architecture that the machine can run (see
+    # fused_kernel_flags); False: megatron's unfused torch ops everywhere (to bisect a numerical difference).
+    fused_kernels: bool = True
 
     def resolved_layer_spec(self) -> str:
         if self.layer_spec == "auto":
@@ -94,7 +99,79 @@ def check_parallel_layout(cfg: Qwen3Config, build: ModelBuildConfig) -> None:
         raise ValueError(f"PP={pp} (× virtual stages) does not divide num_layers={cfg.num_layers}")
 
 
-def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig):
+@dataclass(frozen=True)
+class KernelSupport:
+    """What this machine can run: the inputs of :func:`fused_kernel_flags` (probed by :func:`detect_kernel_support`)."""
+
+    cuda: bool
+    triton: bool  # megatron's jit_fuser is torch.compile (torch >= 2.2), which generates Triton kernels on CUDA
+    apex_wgrad: bool  # apex's fused_weight_gradient_mlp_cuda: megatron's own linear layers (the output layer) need it
+    apex_softmax: bool  # apex's scaled_*masked_softmax_cuda: the local spec's fused softmax
+    te_rope: bool  # Transformer Engine's fused RoPE for thd packs
+    te_cross_entropy: bool  # Transformer Engine's parallel cross-entropy (no fp32 copy of the logits)
+
+
+def detect_kernel_support() -> KernelSupport:
+    """Probe the kernels megatron-core would import, the way megatron-core itself imports them."""
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.tensor_parallel import layers
+
+    cuda = torch.cuda.is_available()
+
+    def importable(*modules: str) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+
+    return KernelSupport(
+        cuda=cuda,
+        triton=cuda and importable("triton"),
+        apex_wgrad=cuda and bool(getattr(layers, "_grad_accum_fusion_available", False)),
+        apex_softmax=cuda and importable("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                                         "scaled_softmax_cuda"),
+        te_rope=cuda and getattr(rope_utils, "fused_apply_rotary_pos_emb_thd", None) is not None,
+        te_cross_entropy=cuda and getattr(language_module, "te_parallel_cross_entropy", None) is not None,
+    )
+
+
+def fused_kernel_flags(support: KernelSupport, enabled: bool = True) -> Dict[str, Any]:
+    """``TransformerConfig`` fusion fields for Qwen3 (SwiGLU, RMSNorm, RoPE, no biases, no dropout) on this machine.
+
+    Each fusion megatron-core 0.16–0.19 offers for this architecture is on exactly when its kernel exists:
+
+    * ``gradient_accumulation_fusion``: wgrad GEMMs accumulate straight into the fp32 ``main_grad``. TE's linear
+      layers do it themselves, but the output layer is always megatron's ``ColumnParallelLinear``, which refuses the
+      flag without apex's ``fused_weight_gradient_mlp_cuda`` — so apex decides. (Stage-1 row freezing masks
+      ``main_grad`` after the reductions, so it is unaffected.)
+    * ``bias_activation_fusion``: the SwiGLU of the MLP through megatron's ``bias_swiglu_impl`` (bias-free here);
+      ``bias_dropout_fusion``: the residual add through the fused bias-dropout-add. Both are ``jit_fuser``
+      (``torch.compile``) kernels: CUDA with Triton.
+    * ``apply_rope_fusion``: TE's fused RoPE; for ``thd`` packs it also removes megatron's unfused path's
+      ``cu_seqlens.tolist()`` host sync (two per layer and forward).
+    * ``cross_entropy_loss_fusion``: ``cross_entropy_fusion_impl="te"`` (TE's kernel computes the loss and its
+      gradient in place in the bf16 logits: no fp32 copy of ``[S, V/TP]``) where TE has it, else ``"native"``
+      (megatron's jit-fused vocab-parallel cross-entropy: fewer kernels, same memory as the unfused one).
+    * ``masked_softmax_fusion``: apex's fused scale-mask-softmax, used only by the local spec's
+      ``DotProductAttention``; TE's attention and the packed core attention do their own softmax.
+    * ``persist_layer_norm`` / ``memory_efficient_layer_norm``: apex LayerNorm kernels; Qwen3 uses RMSNorm, where
+      megatron's torch norm asserts they are off — not applicable, always off.
+    """
+    on = enabled and support.cuda
+    return dict(
+        gradient_accumulation_fusion=on and support.apex_wgrad,
+        bias_activation_fusion=on and support.triton,
+        bias_dropout_fusion=on and support.triton,
+        apply_rope_fusion=on and support.te_rope,
+        cross_entropy_loss_fusion=on and (support.te_cross_entropy or support.triton),
+        cross_entropy_fusion_impl="te" if on and support.te_cross_entropy else "native",
+        masked_softmax_fusion=on and support.apex_softmax,
+        persist_layer_norm=False,
+        memory_efficient_layer_norm=False,
+    )
+
+
+def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig, support: Optional[KernelSupport] = None):
+    """megatron-core ``TransformerConfig`` of ``cfg`` built as ``build`` says, with the fusions ``support`` allows
+    (default: what this machine has). Fields the installed megatron-core does not know are left out."""
     from megatron.core.transformer import TransformerConfig
 
     check_parallel_layout(cfg, build)
@@ -115,6 +192,9 @@ def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig):
             fp8_margin=build.fp8.margin,
         )
     cuda = torch.cuda.is_available()
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    fusions = {k: v for k, v in fused_kernel_flags(support or detect_kernel_support(), build.fused_kernels).items()
+               if k in known}
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -146,15 +226,10 @@ def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig):
         recompute_granularity=build.recompute_granularity,
         recompute_method="uniform" if build.recompute_granularity == "full" else None,
         recompute_num_layers=1 if build.recompute_granularity == "full" else None,
-        # Fused CUDA kernels exist only with CUDA (and apex/TE); on CPU megatron falls back to torch ops.
         use_cpu_initialization=not cuda,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=cuda and te,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        batch_p2p_sync=cuda,
+        batch_p2p_sync=False,  # a torch.cuda.synchronize() after every p2p exchange: only old PyTorch needed it
+        deallocate_pipeline_outputs=True,  # a stage's sent output is freed (its backward needs only the grad)
+        **fusions,
         **fp8_kwargs,
     )
 
@@ -263,8 +338,9 @@ def _padded_vocab_mask_hook(vocab_size: int, padded_rows: int):
         start = 0 if local == padded_rows else parallel_state.get_tensor_model_parallel_rank() * local
         first_pad = min(max(vocab_size - start, 0), local)
         if first_pad < local:
-            keep = torch.arange(local, device=logits.device) < first_pad
-            logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+            # In place: an out-of-place fill would hold a second [S, V/TP] copy of the logits at the peak (4 GiB
+            # for a 48K pack of the 8B model at TP=4). The linear layer keeps its input, not its output.
+            logits[..., first_pad:] = torch.finfo(logits.dtype).min
         return logits, bias
 
     return hook

@@ -1,11 +1,27 @@
-"""Forward passes through megatron-core's pipeline schedules, for evaluation and conversion checks."""
+"""Packs onto the device and forward passes through megatron-core's pipeline schedules (evaluation, conversion checks).
+
+The training step must never wait for the GPU: :func:`pack_to_device` copies a (pinned) pack without blocking and
+builds its ``packed_seq_params`` from the host copy of ``cu_seqlens``, so nothing is read back from the device.
+"""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from megatron_onereason.model.pack_layout import PackLayout
+
+
+def pack_to_device(pack: Dict, device: torch.device) -> Dict:
+    """A pack (an item of :class:`~megatron_onereason.data.packed_dataset.PackedDataset`, on the host) with its
+    tensors on ``device`` and its ``packed_seq_params`` (built from the host ``cu_seqlens``). Nothing is read back
+    from the device, and the copies do not block: from pinned memory (the training loader pins on CUDA) they
+    overlap the previous micro-batch's kernels."""
+    from megatron_onereason.model.packed_attention import document_params
+
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in pack.items()}
+    out["packed_seq_params"] = document_params(pack["cu_seqlens"], device)
+    return out
 
 
 def forward_logits(

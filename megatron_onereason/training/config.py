@@ -19,6 +19,8 @@ class ModelSection:
     itemic_vocab: Optional[str] = None  # dir with itemic_tokens.json; default: the checkpoint's hf/ assets
     layer_spec: Literal["auto", "te", "local"] = "auto"
     recompute_granularity: Optional[Literal["full", "selective"]] = None
+    # Every fused kernel the machine has (model/builder.py: fused_kernel_flags); false: unfused torch ops.
+    fused_kernels: bool = True
 
 
 @dataclass
@@ -63,6 +65,10 @@ class DataSection:
     overlong_policy: Literal["split", "truncate", "drop"] = "split"
     total_tokens: Optional[int] = None  # tokens drawn by the blend; default: all of the smallest-ratio source
     seed: int = 1234
+    # Where the blend + pack plan is saved once and memory-mapped by every rank (keyed by the inputs' lengths and
+    # these settings; tools/plan_packs.py builds it ahead of a job); default: pack_plans/ beside the first prefix.
+    plan_cache: Optional[str] = None
+    num_workers: int = 2  # background processes per rank assembling packs ahead of the step (0: in the step)
 
 
 @dataclass
@@ -74,6 +80,9 @@ class TrainSection:
     # "all"; or a list of regular expressions over parameter names.
     trainable: List[str] = field(default_factory=lambda: ["all"])
     exit_at_iteration: Optional[int] = None  # save and stop there (what SIGTERM does at the next iteration)
+    # Before building anything, the memory planner (python -m megatron_onereason.plan) checks every pipeline stage
+    # fits the device: "refuse" stops a layout that does not, "warn" only logs it, "off" skips the check.
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
 
 
 @dataclass

@@ -14,7 +14,13 @@ from megatron_onereason.model.builder import FP8Config, ModelBuildConfig, build_
 from megatron_onereason.model.qwen3_config import load_qwen3_config, padded_vocab_size
 from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON, ItemicVocab
 from megatron_onereason.training import checkpointing
-from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
+from megatron_onereason.training.config import (
+    DataSection,
+    ModelSection,
+    OptimSection,
+    ParallelSection,
+    PrecisionSection,
+)
 from megatron_onereason.training.freezing import apply_trainable, no_weight_decay_for_row_frozen, row_frozen_params
 
 log = logging.getLogger("megatron_onereason.train")
@@ -77,6 +83,7 @@ def build_config(model: ModelSection, p: ParallelSection, prec: PrecisionSection
         layer_spec=model.layer_spec,
         padded_vocab_size=info.padded_vocab_size,
         recompute_granularity=model.recompute_granularity,
+        fused_kernels=model.fused_kernels,
         calculate_per_token_loss=True,
         **overrides,
     )
@@ -158,3 +165,46 @@ def install_grad_hooks(state: ModelAndOptimizer, parallel: ParallelSection) -> N
         model_config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
         model_config.grad_sync_func = ([m.start_grad_sync for m in model] if len(model) > 1
                                        else model[0].start_grad_sync)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def data_configs(data: DataSection):
+    """The blend and packing settings of ``data`` (megatron_onereason.data configs)."""
+    from megatron_onereason.data.blending import BlendConfig, parse_blend
+    from megatron_onereason.data.packing import PackingConfig
+
+    blend = BlendConfig(parse_blend([str(x) for x in data.blend]), data.total_tokens, data.seed)
+    return blend, PackingConfig(data.seq_length, data.max_sample_length, data.overlong_policy, seed=data.seed)
+
+
+def setup_training_data(data: DataSection, global_batch_size: int, consumed_samples: int, pad_id: int):
+    """This rank's prefetching pack loader, positioned at ``consumed_samples``.
+
+    Rank 0 finds the saved plan of these inputs (or plans and saves it: ``data.plan_cache``); the other ranks wait
+    for it and memory-map the same files, so the blend is planned once per job, not once per rank.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_onereason.data.loader import TrainingPacks
+    from megatron_onereason.data.packed_dataset import (
+        build_packed_dataset,
+        cached_plans,
+        default_plan_cache,
+        open_sources,
+    )
+
+    blend, packing = data_configs(data)
+    found = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            cache = data.plan_cache or default_plan_cache(blend)
+            found[0], built = cached_plans(open_sources(blend), blend, packing, cache)
+            log.info("pack plan %s: %s", "built and saved" if built else "found", found[0])
+        except (OSError, ValueError) as e:  # every rank stops with rank 0's reason
+            found[0] = e
+    torch.distributed.broadcast_object_list(found, src=0)
+    if isinstance(found[0], Exception):
+        raise found[0]
+    dataset = build_packed_dataset(blend, packing, pad_id, plan_dir=found[0])
+    return TrainingPacks(dataset, global_batch_size, parallel_state.get_data_parallel_rank(),
+                         parallel_state.get_data_parallel_world_size(), consumed_samples, data.num_workers)

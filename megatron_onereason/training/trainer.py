@@ -18,13 +18,19 @@ import psutil
 import torch
 
 from megatron_onereason.metrics_log import MetricsLogger, format_eta
-from megatron_onereason.model.packed_attention import document_params
+from megatron_onereason.model.forward import pack_to_device
 from megatron_onereason.training import checkpointing
 from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
 from megatron_onereason.training.freezing import mask_frozen_row_grads
 from megatron_onereason.training.loss import breakdown_metrics, loss_breakdown
-from megatron_onereason.training.setup import device, install_grad_hooks, setup_model_and_optimizer
+from megatron_onereason.training.memory_plan import check_run_fits
+from megatron_onereason.training.setup import (
+    device,
+    install_grad_hooks,
+    setup_model_and_optimizer,
+    setup_training_data,
+)
 
 log = logging.getLogger("megatron_onereason.train")
 PAD_TOKEN_ID = 0  # padding sits in its own attention segment with no loss, so its id never matters
@@ -46,27 +52,15 @@ class _StopFlag:
         return bool(flag.item())
 
 
-def _micro_batches(dataset, first_sample: int, global_batch: int) -> List[Dict]:
-    """This DP rank's packs of the global batch ``[first_sample, first_sample + global_batch)``."""
-    from megatron.core import parallel_state
-
-    dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    per_rank = global_batch // dp
-    start = first_sample + rank * per_rank
-    return [dataset[(start + i) % len(dataset)] for i in range(per_rank)]
-
-
 def _forward_step(itemic_ranges, num_sources, data_iterator, model):
-    batch = next(data_iterator)
-    dev = device()
-    tokens = batch["tokens"].to(dev)[None]
-    output = model(tokens, batch["position_ids"].to(dev)[None], None, labels=batch["labels"].to(dev)[None],
-                   packed_seq_params=document_params(batch["cu_seqlens"], dev))
+    batch = pack_to_device(next(data_iterator), device())  # no device->host sync: see model/forward.py
+    output = model(batch["tokens"][None], batch["position_ids"][None], None, labels=batch["labels"][None],
+                   packed_seq_params=batch["packed_seq_params"])
 
     def loss_func(per_token_loss):
-        mask = batch["loss_mask"].to(dev)
+        mask = batch["loss_mask"]
         loss_sum = (per_token_loss.view(-1).float() * mask).sum()
-        report = loss_breakdown(per_token_loss.detach(), mask, batch["labels"].to(dev), batch["source_ids"].to(dev),
+        report = loss_breakdown(per_token_loss.detach(), mask, batch["labels"], batch["source_ids"],
                                 itemic_ranges, num_sources)
         return loss_sum, mask.sum().to(torch.int), {"breakdown": report}
 
@@ -78,9 +72,6 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_onereason.data.blending import BlendConfig, parse_blend
-    from megatron_onereason.data.packed_dataset import build_packed_dataset
-    from megatron_onereason.data.packing import PackingConfig
     from megatron_onereason.platform import initialize_distributed
 
     p = cfg.parallel
@@ -97,6 +88,7 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
         raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by DP={dp}")
     if not cfg.data.blend:
         raise ValueError("data.blend is empty: give [weight, prefix, ...] of tools/preprocess_data.py outputs")
+    check_run_fits(cfg, world, rank)  # the memory planner refuses a layout that cannot fit (train.memory_check)
 
     state = setup_model_and_optimizer(cfg.model, p, cfg.precision, cfg.optim, cfg.train.trainable, cfg.train.iters,
                                       resume_from=cfg.checkpoint.load)
@@ -104,12 +96,8 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
     info, itemic, row_params = state.info, state.itemic, state.row_params
     iteration, consumed = state.iteration, state.consumed_samples
 
-    dataset = build_packed_dataset(
-        BlendConfig(parse_blend([str(x) for x in cfg.data.blend]), cfg.data.total_tokens, cfg.data.seed),
-        PackingConfig(cfg.data.seq_length, cfg.data.max_sample_length, cfg.data.overlong_policy,
-                      seed=cfg.data.seed),
-        pad_id=PAD_TOKEN_ID,
-    )
+    data = setup_training_data(cfg.data, cfg.train.global_batch_size, consumed, PAD_TOKEN_ID)
+    dataset = data.dataset
     install_grad_hooks(state, p)
     forward_step = partial(_forward_step, itemic.id_ranges if itemic else [], len(dataset.source_names))
     forward_backward = get_forward_backward_func()
@@ -127,7 +115,7 @@ def run_training(cfg: TrainConfig) -> List[Dict[str, float]]:
 
     while iteration < cfg.train.iters:
         step_start = time.time()
-        micro = _micro_batches(dataset, consumed, gbs)
+        micro = data.next_global_batch()
         iterators = [iter(micro) for _ in model] if len(model) > 1 else iter(micro)
         for m in model:
             m.zero_grad_buffer()
