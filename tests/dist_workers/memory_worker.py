@@ -86,7 +86,8 @@ def main(case_path, out_dir):
         batch = pack_to_device(a_pack(case["seq"], 500), device())
         result["stored_activations"], loss = saved_bytes(state.chunks[0], batch)
         (loss.float() * batch["loss_mask"][None]).sum().backward()
-        result["peak_activations"] = peak_bytes(state.chunks[0], batch, os.path.join(out_dir, "trace.json"))
+        result["peak_activations"] = peak_bytes(state.chunks[0], batch,
+                                                  os.path.join(out_dir, f"trace_rank{torch.distributed.get_rank()}.json"))
     else:
         for p in state.chunks[0].parameters():  # the optimizer needs a gradient to create its states
             if p.requires_grad:
