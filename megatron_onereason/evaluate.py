@@ -50,10 +50,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="report directory (report.json, report.md)")
     p.add_argument("--tasks", default="rec", help=f"comma-separated, from {ALL_TASKS}")
     p.add_argument("--k", default="1,8,16,32,64", help="comma-separated K values")
-    p.add_argument("--mode", choices=sorted(MODES), default="both")
-    p.add_argument("--strategy", choices=ITEM_STRATEGIES, default="beam")
+    p.add_argument("--mode", choices=sorted(MODES), default="both", help="thinking, non-thinking or both")
+    p.add_argument("--strategy", choices=ITEM_STRATEGIES, default="beam", help="how the K items are decoded")
     p.add_argument("--num-traces", type=int, default=1, help="reasoning traces per instance (thinking mode)")
-    p.add_argument("--max-think-tokens", type=int, default=256)
+    p.add_argument("--max-think-tokens", type=int, default=256, help="longest reasoning trace")
     p.add_argument("--temperature", type=float, default=0.0, help="reasoning temperature (0: greedy)")
     p.add_argument("--item-temperature", type=float, default=1.0, help="item sampling temperature (--strategy sample)")
     p.add_argument("--batch-size", type=int, default=8, help="instances per generation call")
@@ -61,9 +61,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cot-progression", action="store_true", help="also compute ℓ_t along CoT segments (eq. 23)")
     p.add_argument("--unconstrained-reasoning", action="store_true",
                    help="do not constrain itemic patterns inside the CoT (γ_legal then measures the model)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers", help="generation backend")
     p.add_argument("--device", default="cpu", help="transformers backend device")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.tasks if t not in ALL_TASKS]

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import faiss
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.tokenizer.catalog_builder import (
     CatalogInputs,
     build_itemic_tokenizer,
@@ -36,9 +38,9 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--extend", metavar="DIR", help="add the items to this existing tokenizer's catalog instead")
-    p.add_argument("--levels", type=int, default=defaults.levels)
-    p.add_argument("--codebook-size", type=int, default=defaults.codebook_size)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--levels", type=int, default=defaults.levels, help="RQ-KMeans levels (codes per item)")
+    p.add_argument("--codebook-size", type=int, default=defaults.codebook_size, help="codes per level")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="k-means seed")
     p.add_argument("--niter", type=int, default=defaults.niter, help="k-means iterations per level")
     p.add_argument("--train-sample", type=int, default=defaults.train_sample_size,
                    help="train k-means on this many sampled items (0: all)")
@@ -75,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("build_itemic_tokenizer", main))  # user errors: one line, exit 1

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_CODEBOOK_SIZE, DEFAULT_LEVELS, DOMAINS
 from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
 
@@ -19,11 +21,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-dir", required=True, help="input HF Qwen3 directory (safetensors)")
     parser.add_argument("--out-dir", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS)
-    parser.add_argument("--codebook-size", type=int, default=DEFAULT_CODEBOOK_SIZE)
+    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS, help="code levels per item (a, b, c)")
+    parser.add_argument("--codebook-size", type=int, default=DEFAULT_CODEBOOK_SIZE, help="codes per level")
     parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated itemic domains")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new embedding rows' initialisation")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
     args = parser.parse_args(argv)
     vocab = extend_vocabulary(
         args.hf_dir,
@@ -38,4 +40,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("extend_vocab", main))  # user errors: one line, exit 1

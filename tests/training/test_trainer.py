@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_torchrun
+from conftest import REPO
+from train_runs import expect_code, run_trainer
 from megatron_onereason.data.indexed import IndexedPairWriter
 from megatron_onereason.model.qwen3_config import qwen3_preset
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
@@ -54,13 +55,15 @@ def setup(tokenizers_3x32, tmp_path_factory):
 
 
 def train(setup, name, nproc, *overrides, model="tied", iters=ITERS):
-    """Run the trainer; returns its metrics (one dict per iteration)."""
+    """Run the trainer; returns its metrics (one dict per iteration). A run stopped by train.exit_at_iteration must
+    exit with 75 ("requeue me"), a complete one with 0."""
     metrics = str(setup["root"] / f"{name}.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
     args = [f"model.load={setup['ckpt'][model]}", f"train.iters={iters}", f"logging.metrics_jsonl={metrics}",
             *setup["base"], *overrides]
-    run_torchrun("-m", nproc, ["megatron_onereason.train", *args])
+    early = any(o.startswith("train.exit_at_iteration=") and int(o.split("=")[1]) < iters for o in overrides)
+    expect_code(run_trainer(nproc, args), 75 if early else 0)
     with open(metrics) as f:
         return [json.loads(line) for line in f]
 
@@ -147,7 +150,7 @@ def test_distributed_optimizer_kill_and_resume_is_exact(setup):
     assert [r["grad_norm"] for r in rest] == [r["grad_norm"] for r in straight][3:]
 
 
-def test_sigterm_saves_and_exits_cleanly(setup, reference):
+def test_sigterm_saves_and_exits_for_requeue(setup, reference):
     save = str(setup["root"] / "sigterm")
     metrics = str(setup["root"] / "sigterm.jsonl")
     cmd = [sys.executable, "-m", "megatron_onereason.train", f"model.load={setup['ckpt']['tied']}", "train.iters=200",
@@ -160,11 +163,12 @@ def test_sigterm_saves_and_exits_cleanly(setup, reference):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: saved, requeue to continue
     stopped = len(open(metrics).readlines())
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert int(f.read()) == stopped
+    assert not os.path.exists(os.path.join(save, "training_complete.json"))  # the stage is not complete
     if stopped < ITERS:  # same schedule as the reference up to decay_iters: the next step must match it
         nxt = train(setup, "sigterm_resume", 1, f"checkpoint.save={save}", f"checkpoint.load={save}",
-                    iters=stopped + 1)
+                    "checkpoint.override_changed_settings=true", iters=stopped + 1)  # train.iters 200 -> stopped+1
         assert losses(nxt) == [reference[stopped]["loss"]]
