@@ -169,10 +169,18 @@ def is_no_space(exc: BaseException) -> bool:
                                    "File too large"))
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
 def no_space_message(path: str, what: str) -> str:
     """One line for a write that ran out of space: where, how much is free, what to do."""
     try:
-        free = f"{shutil.disk_usage(_existing_parent(path)).free / 2**30:.2f} GiB free"
+        free = f"{human_bytes(shutil.disk_usage(_existing_parent(path)).free)} free"
     except OSError:
         free = "free space unknown"
     return f"{path}: disk full (or quota exceeded) while writing {what} ({free}); free space and run again"

@@ -67,7 +67,7 @@ class IndexedPairWriter:
         t, m = tokens_prefix(prefix), lossmask_prefix(prefix)
         self._tokens = IndexedDatasetBuilder(self._tmp[t + ".bin"], dtype=TOKEN_DTYPE)
         self._lossmask = IndexedDatasetBuilder(self._tmp[m + ".bin"], dtype=LOSSMASK_DTYPE)
-        self.documents = 0
+        self.documents = self.tokens = self.loss_tokens = 0
         self._closed = False
 
     def add(self, tokens: np.ndarray, lossmask: np.ndarray) -> None:
@@ -84,20 +84,31 @@ class IndexedPairWriter:
         self._tokens.add_document(tokens.astype(TOKEN_DTYPE, copy=False), [tokens.size])
         self._lossmask.add_document(lossmask.astype(LOSSMASK_DTYPE, copy=False), [lossmask.size])
         self.documents += 1
+        self.tokens += int(tokens.size)
+        self.loss_tokens += int(lossmask.sum())
 
     def commit(self, stats: Optional[Dict] = None) -> None:
-        """Finish the index files, write ``P_stats.json`` (the document count plus ``stats``), rename into place.
+        """Finish the index files, write ``P_stats.json`` (document, token and loss-token counts plus ``stats``),
+        rename into place.
 
         The stats file is always rewritten, so a stale one from an earlier run never describes the new files; it is
         the commit record (see the module docstring) and lists the data files' sizes under ``"files"``.
         """
+        try:
+            self._commit(stats)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _commit(self, stats: Optional[Dict]) -> None:
         t, m = tokens_prefix(self.prefix), lossmask_prefix(self.prefix)
         self._tokens.finalize(self._tmp[t + ".idx"])
         self._lossmask.finalize(self._tmp[m + ".idx"])
         data = _final_paths(self.prefix)
         sizes = {os.path.basename(p): os.path.getsize(self._tmp[p]) for p in data}
         with open(self._tmp[stats_path(self.prefix)], "w") as f:
-            json.dump({"documents": self.documents, **(stats or {}), FILES_KEY: sizes}, f, indent=2, sort_keys=True)
+            json.dump({"documents": self.documents, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
+                       **(stats or {}), FILES_KEY: sizes}, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(stats_path(self.prefix)):

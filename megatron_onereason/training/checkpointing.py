@@ -26,7 +26,13 @@ import numpy as np
 import torch
 import yaml
 
-from megatron_onereason.checkpoint.integrity import damaged_message, has_manifest, verify_directory, write_manifest
+from megatron_onereason.checkpoint.integrity import (
+    damaged_message,
+    has_manifest,
+    read_manifest,
+    verify_directory,
+    write_manifest,
+)
 from megatron_onereason.checkpoint.mcore_io import (
     HF_ASSETS,
     RELEASE,
@@ -39,8 +45,9 @@ from megatron_onereason.checkpoint.mcore_io import (
     saved_iterations,
 )
 from megatron_onereason.cli import UserError
-from megatron_onereason.fileio import atomic_write_text, is_no_space, no_space_message, remove_tree
+from megatron_onereason.fileio import atomic_write_text, human_bytes, is_no_space, no_space_message, remove_tree
 from megatron_onereason.training.numerics import nonfinite
+from megatron_onereason.training.run_dir import rank0_decides
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +198,7 @@ def _layout() -> Dict[str, int]:
 
 def weights_finite(model_chunks: List[torch.nn.Module]) -> bool:
     """Collective: whether every rank's weights are free of NaN/inf (one reduction per parameter, no copies)."""
-    from megatron_onereason.platform import device
-
-    bad = nonfinite(p for m in model_chunks for p in m.parameters()).to(device())
+    bad = nonfinite(p for m in model_chunks for p in m.parameters()).to(_device())
     torch.distributed.all_reduce(bad)
     return bad.item() == 0
 
@@ -226,6 +231,7 @@ def save_checkpoint(save_root: str, iteration: int, model_chunks: List[torch.nn.
                         "committed (the tracker only moves forward)")
     rank = torch.distributed.get_rank()
     start = time.time()
+    rank0_decides(lambda: _check_free_space(save_root, committed, iteration))
     if rank == 0:
         if os.path.exists(iter_dir):  # a stale partial save of the same iteration (the tracker never named it)
             remove_tree(iter_dir)
@@ -245,11 +251,19 @@ def save_checkpoint(save_root: str, iteration: int, model_chunks: List[torch.nn.
     state.update(common or {})
     try:
         dist_checkpointing.save(state, iter_dir)
-    except (OSError, RuntimeError) as e:
-        if is_no_space(e):
-            raise UserError(no_space_message(iter_dir, f"checkpoint iteration {iteration}") +
-                            f" (the committed checkpoint, iteration {committed}, is intact)") from None
-        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        full = torch.tensor([float(is_no_space(e))], device=_device())  # every rank raises; rank 0 has the details
+        torch.distributed.all_reduce(full, op=torch.distributed.ReduceOp.MAX)
+        if not full.item():
+            raise
+        if rank == 0:
+            remove_tree(iter_dir)
+        kept = f"the committed checkpoint (iteration {committed}) is intact" if committed is not None else \
+            "no checkpoint was committed yet"
+        raise UserError(no_space_message(iter_dir, f"checkpoint iteration {iteration}") +
+                        f"; the partial save was removed, {kept}") from None
     torch.distributed.barrier()
     written = time.time()
     try:
@@ -277,6 +291,26 @@ def save_checkpoint(save_root: str, iteration: int, model_chunks: List[torch.nn.
         raise
     torch.distributed.barrier()
     return iter_dir
+
+
+def _check_free_space(save_root: str, committed: Optional[int], iteration: int) -> None:
+    """Refuse a save that cannot fit, judged by the size of the last committed one (rank 0, before any write: a
+    write failing on one rank only could leave the others waiting in a collective)."""
+    if committed is None:
+        return
+    manifest = read_manifest(os.path.join(save_root, iteration_dir_name(committed))) or {}
+    needed = sum(entry.get("bytes", 0) for entry in manifest.values())
+    free = shutil.disk_usage(save_root).free
+    if needed and free < needed * 1.05:
+        raise UserError(f"{save_root}: {human_bytes(free)} free, but checkpoint iteration {committed} took "
+                        f"{human_bytes(needed)}: free space (or set checkpoint.keep_last_n) before saving "
+                        f"iteration {iteration}; the committed checkpoint is intact")
+
+
+def _device():
+    from megatron_onereason.platform import device
+
+    return device()
 
 
 def _apply_retention(save_root: str, iteration: int, keep_last_n: int) -> None:
