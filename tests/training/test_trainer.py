@@ -1,7 +1,6 @@
 """The trainer on CPU with real processes: layouts agree, stage 1 freezes all but the new rows, resume is exact."""
 import dataclasses
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -14,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from train_runs import expect_code, run_trainer
-from megatron_onereason.data.indexed import IndexedPairWriter
+from train_runs import cli, expect_code, read_metrics, run_trainer, tiny_blend_args
 from megatron_onereason.model.qwen3_config import qwen3_preset
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
 from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
@@ -23,11 +21,6 @@ from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
 
 pytestmark = pytest.mark.multiprocess
 ITERS = 6
-
-
-def _cli(*args):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +33,9 @@ def setup(tokenizers_3x32, tmp_path_factory):
     ckpt = {}
     for name, hf_dir in hf.items():
         ckpt[name] = str(root / f"mcore_{name}")
-        _cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", ckpt[name], "--tp", "2")
+        cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", ckpt[name], "--tp", "2")
     vocab = ItemicVocab.load(hf["tied"])
-    rng = np.random.default_rng(0)
-    for source, (n_docs, low) in {"text": (50, 0), "items": (40, vocab.first_id)}.items():
-        with IndexedPairWriter(str(root / source)) as writer:
-            for _ in range(n_docs):
-                n = int(rng.integers(6, 50))
-                writer.add(rng.integers(low, vocab.end_id, n), (rng.random(n) < 0.8).astype(np.uint8))
-    base = [f"data.blend=[0.6, {root / 'text'}, 0.4, {root / 'items'}]", "data.seq_length=96",
-            "data.max_sample_length=48", "train.global_batch_size=4", f"optim.decay_iters={ITERS}",
-            "optim.warmup_iters=1", "optim.lr=3e-3", "optim.min_lr=3e-4"]
+    base = tiny_blend_args(str(root), vocab, ITERS)
     return {"root": root, "hf": hf, "ckpt": ckpt, "base": base, "vocab": vocab}
 
 
@@ -64,8 +49,7 @@ def train(setup, name, nproc, *overrides, model="tied", iters=ITERS):
             *setup["base"], *overrides]
     early = any(o.startswith("train.exit_at_iteration=") and int(o.split("=")[1]) < iters for o in overrides)
     expect_code(run_trainer(nproc, args), 75 if early else 0)
-    with open(metrics) as f:
-        return [json.loads(line) for line in f]
+    return read_metrics(metrics)
 
 
 def losses(rows):
@@ -99,7 +83,7 @@ def test_stage1_changes_only_the_new_vocabulary_rows(setup, model, layout):
     train(setup, f"stage1_{model}", 2, layout, "train.trainable=[itemic_rows]", f"checkpoint.save={save}",
           model=model, iters=3)
     exported = str(setup["root"] / f"stage1_{model}_hf")
-    _cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", save, "--out-dir", exported)
+    cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", save, "--out-dir", exported)
     before = load_file(glob.glob(os.path.join(setup["hf"][model], "*.safetensors"))[0])
     after = {}
     for f in glob.glob(os.path.join(exported, "*.safetensors")):
