@@ -372,9 +372,9 @@ def select_resume_iteration(root: str, fallback: bool = False) -> str:
         raise UserError(f"{message}; no earlier checkpoint in {root} verifies: restore the damaged files from a "
                         "backup, or start from weights with model.load")
     if not fallback:
+        again = f"iteration {latest} is" if latest == good + 1 else f"iterations {good + 1}-{latest} are"
         raise UserError(f"{message}; the previous checkpoint, iteration {good}, verifies: set "
-                        f"checkpoint.fallback_to_previous=true to resume from it (iterations {good + 1}-{latest} "
-                        "are trained again)")
+                        f"checkpoint.fallback_to_previous=true to resume from it ({again} trained again)")
     good_dir = os.path.join(root, iteration_dir_name(good))
     if torch.distributed.get_rank() == 0:
         os.rename(iter_dir, iter_dir + ".damaged")
@@ -418,8 +418,13 @@ def resume(root: str, model_chunks: List[torch.nn.Module], optimizer, scheduler,
         if missing or result.unexpected_keys:
             raise UserError(f"{iter_dir}: model state mismatch: missing {missing[:3]}, "
                             f"unexpected {result.unexpected_keys[:3]}")
+    lr_bounds = [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
     with torch.no_grad():  # in fp32 the distributed optimizer's main params alias the (grad-requiring) weights
         _load_optimizer(optimizer, loaded["optimizer"])
+    # The scheduler reads each group's max_lr / min_lr, which the load just replaced by the checkpoint's: keep the
+    # config's (they differ only when the trainer was told checkpoint.override_changed_settings).
+    for group, (max_lr, min_lr) in zip(optimizer.param_groups, lr_bounds):
+        group.update({k: v for k, v in (("max_lr", max_lr), ("min_lr", min_lr)) if v is not None})
     _restore_adam_step(optimizer, common.get("adam_step"))
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:

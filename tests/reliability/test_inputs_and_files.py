@@ -370,3 +370,25 @@ def test_nonfinite_weights_are_neither_converted_nor_verified(tiny_hf_dirs, conv
     # --verify never passes NaN logits as "within tolerance" (nan > 1e-4 is False)
     with pytest.raises(AssertionError, match="non-finite"):
         verify_logits(nan_dir, converted)
+
+
+def test_a_checkpoint_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from megatron_onereason.checkpoint.integrity import write_manifest
+    from megatron_onereason.cli import UserError
+    from megatron_onereason.training import checkpointing
+
+    committed = tmp_path / "iter_0000003"
+    committed.mkdir()
+    (committed / "__0_0.distcp").write_bytes(b"\0" * (1 << 20))
+    write_manifest(str(committed))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(0, 0, 1 << 19))
+    with pytest.raises(UserError, match=r"512.00 KiB free, but checkpoint iteration 3 took 1.00 MiB: free space \(or "
+                                        r"set checkpoint.keep_last_n\) before saving iteration 4; the committed "
+                                        r"checkpoint is intact"):
+        checkpointing._check_free_space(str(tmp_path), 3, 4)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: usage(0, 0, 2 << 20))
+    checkpointing._check_free_space(str(tmp_path), 3, 4)  # fits
+    assert os.listdir(tmp_path) == ["iter_0000003"]

@@ -56,7 +56,9 @@ def resume_args(save):
 def the_error(proc):
     """The run's one error line: exactly one, no traceback (a shared error is printed by rank 0 only)."""
     lines = error_lines(proc)
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-6000:]
+    assert len(lines) == 1, proc.stderr[-6000:]
+    # No trainer traceback (torchrun adds its own report of the failed worker, which names no project file).
+    assert not re.search(r'File ".*/(megatron_onereason|megatron/core)/', proc.stderr), proc.stderr[-6000:]
     return lines[0]
 
 
@@ -109,25 +111,24 @@ def copy_of(setup, base, name):
 
 # ------------------------------------------------------------------------------------------- 1. NaN / inf
 def test_diverging_run_stops_before_saving_and_the_tracker_stays_finite(setup, tmp_path):
+    """lr=1e5 (the issue's case): with train.nonfinite=skip the first non-finite step is skipped and the next one
+    stops the run (train.nonfinite=stop, the default, stops at the first; same code path)."""
     save = str(tmp_path / "nan")
     proc, rows = train(setup, "nan", 1, *resume_args(save), "optim.lr=1e5", "optim.min_lr=0",
-                       "checkpoint.save_interval=1", code=1)
+                       "checkpoint.save_interval=1", "train.nonfinite=skip", "train.max_nonfinite_skips=1", code=1)
     line = the_error(proc)
-    assert re.search(r"iteration (\d+): non-finite \(NaN/inf\) (loss|gradients); stopped before the update, "
-                     r"nothing saved", line), line
+    assert re.search(r"iteration \d+: non-finite \(NaN/inf\) (loss|gradients) after 1 skipped non-finite steps "
+                     r"\(train.max_nonfinite_skips\); stopped before the update, nothing saved", line), line
+    skipped = int(re.search(r"iteration (\d+): non-finite \S+; update skipped \(1 of at most 1\)", proc.stderr).group(1))
     stopped = int(re.search(r"iteration (\d+)", line).group(1))
+    assert stopped > skipped
     assert [r["step"] for r in rows] == list(range(1, stopped))  # no metrics row for the stopped step
-    assert all(math.isfinite(r["loss"]) for r in rows)
-    assert committed_iteration(save) == (stopped - 1 if stopped > 1 else None)
-    if stopped > 1:  # the last committed state is finite: the export checks every tensor
-        cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", save, "--out-dir", str(tmp_path / "hf"))
+    assert [r["skipped"] for r in rows] == [int(r["step"] == skipped) for r in rows]
+    assert all(math.isfinite(r["loss"]) for r in rows[: skipped - 1])
+    assert committed_iteration(save) == stopped - 1  # the tracker never moved onto a non-finite state
+    # The last committed state is finite: the export checks every tensor.
+    cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", save, "--out-dir", str(tmp_path / "hf"))
     assert not os.path.exists(os.path.join(save, "training_complete.json"))
-    # The skip policy skips a bounded number of such steps, then stops the same way.
-    save = str(tmp_path / "nan_skip")
-    proc, _ = train(setup, "nan_skip", 1, *resume_args(save), "optim.lr=1e5", "optim.min_lr=0",
-                    "train.nonfinite=skip", "train.max_nonfinite_skips=1", code=1)
-    assert "non-finite" in the_error(proc) and "after 1 skipped non-finite steps" in the_error(proc)
-    assert "update skipped (1 of at most 1)" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------- 2. damaged checkpoints
@@ -177,11 +178,10 @@ def test_two_runs_in_one_directory_are_refused_and_a_dead_runs_lock_is_taken_ove
                                  env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=out, stderr=out)
     try:
         _wait_for(lambda: (committed_iteration(save) or 0) >= 1, first, log)
-        # A second training on the same directory, fresh or resuming, while the first is writing.
-        for name, extra in (("second_fresh", [f"checkpoint.save={save}"]), ("second_resume", resume_args(save))):
-            proc, _ = train(setup, name, 1, *extra, code=1)
-            line = the_error(proc)
-            assert f"checkpoint.save={save} is in use by another training" in line and f"pid {first.pid}" in line
+        # A second training on the same directory while the first is writing.
+        proc, _ = train(setup, "second", 1, *resume_args(save), code=1)
+        line = the_error(proc)
+        assert f"checkpoint.save={save} is in use by another training" in line and f"pid {first.pid}" in line
     finally:
         first.kill()  # a crash: the lock stays behind, its process is gone
         first.wait(timeout=60)
@@ -239,9 +239,8 @@ def test_mcore_to_hf_exports_an_earlier_iteration(setup, base, tmp_path):
         assert "Apex" not in proc.stderr and "Transformer Engine" not in proc.stderr  # quiet library notices
         return {k: v for f in sorted(glob.glob(os.path.join(out, "*.safetensors"))) for k, v in load_file(f).items()}
 
-    latest, second, fourth = export("latest"), export("it2", "--iteration", "2"), export("it4", "--iteration", "4")
-    assert set(latest) == set(second) and all((latest[k] == fourth[k]).all() for k in latest)
-    assert any(not (latest[k] == second[k]).all() for k in latest)
+    latest, second = export("latest"), export("it2", "--iteration", "2")
+    assert set(latest) == set(second) and any(not (latest[k] == second[k]).all() for k in latest)
     proc = subprocess.run([sys.executable, "checkpoints_convert/mcore_to_hf.py", "--mcore-dir", base["save"],
                            "--out-dir", str(tmp_path / "it9"), "--iteration", "9"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
@@ -254,24 +253,26 @@ def parameter_count(stderr):
     return re.search(r"parameters: \S+ trainable of (\S+)M", stderr).group(1)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"])
-def test_distributed_optimizer_resumes_at_another_layout(setup, base, layout, tmp_path):
-    """TP2 -> TP1 and PP2 -> PP1 (both then DP2) with the distributed optimizer: the resumed steps equal the
-    uninterrupted TP1 base run's, and the parameter count printed at start is the same at every layout."""
+def test_distributed_optimizer_resumes_at_another_layout(setup, base, tmp_path):
+    """PP2 -> TP2 -> TP1 x DP2 with the distributed optimizer (so PP2 -> PP1 and TP2 -> TP1), two processes: each
+    resumed step equals the uninterrupted TP1 base run's, and the parameter count printed at start is the model's
+    at every layout (HF count + vocabulary padding rows)."""
     distopt = "parallel.use_distributed_optimizer=true"
     save = str(tmp_path / "reshard")
-    first, _ = train(setup, "reshard_a", 2, layout, distopt, *resume_args(save), "train.exit_at_iteration=2",
-                     code=75)
-    rest, rows = train(setup, "reshard_b", 2, distopt, *resume_args(save), f"train.exit_at_iteration={STOP}",
-                       code=75)
-    assert [r["step"] for r in rows] == [3, 4]
-    np.testing.assert_allclose(losses(rows), losses(base["rows"])[2:STOP], rtol=0, atol=2e-5)
+    runs, rows = [], []
+    for step, layout in enumerate(["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
+                                   "parallel.tensor_model_parallel_size=1"], 2):
+        proc, got = train(setup, f"reshard_{step}", 2, layout, distopt, *resume_args(save),
+                          f"train.exit_at_iteration={step}", code=75)
+        runs.append(proc)
+        rows += got
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    np.testing.assert_allclose(losses(rows), losses(base["rows"]), rtol=0, atol=2e-5)
+    assert "RNG states not restored" in runs[1].stderr  # it did resume at another layout
     info = CheckpointModelInfo.load(setup["ckpt"])
-    cfg = info.config
-    expected = cfg.num_parameters() + (info.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size
-    counts = {parameter_count(p.stderr) for p in (first, rest)} | {parameter_count(base["stderr"])}
-    assert counts == {f"{expected / 1e6:.4g}"}
+    expected = info.config.num_parameters() + (info.padded_vocab_size - info.config.vocab_size) * \
+        info.config.hidden_size
+    assert {parameter_count(p.stderr) for p in runs} | {parameter_count(base["stderr"])} == {f"{expected / 1e6:.4g}"}
 
 
 def test_resharding_refusals_name_the_format_and_the_version(monkeypatch):
