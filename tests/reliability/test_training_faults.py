@@ -6,6 +6,7 @@ its directory are damaged, resumed with changed settings, exported at an earlier
 oracle every resumed run must reproduce.
 """
 import glob
+import json
 import math
 import os
 import re
@@ -23,7 +24,7 @@ from conftest import REPO
 from train_runs import cli, error_lines, expect_code, read_metrics, run_trainer, tiny_blend_args
 from megatron_onereason.checkpoint.mcore_io import TRACKER_FILE, CheckpointModelInfo, committed_iteration
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
-from megatron_onereason.training.run_dir import LOCK_FILE
+from megatron_onereason.training.run_dir import LOCK_FILE, RUN_JSON
 
 pytestmark = pytest.mark.multiprocess
 ITERS, STOP = 6, 4  # the base run's schedule length and where it stops (exit 75)
@@ -119,7 +120,8 @@ def test_diverging_run_stops_before_saving_and_the_tracker_stays_finite(setup, t
     line = the_error(proc)
     assert re.search(r"iteration \d+: non-finite \(NaN/inf\) (loss|gradients) after 1 skipped non-finite steps "
                      r"\(train.max_nonfinite_skips\); stopped before the update, nothing saved", line), line
-    skipped = int(re.search(r"iteration (\d+): non-finite \S+; update skipped \(1 of at most 1\)", proc.stderr).group(1))
+    skipped = int(re.search(r"iteration (\d+): non-finite \S+; update skipped \(1 of at most 1\)",
+                            proc.stderr).group(1))
     stopped = int(re.search(r"iteration (\d+)", line).group(1))
     assert stopped > skipped
     assert [r["step"] for r in rows] == list(range(1, stopped))  # no metrics row for the stopped step
@@ -147,13 +149,16 @@ def test_damaged_checkpoint_is_refused_offering_the_previous_iteration_and_resum
     assert "checkpoint.fallback_to_previous=true" in line
     assert snapshot(save) == before  # refused: nothing changed, nothing lost
 
-    proc, rows = train(setup, "damaged_fallback", 1, *resume_args(save), "checkpoint.fallback_to_previous=true",
-                       f"train.exit_at_iteration={STOP + 1}", code=75)
-    assert [r["step"] for r in rows] == [STOP, STOP + 1]
+    proc, rows = train(setup, "damaged_fallback", 1, *resume_args(save), "checkpoint.fallback_to_previous=true")
+    assert [r["step"] for r in rows] == list(range(STOP, ITERS + 1))
     assert losses(rows)[0] == losses(base["rows"])[STOP - 1]  # iteration STOP trained again, bit-exact
     assert f"resuming from iteration {STOP - 1} instead" in proc.stderr
     assert os.path.isdir(os.path.join(save, f"iter_{STOP:07d}.damaged"))  # kept for inspection
-    assert committed_iteration(save) == STOP + 1
+    assert committed_iteration(save) == ITERS
+    # Run to its end: the stage-complete marker (what stage chaining waits for) names the run and iteration.
+    with open(os.path.join(save, "training_complete.json")) as f, open(os.path.join(save, RUN_JSON)) as g:
+        complete, run = json.load(f), json.load(g)
+    assert complete["iteration"] == ITERS and complete["run_id"] == run["run_id"]
 
 
 # ------------------------------------------------------------------------------------------- 3. one run per directory
