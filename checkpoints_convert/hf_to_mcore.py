@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", required=True, help="megatron checkpoint directory to create")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size the vocab padding is made for")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size to validate against the layers")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="vocab rows are padded to a multiple of this times --tp (Megatron-LM's default 128)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
     p.add_argument("--verify", action="store_true", help="compare HF and megatron logits (fp32, max |Δ| <= 1e-4)")
     args = p.parse_args(argv)

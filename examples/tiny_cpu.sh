@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # The embedded default: OneReason's pre-training pipeline end to end on a tiny random Qwen3, on CPU, no downloads.
-#   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh; ~8 min on 2 cores)
+#   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh, deleting RUN_DIR only
+#   if this script created it; ~8 min on 2 cores)
 # synthetic catalog -> RQ-KMeans itemic codes -> tiny Qwen3 + extended vocabulary -> megatron checkpoint ->
 # synthetic four-granularity corpus -> preprocessing -> stage 1 (TP=2) -> stage 2 (PP=2) -> stage 3 (DP=2) ->
 # SFT (TP=2) -> export to Hugging Face -> GRPO (video, TP=2 actor + rollout on Ray) -> MOPD (PP=2 actor), with a
 # loss table per stage, reward and Recall@K before/after RL, and TensorBoard logs under RUN_DIR/tb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+RUN=${1:-runs/tiny_cpu}
+MARK=.made_by_tiny_cpu  # only a directory this script created is deleted on a re-run
+if [ -e "$RUN" ] && [ ! -f "$RUN/$MARK" ] && [ -n "$(ls -A "$RUN" 2>/dev/null)" ]; then
+  echo "tiny_cpu: $RUN exists and was not created by this script; refusing to delete it" \
+       "(give a new RUN_DIR, or delete it yourself)" >&2
+  exit 1
+fi
 bash tools/setup_venv.sh
 PY=.venv/bin/python
-RUN=${1:-runs/tiny_cpu}
-rm -rf "$RUN" && mkdir -p "$RUN"
+rm -rf "$RUN" && mkdir -p "$RUN" && touch "$RUN/$MARK"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 step() { echo; echo "=== $* ==="; }
 torchrun2() { $PY -m torch.distributed.run --standalone --nproc_per_node 2 "$@"; }

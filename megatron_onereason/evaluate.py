@@ -89,7 +89,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="report directory; a JSON file for --score-generations")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
     p.add_argument("--k", help="comma-separated K values (default: RecIF 1,32,128; synthetic 1,8,16,32,64)")
-    p.add_argument("--mode", choices=sorted(MODES), default="both")
+    p.add_argument("--mode", choices=sorted(MODES), default="both", help="thinking, non-thinking or both")
     p.add_argument("--num-traces", type=int, default=1, help="reasoning traces per instance (thinking mode)")
     p.add_argument("--max-think-tokens", type=int, help="reasoning tokens before </think> is forced "
                                                          "(default: RecIF 1000, synthetic 256)")
@@ -101,7 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N instances only (0: all)")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine (vLLM: sampling only)")
     p.add_argument("--device", default="cpu", help="hf backend device")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     recif = p.add_argument_group("RecIF-Bench (--recif, --score-generations)")
     recif.add_argument("--split", default="test", help="task folder split: {task}/{task}_{split}.parquet")
     recif.add_argument("--num-beams", type=int, help="items per trace (default: max(K) / traces, rounded up)")
@@ -114,7 +114,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                             "openonerec)")
     synthetic = p.add_argument_group("synthetic benchmark (--data)")
     synthetic.add_argument("--tasks", default="rec", help=f"comma-separated, from {ALL_TASKS}")
-    synthetic.add_argument("--strategy", choices=ITEM_STRATEGIES, default="beam")
+    synthetic.add_argument("--strategy", choices=ITEM_STRATEGIES, default="beam", help="how the K items are decoded")
     synthetic.add_argument("--item-temperature", type=float, default=1.0,
                            help="item sampling temperature (--strategy sample)")
     synthetic.add_argument("--cot-progression", action="store_true",

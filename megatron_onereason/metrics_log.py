@@ -1,8 +1,12 @@
-"""Scalar metrics: one JSON object per line (``--metrics-jsonl``) mirrored to TensorBoard, plus a console line."""
+"""Scalar metrics: one JSON object per line (``--metrics-jsonl``) mirrored to TensorBoard, plus a console line.
+
+JSONL lines are strict JSON: a NaN/inf value (a skipped non-finite step) is written as ``null``.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Dict, Optional
@@ -31,7 +35,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+            self._jsonl.write(json.dumps({"step": step, "time": time.time(), **record}, allow_nan=False) + "\n")
             self._jsonl.flush()
         if self._tb is not None:
             for key, value in metrics.items():

@@ -3,12 +3,18 @@
     python -m megatron_onereason.train --config examples/configs/stage1.yaml [section.field=value ...]
 
 Overrides are YAML values: ``optim.lr=2e-4``, ``data.blend="[1.0, /data/corpus]"``, ``train.trainable=[all]``.
+
+Exit codes: 0 the run reached train.iters (CHECKPOINT_SAVE/training_complete.json written); 75 it stopped early
+(SIGTERM, train.exit_at_iteration, train.exit_after_minutes) after saving: requeue the job to continue
+(sbatch --requeue, scontrol requeue); 1 a user error, reported as one line (bad path, damaged or foreign checkpoint,
+changed settings on resume, NaN/inf loss); 2 a config error.
 """
 import argparse
 import logging
 import sys
 
-from megatron_onereason.config import ConfigError, load_config
+from megatron_onereason.cli import EXIT_OK, EXIT_REQUEUE, run_cli
+from megatron_onereason.config import load_config
 from megatron_onereason.training.config import TrainConfig
 
 
@@ -21,18 +27,19 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + ([f"logging.metrics_jsonl={args.metrics_jsonl}"] if args.metrics_jsonl else [])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its per-file dataset reader chatter
-    try:
+
+    def train() -> int:
+        from megatron_onereason.platform import destroy_distributed
+        from megatron_onereason.training.trainer import run_training
+
         cfg = load_config(TrainConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"train: config error: {e}", file=sys.stderr)
-        return 2
-    from megatron_onereason.training.trainer import run_training
+        try:
+            result = run_training(cfg)
+        finally:
+            destroy_distributed()
+        return EXIT_OK if result.completed else EXIT_REQUEUE
 
-    run_training(cfg)
-    from megatron_onereason.platform import destroy_distributed
-
-    destroy_distributed()
-    return 0
+    return run_cli("train", train)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 
 import faiss
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.tokenizer.catalog_builder import (
     CatalogInputs,
     CodesInputs,
@@ -53,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--codes-column", help="the codes column of --codes (default: sid or codes)")
     p.add_argument("--resolve-shared", action="store_true", help="with --codes: move items sharing a code tuple "
                                                                  "to free tuples instead of keeping them shared")
-    p.add_argument("--levels", type=int, default=defaults.levels)
-    p.add_argument("--codebook-size", type=int, default=defaults.codebook_size)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--levels", type=int, default=defaults.levels, help="RQ-KMeans levels (codes per item)")
+    p.add_argument("--codebook-size", type=int, default=defaults.codebook_size, help="codes per level")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="k-means seed")
     p.add_argument("--niter", type=int, default=defaults.niter, help="k-means iterations per level")
     p.add_argument("--train-sample", type=int, default=defaults.train_sample_size,
                    help="train k-means on this many sampled items (0: all)")
@@ -115,4 +116,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("build_itemic_tokenizer", main))  # user errors: one line, exit 1

@@ -17,12 +17,12 @@ from megatron_onereason.platform import destroy_distributed, device, initialize_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mcore-dir", required=True)
-    p.add_argument("--hf-dir", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--seq-length", type=int, default=48)
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--mcore-dir", required=True, help="megatron checkpoint directory")
+    p.add_argument("--hf-dir", required=True, help="HF model directory to compare against")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the megatron model")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the megatron model")
+    p.add_argument("--seq-length", type=int, default=48, help="random tokens per sequence")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest max |logits difference| accepted")
     args = p.parse_args(argv)
     from megatron.core import parallel_state
 

@@ -26,17 +26,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--scheme", default=DEFAULT_SCHEME.name, choices=list(PRESETS),
                         help="how items are written (megatron_onereason/tokenizer/itemic_tokens.py)")
-    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS)
-    parser.add_argument("--codebook-size", type=int, default=DEFAULT_CODEBOOK_SIZE)
+    parser.add_argument("--levels", type=int, default=DEFAULT_LEVELS, help="code levels per item (a, b, c)")
+    parser.add_argument("--codebook-size", type=int, default=DEFAULT_CODEBOOK_SIZE, help="codes per level")
     parser.add_argument("--domains", default=None, help="comma-separated itemic domains of a per-domain scheme "
                                                         "(default: video,prod,ad,living,sid)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new embedding rows' initialisation")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
     args = parser.parse_args(argv)
     domains = None if args.domains is None else [d.strip() for d in args.domains.split(",") if d.strip()]
-    return run_tool(lambda: extend_vocabulary(args.hf_dir, args.out_dir, preset(args.scheme, args.levels,
-                                                                                args.codebook_size, domains),
-                                              seed=args.seed, overwrite=args.overwrite), args.out_dir)
+    scheme = lambda: preset(args.scheme, args.levels, args.codebook_size, domains)  # noqa: E731 (errors in run_tool)
+    return run_tool("extend_vocab", lambda: extend_vocabulary(args.hf_dir, args.out_dir, scheme(), seed=args.seed,
+                                                              overwrite=args.overwrite), args.out_dir)
 
 
 if __name__ == "__main__":

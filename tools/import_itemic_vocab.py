@@ -21,11 +21,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf-dir", required=True, help="input HF directory whose tokenizer has itemic tokens")
     parser.add_argument("--out-dir", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--scheme", default="auto", choices=["auto", *PRESETS])
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--scheme", default="auto", choices=["auto", *PRESETS],
+                        help="the scheme of IN's tokens: detected (auto), or a preset name to resolve ambiguity")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
     args = parser.parse_args(argv)
-    return run_tool(lambda: import_itemic_vocab(args.hf_dir, args.out_dir, args.scheme, overwrite=args.overwrite),
-                    args.out_dir)
+    return run_tool("import_itemic_vocab", lambda: import_itemic_vocab(args.hf_dir, args.out_dir, args.scheme,
+                                                                       overwrite=args.overwrite), args.out_dir)
 
 
 if __name__ == "__main__":

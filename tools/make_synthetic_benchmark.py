@@ -10,7 +10,9 @@ tools/build_itemic_tokenizer.py's output for the same items (codes). Users mix o
 from __future__ import annotations
 
 import argparse
+import sys
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
 from megatron_onereason.eval.benchmark import SyntheticBenchmarkConfig, make_synthetic_benchmark, write_benchmark
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
@@ -18,13 +20,15 @@ from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--synthetic-catalog", required=True)
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--users", type=int, default=100)
-    p.add_argument("--history-length", type=int, nargs=2, default=(8, 24), metavar=("MIN", "MAX"))
-    p.add_argument("--targets-per-domain", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synthetic-catalog", required=True, help="directory of tools/make_synthetic_catalog.py")
+    p.add_argument("--catalog", required=True, help="itemic tokenizer directory with catalog.parquet")
+    p.add_argument("--out", required=True, help="benchmark JSONL to write")
+    p.add_argument("--users", type=int, default=100, help="number of users")
+    p.add_argument("--history-length", type=int, nargs=2, default=(8, 24), metavar=("MIN", "MAX"),
+                   help="items in a user's history")
+    p.add_argument("--targets-per-domain", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
+                   help="held-out target items per domain")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     args = p.parse_args(argv)
     config = SyntheticBenchmarkConfig(num_users=args.users, history_length=tuple(args.history_length),
                                       targets_per_domain=tuple(args.targets_per_domain), seed=args.seed)
@@ -36,4 +40,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("make_synthetic_benchmark", main))  # user errors: one line, exit 1

@@ -14,8 +14,10 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
 from megatron_onereason.data.synthetic_corpus import CorpusConfig, generate_corpus, items_from_catalogs
 from megatron_onereason.fileio import atomic_directory
@@ -28,11 +30,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--synthetic-catalog", required=True, help="directory with items.parquet (captions)")
     p.add_argument("--item-catalog", required=True, help="itemic tokenizer directory with catalog.parquet (codes)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--samples-per-task", type=int, default=CorpusConfig.samples_per_task)
-    p.add_argument("--seed", type=int, default=CorpusConfig.seed)
+    p.add_argument("--samples-per-task", type=int, default=CorpusConfig.samples_per_task,
+                   help="samples written per task")
+    p.add_argument("--seed", type=int, default=CorpusConfig.seed, help="random seed")
     p.add_argument("--itemic-vocab", default=None, help="directory whose itemic_tokens.json names the scheme to write "
                                                         "items in (default: the embedded default scheme)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
 
     items = items_from_catalogs(SyntheticCatalog.load(args.synthetic_catalog), ItemCatalog.load(args.item_catalog))
@@ -48,4 +51,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli("make_synthetic_corpus", main))  # user errors: one line, exit 1

@@ -20,6 +20,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.pool
 import os
+import signal
 import sys
 import time
 from collections import defaultdict, deque
@@ -29,8 +30,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from megatron_onereason.cli import EXIT_TERMINATED, Terminated, raise_on_sigterm
 from megatron_onereason.data.formats import INPUT_FORMATS, FormatConfig, SampleEncoder, SampleError, iter_input, \
     open_parquet, parse_json_line, parse_sample, record_columns
+from megatron_onereason.fileio import is_no_space, no_space_message
 
 BATCH_SAMPLES = 256  # samples per worker task: large enough to amortise pickling, small enough to stream
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory on huge inputs
@@ -58,6 +61,7 @@ _ENCODER: Optional[SampleEncoder] = None  # set in the main process; forked work
 def _init_worker() -> None:
     # Each worker tokenizes single-threaded: N processes on N cores beat nested thread pools.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
 
 
 def _encode_batch(batch: List[Tuple[int, object]]) -> BatchResult:
@@ -252,12 +256,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--soft-switch", action="store_true", help="append /think or /no_think to the last user "
                                                                    "turn (OpenOneRec's qwen3_soft_switch)")
     args = parser.parse_args(argv)
+    raise_on_sigterm()  # a killed run removes its temporary files on the way out
     try:
         config = FormatConfig(append_eod=not args.no_append_eod, input_format=args.input_format,
                               json_keys=tuple(args.json_keys), soft_switch=args.soft_switch)
         stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.skip_invalid, config)
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Terminated as e:
+        print(f"error: {e}; nothing was left at the output prefix", file=sys.stderr)
+        return EXIT_TERMINATED
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        print(f"error: {no_space_message(args.output_prefix, 'the preprocessed data')}; nothing was left at "
+              "the output prefix", file=sys.stderr)
         return 1
     print(f"{stats['samples']} samples, {stats['tokens']} tokens ({stats['loss_tokens']} with loss, "
           f"{stats['itemic_tokens']} itemic), {stats['skipped']['total']} skipped, "

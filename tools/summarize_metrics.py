@@ -2,23 +2,28 @@
 
     python tools/summarize_metrics.py stage1=runs/x/stage1.jsonl grpo=runs/x/grpo.jsonl ...
 """
+import argparse
 import json
 import sys
 
 
+def _values(rows, key):
+    return [r[key] for r in rows if r.get(key) is not None]  # null: a skipped non-finite step
+
+
 def _fmt(rows, key):
-    values = [r[key] for r in rows if key in r]
+    values = _values(rows, key)
     return f"{values[0]:.3f} → {values[-1]:.3f}" if values else "–"
 
 
 def _mean(rows, key):
-    values = [r[key] for r in rows if key in r]
+    values = _values(rows, key)
     return sum(values) / len(values) if values else float("nan")
 
 
 def _window(rows, key, n=5):
     """Mean of the first and of the last ``n`` values: RL step metrics are too noisy to read one at a time."""
-    values = [r[key] for r in rows if key in r]
+    values = _values(rows, key)
     head, tail = values[:n], values[-n:]
     return f"{sum(head) / len(head):.3f} → {sum(tail) / len(tail):.3f}" if values else "–"
 
@@ -35,13 +40,15 @@ def _rl_row(name, rows):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(__doc__, file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="NAME=PATH",
+                   help="a run's name and its metrics JSONL (logging.metrics_jsonl / metrics_jsonl of an RL run)")
+    args = p.parse_args(argv)
     runs = []
-    for item in argv:
-        name, _, path = item.partition("=")
+    for item in args.runs:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"{item!r} is not NAME=PATH")
         try:
             with open(path) as f:
                 runs.append((name, [json.loads(line) for line in f if line.strip()]))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -28,6 +29,7 @@ from megatron_onereason.checkpoint.hf_mapping import (
     LayerTensor,
     expected_layer_shapes,
 )
+from megatron_onereason.checkpoint.integrity import check_directory
 from megatron_onereason.model.qwen3_config import Qwen3Config
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -55,17 +57,51 @@ class CheckpointModelInfo:
         return cls(Qwen3Config.from_dict(d["qwen3"]), int(d["padded_vocab_size"]))
 
 
-def checkpoint_iteration_dir(ckpt_root: str) -> str:
-    """The directory the tracker file points at (``release`` or ``iter_XXXXXXX``)."""
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def saved_iterations(ckpt_root: str) -> List[int]:
+    """Iterations with an ``iter_XXXXXXX`` directory under ``ckpt_root``, ascending (complete or not)."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    return sorted(int(n[5:]) for n in os.listdir(ckpt_root)
+                  if re.fullmatch(r"iter_\d{7}", n) and os.path.isdir(os.path.join(ckpt_root, n)))
+
+
+def tracker_value(ckpt_root: str) -> Optional[str]:
+    """What ``latest_checkpointed_iteration.txt`` says (``"release"`` or an iteration number), None if absent."""
     tracker = os.path.join(ckpt_root, TRACKER_FILE)
     if not os.path.exists(tracker):
-        raise FileNotFoundError(f"{tracker}: missing; {ckpt_root} is not a complete megatron checkpoint")
+        return None
     with open(tracker) as f:
-        it = f.read().strip()
-    sub = RELEASE if it == RELEASE else f"iter_{int(it):07d}"
-    path = os.path.join(ckpt_root, sub)
+        value = f.read().strip()
+    if value != RELEASE and not value.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number or 'release', found {value!r}")
+    return value
+
+
+def committed_iteration(ckpt_root: str) -> Optional[int]:
+    """The iteration the tracker names (None: none yet, or a converted ``release`` checkpoint)."""
+    value = tracker_value(ckpt_root)
+    return None if value is None or value == RELEASE else int(value)
+
+
+def checkpoint_iteration_dir(ckpt_root: str, iteration: Optional[int] = None) -> str:
+    """The directory the tracker file points at (``release`` or ``iter_XXXXXXX``), or that of ``iteration``."""
+    if iteration is not None:
+        path = os.path.join(ckpt_root, iteration_dir_name(iteration))
+        if not os.path.isdir(path):
+            saved = saved_iterations(ckpt_root) or "none"
+            raise FileNotFoundError(f"{path}: no such iteration; saved iterations: {saved}")
+        return path
+    value = tracker_value(ckpt_root)
+    if value is None:
+        raise FileNotFoundError(f"{os.path.join(ckpt_root, TRACKER_FILE)}: missing; {ckpt_root} is not a complete "
+                                "megatron checkpoint")
+    path = os.path.join(ckpt_root, RELEASE if value == RELEASE else iteration_dir_name(int(value)))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: named by {tracker} but missing")
+        raise FileNotFoundError(f"{path}: named by {os.path.join(ckpt_root, TRACKER_FILE)} but missing")
     return path
 
 
@@ -185,16 +221,18 @@ def iter_checkpoint_tensors(iter_dir: str, info: CheckpointModelInfo):
         yield key, tensor[: shape[0]] if key in (EMBEDDING, OUTPUT_LAYER) else tensor
 
 
-def load_into_model(model_chunks: List[torch.nn.Module], ckpt_root: str, strict: bool = True) -> str:
+def load_into_model(model_chunks: List[torch.nn.Module], ckpt_root: str, strict: bool = True,
+                    iteration: Optional[int] = None) -> str:
     """Load a checkpoint's model weights into this rank's model chunks (any TP/PP); returns the iteration dir.
 
-    Missing ``_extra_state`` entries are tolerated (a converted checkpoint has none); any other missing tensor,
-    and any shape mismatch, is an error naming the tensor.
+    The files are checked against their checksums first. Missing ``_extra_state`` entries are tolerated (a
+    converted checkpoint has none); any other missing tensor, and any shape mismatch, is an error naming the tensor.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    iter_dir = checkpoint_iteration_dir(ckpt_root)
+    iter_dir = checkpoint_iteration_dir(ckpt_root, iteration)
+    check_directory(iter_dir)
     info = CheckpointModelInfo.load(ckpt_root)
     found = validate_checkpoint(iter_dir, info)
     if len(model_chunks) == 1:
@@ -233,7 +271,8 @@ def _check_model_matches(sharded: Dict, found: Dict[str, Tuple[int, ...]], iter_
 
 
 def build_model_from_checkpoint(ckpt_root: str, tensor_model_parallel_size: int = 1,
-                                pipeline_model_parallel_size: int = 1, layer_spec: str = "auto", **build_kwargs):
+                                pipeline_model_parallel_size: int = 1, layer_spec: str = "auto",
+                                iteration: Optional[int] = None, **build_kwargs):
     """This rank's Qwen3 model built from a checkpoint's config and loaded with its weights (parallel state must
     already be initialised with the same TP/PP). Returns ``(model, CheckpointModelInfo)``."""
     from megatron_onereason.model.builder import ModelBuildConfig, build_qwen3_model
@@ -244,5 +283,5 @@ def build_model_from_checkpoint(ckpt_root: str, tensor_model_parallel_size: int 
                              pipeline_model_parallel_size=pipeline_model_parallel_size,
                              padded_vocab_size=info.padded_vocab_size, layer_spec=layer_spec, **build_kwargs)
     model = build_qwen3_model(info.config, build).to(device())
-    load_into_model([model], ckpt_root)
+    load_into_model([model], ckpt_root, iteration=iteration)
     return model, info

@@ -4,16 +4,25 @@ A preprocessed corpus with prefix ``P`` is ``P_tokens.bin/.idx`` (int32: the voc
 larger than 65535) and ``P_lossmask.bin/.idx`` (uint8, 1 = the token is a loss target), one document per sample,
 equal lengths, plus ``P_stats.json``. Both are plain ``megatron.core.datasets.indexed_dataset`` files, so Megatron's
 own reader opens them.
+
+The four data files move into place as one unit: ``P_stats.json`` is the commit record. A commit first removes the
+old one, renames the data files, then renames the new stats file (which lists the four files' sizes) into place, so
+a kill in between leaves no stats file and :meth:`IndexedPair.open` refuses the mix of old and new files.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from megatron_onereason.fileio import remove_leftovers, temp_sibling
+
+log = logging.getLogger(__name__)
 
 TOKEN_DTYPE = np.int32
 LOSSMASK_DTYPE = np.uint8
@@ -29,6 +38,9 @@ def lossmask_prefix(prefix: str) -> str:
 
 def stats_path(prefix: str) -> str:
     return prefix + "_stats.json"
+
+
+FILES_KEY = "files"  # in P_stats.json: the data files' sizes at commit
 
 
 def _final_paths(prefix: str) -> Tuple[str, ...]:
@@ -48,11 +60,14 @@ class IndexedPairWriter:
         self.prefix = prefix
         directory = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(directory, exist_ok=True)
-        self._tmp = {path: f"{path}.tmp{os.getpid()}" for path in _final_paths(prefix) + (stats_path(prefix),)}
+        paths = _final_paths(prefix) + (stats_path(prefix),)
+        for path in paths:  # temporary files of killed earlier runs
+            remove_leftovers(path)
+        self._tmp = {path: temp_sibling(path) for path in paths}
         t, m = tokens_prefix(prefix), lossmask_prefix(prefix)
         self._tokens = IndexedDatasetBuilder(self._tmp[t + ".bin"], dtype=TOKEN_DTYPE)
         self._lossmask = IndexedDatasetBuilder(self._tmp[m + ".bin"], dtype=LOSSMASK_DTYPE)
-        self.documents = 0
+        self.documents = self.tokens = self.loss_tokens = 0
         self._closed = False
 
     def add(self, tokens: np.ndarray, lossmask: np.ndarray) -> None:
@@ -69,25 +84,47 @@ class IndexedPairWriter:
         self._tokens.add_document(tokens.astype(TOKEN_DTYPE, copy=False), [tokens.size])
         self._lossmask.add_document(lossmask.astype(LOSSMASK_DTYPE, copy=False), [lossmask.size])
         self.documents += 1
+        self.tokens += int(tokens.size)
+        self.loss_tokens += int(lossmask.sum())
 
     def commit(self, stats: Optional[Dict] = None) -> None:
-        """Finish the index files, write ``P_stats.json`` (the document count plus ``stats``), rename into place.
+        """Finish the index files, write ``P_stats.json`` (document, token and loss-token counts plus ``stats``),
+        rename into place.
 
-        The stats file is always rewritten, so a stale one from an earlier run never describes the new files.
+        The stats file is always rewritten, so a stale one from an earlier run never describes the new files; it is
+        the commit record (see the module docstring) and lists the data files' sizes under ``"files"``.
         """
+        try:
+            self._commit(stats)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _commit(self, stats: Optional[Dict]) -> None:
         t, m = tokens_prefix(self.prefix), lossmask_prefix(self.prefix)
         self._tokens.finalize(self._tmp[t + ".idx"])
         self._lossmask.finalize(self._tmp[m + ".idx"])
+        data = _final_paths(self.prefix)
+        sizes = {os.path.basename(p): os.path.getsize(self._tmp[p]) for p in data}
         with open(self._tmp[stats_path(self.prefix)], "w") as f:
-            json.dump({"documents": self.documents, **(stats or {})}, f, indent=2, sort_keys=True)
-        for path in _final_paths(self.prefix) + (stats_path(self.prefix),):
+            json.dump({"documents": self.documents, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
+                       **(stats or {}), FILES_KEY: sizes}, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(stats_path(self.prefix)):
+            os.remove(stats_path(self.prefix))  # from here until the last rename, the prefix reads as incomplete
+        for path in data:
             os.replace(self._tmp[path], path)
+        os.replace(self._tmp[stats_path(self.prefix)], stats_path(self.prefix))
         self._closed = True
 
     def abort(self) -> None:
-        """Close and delete all temporary files."""
+        """Close and delete all temporary files (also after a write failed on a full disk)."""
         for builder in (self._tokens, self._lossmask):
-            builder.data_file.close()
+            try:
+                builder.data_file.close()
+            except OSError:  # flushing the last buffer fails again on a full disk
+                pass
         for tmp in self._tmp.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -115,9 +152,7 @@ class IndexedPair:
 
     @classmethod
     def open(cls, prefix: str) -> "IndexedPair":
-        for p in (tokens_prefix(prefix), lossmask_prefix(prefix)):
-            if not IndexedDataset.exists(p):
-                raise FileNotFoundError(f"{p}.bin/.idx: not found (run tools/preprocess_data.py first)")
+        check_prefix(prefix)
         tokens = IndexedDataset(tokens_prefix(prefix))
         lossmask = IndexedDataset(lossmask_prefix(prefix))
         if tokens.index.dtype != TOKEN_DTYPE or lossmask.index.dtype != LOSSMASK_DTYPE:
@@ -139,3 +174,44 @@ class IndexedPair:
             self.tokens.get(doc, offset=start, length=length),
             self.lossmask.get(doc, offset=start, length=length),
         )
+
+
+_PREFIX_SUFFIXES = ("_tokens.bin", "_tokens.idx", "_lossmask.bin", "_lossmask.idx", "_stats.json", "_tokens",
+                    "_lossmask", ".bin", ".idx")
+
+
+def check_prefix(prefix: str) -> Dict:
+    """Check that ``prefix`` names one complete output of ``tools/preprocess_data.py``; returns its stats.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the likely mistake (a file name given
+    instead of the prefix, an interrupted run, files from two different runs).
+    """
+    missing = [p for p in _final_paths(prefix) + (stats_path(prefix),) if not os.path.exists(p)]
+    if len(missing) == 5:
+        hint = next((f"; give the prefix without {sfx!r}: {prefix[: -len(sfx)]}" for sfx in _PREFIX_SUFFIXES
+                     if prefix.endswith(sfx) and os.path.exists(stats_path(prefix[: -len(sfx)]))), "")
+        if not hint:
+            directory = os.path.dirname(os.path.abspath(prefix))
+            found = sorted(n[: -len("_stats.json")] for n in os.listdir(directory) if n.endswith("_stats.json")) \
+                if os.path.isdir(directory) else []
+            hint = (f"; prefixes in {directory}: {', '.join(found[:8])}" if found else
+                    f"; {directory} holds no preprocessed data" if os.path.isdir(directory) else
+                    f"; {directory} does not exist")
+        raise FileNotFoundError(f"{prefix}: no preprocessed data (expected {os.path.basename(prefix)}_tokens.bin/.idx, "
+                                f"_lossmask.bin/.idx and _stats.json written by tools/preprocess_data.py "
+                                f"--output-prefix {prefix}){hint}")
+    if missing:
+        raise ValueError(f"{prefix}: incomplete preprocessed data, {os.path.basename(missing[0])} is missing (an "
+                         "interrupted tools/preprocess_data.py run, which writes _stats.json last?); run it again")
+    try:
+        with open(stats_path(prefix)) as f:
+            stats = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{stats_path(prefix)}: not valid JSON ({e}); run tools/preprocess_data.py again") from None
+    for name, size in stats.get(FILES_KEY, {}).items():
+        actual = os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(prefix)), name))
+        if actual != size:
+            raise ValueError(f"{prefix}: {name} has {actual} bytes but {os.path.basename(stats_path(prefix))} "
+                             f"recorded {size}: the files come from different runs (an interrupted or concurrent "
+                             "tools/preprocess_data.py?); run it again")
+    return stats

@@ -100,8 +100,7 @@ class Qwen3Config:
         path = os.path.join(hf_dir, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not found (expected a HF model directory)")
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f), source=path)
+        return cls.from_hf_dict(_read_json(path), source=path)
 
     # ----------------------------------------------------------------------------------------- helpers
     def to_dict(self) -> Dict[str, Any]:
@@ -121,6 +120,17 @@ class Qwen3Config:
         layer = attn + 3 * h * f + 2 * h + 2 * d
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + h
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_by: int = 128) -> int:
@@ -159,6 +169,5 @@ def load_qwen3_config(spec: Union[str, Qwen3Config]) -> Qwen3Config:
     if os.path.isdir(spec):
         return Qwen3Config.from_hf_dir(spec)
     if os.path.isfile(spec):
-        with open(spec) as f:
-            return Qwen3Config.from_hf_dict(json.load(f), source=spec)
+        return Qwen3Config.from_hf_dict(_read_json(spec), source=spec)
     return qwen3_preset(spec)

@@ -1,6 +1,7 @@
 """Typed configuration of the RL engine (``python -m megatron_onereason.rl.run --config X.yaml [overrides]``)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
 
@@ -95,6 +96,14 @@ class RLConfig:
             missing.append("actor.model.load")
         if missing:
             raise ValueError(f"required settings missing: {', '.join(missing)}")
+        # Local directories only: a missing path would otherwise reach transformers as a Hugging Face repo id.
+        hf_dirs = [("rollout.model_dir", self.rollout.model_dir), ("mopd.general_teacher", self.mopd.general_teacher)]
+        hf_dirs += [(f"mopd.teachers.{domain}", path) for domain, path in sorted(self.mopd.teachers.items())]
+        for name, path in hf_dirs:
+            if path and not os.path.isfile(os.path.join(path, "config.json")):
+                problem = "no config.json in it" if os.path.isdir(path) else "no such directory"
+                raise ValueError(f"{name}={path}: not a HF model directory ({problem}); give a local directory, e.g. "
+                                 "one written by checkpoints_convert/mcore_to_hf.py")
         if self.mopd.general_teacher and self.mopd.adv_clip is None:
             raise ValueError("mopd.general_teacher needs mopd.adv_clip (the itemic penalty sets teacher log-probs "
                              "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")

@@ -68,10 +68,22 @@ class ArrayEmbeddings(EmbeddingSource):
         return np.asarray(self._array[start:stop], dtype=np.float32)
 
 
+def load_npy(path: str, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """``np.load`` whose errors name the file (an empty or truncated ``.npy`` says only "No data left in file")."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except (EOFError, ValueError, OSError) as e:
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        what = "an empty file (0 bytes)" if size == 0 else f"not a readable .npy array ({e})"
+        raise ValueError(f"{path}: {what}; write it with numpy.save") from None
+
+
 class NpyEmbeddings(EmbeddingSource):
     def __init__(self, path: str):
         self.path = path
-        self._array = np.load(path, mmap_mode="r")
+        self._array = load_npy(path, mmap_mode="r")
         _check_matrix(path, self._array.shape, str(self._array.dtype), np.issubdtype(self._array.dtype, np.floating))
         self.num_items, self.dim = map(int, self._array.shape)
         self.dtype = str(self._array.dtype)
@@ -262,7 +274,7 @@ def read_item_ids(path: str, id_column: str = "item_id", domain_column: Optional
     elif domain_column:
         raise ValueError(f"{path}: a domain column needs a parquet ids file")
     elif path.endswith(".npy"):
-        array = np.load(path, allow_pickle=False)
+        array = load_npy(path)
         if array.ndim != 1:
             raise ValueError(f"{path}: ids array must be 1-D, got shape {array.shape}")
         ids = [str(v) for v in array.tolist()]

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections import defaultdict
 from typing import Callable, Dict, List, Mapping, Set
 
@@ -190,16 +189,14 @@ def _link_tree(src: str, dst: str) -> None:
             link_or_copy(path, os.path.join(dst, name))
 
 
-def run_tool(action: Callable[[], ItemicVocab], out_dir: str) -> int:
-    """A vocabulary tool's main: run ``action``, print the new vocabulary's summary as JSON (exit status 0), or
-    one ``error:`` line for bad input (status 1, no traceback)."""
-    try:
-        vocab = action()
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    d = vocab.to_dict()
-    summary = {"out_dir": out_dir, **{k: d[k] for k in ("scheme", "num_itemic_tokens", "id_ranges", "begin_token_ids",
-                                                        "end_token_ids")}}
-    print(json.dumps(summary, indent=2))
-    return 0
+def run_tool(prog: str, action: Callable[[], ItemicVocab], out_dir: str) -> int:
+    """A vocabulary tool's main: run ``action`` and print the new vocabulary's summary as JSON (exit status 0); bad
+    input is one error line (status 1, no traceback: :func:`megatron_onereason.cli.run_cli`)."""
+    from megatron_onereason.cli import run_cli
+
+    def summarise():
+        d = action().to_dict()
+        keys = ("scheme", "num_itemic_tokens", "id_ranges", "begin_token_ids", "end_token_ids")
+        print(json.dumps({"out_dir": out_dir, **{k: d[k] for k in keys}}, indent=2))
+
+    return run_cli(prog, summarise)

@@ -33,8 +33,18 @@ VOCAB_MATRICES = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 @dataclass(frozen=True)
 class TrainableSummary:
-    trainable_params: int  # this rank's trainable elements (row-masked matrices count their trainable rows)
-    total_params: int  # this rank's elements
+    # This rank's share of the model's elements (row-masked matrices count their trainable rows). Parameters
+    # replicated over TP count on TP rank 0 only and the last pipeline stage's copy of a tied embedding not at all,
+    # so the sum over the TP x PP ranks is the model's count whatever the layout.
+    trainable_params: int
+    total_params: int
+
+
+def counted_here(param: torch.nn.Parameter, tp_rank: int) -> bool:
+    """Whether this rank's copy of ``param`` counts toward the model's parameter count (see TrainableSummary)."""
+    if getattr(param, "shared", False) and getattr(param, "shared_embedding", False):
+        return False  # megatron's duplicate of the tied word embeddings on the last stage
+    return tp_rank == 0 or getattr(param, "tensor_model_parallel", False)
 
 
 def local_row_range(global_start: int, global_end: int, shard_rows: int, tp_rank: int):
@@ -65,24 +75,26 @@ def apply_trainable(model_chunks: Sequence[torch.nn.Module], trainable: Sequence
         raise ValueError(f"itemic_rows cannot be combined with other trainable patterns: {trainable}")
     patterns = [] if rows_mode else [re.compile(p) for p in trainable if p != "all"]
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    trained = total = 0
+    trained = total = matched = 0
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
-            total += param.numel()
+            share = 1 if counted_here(param, tp_rank) else 0
+            total += share * param.numel()
             if rows_mode:
                 is_vocab = name.endswith(VOCAB_MATRICES)
                 param.requires_grad_(is_vocab)
                 if is_vocab:
                     ranges = local_row_ranges(itemic.id_ranges, param.shape[0], tp_rank)
                     setattr(param, ROW_RANGE_ATTR, ranges)
-                    trained += sum(hi - lo for lo, hi in ranges) * param[0].numel()
+                    trained += share * sum(hi - lo for lo, hi in ranges) * param[0].numel()
             elif patterns:
                 param.requires_grad_(any(p.search(name) for p in patterns))
-                trained += param.numel() if param.requires_grad else 0
+                matched += param.requires_grad
+                trained += share * param.numel() if param.requires_grad else 0
             else:
                 param.requires_grad_(True)
-                trained += param.numel()
-    if patterns and trained == 0:
+                trained += share * param.numel()
+    if patterns and matched == 0:
         raise ValueError(f"train.trainable={trainable} matches no parameter on this rank")
     return TrainableSummary(trained, total)
 

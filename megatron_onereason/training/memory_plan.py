@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from megatron_onereason.cli import UserError
 from megatron_onereason.model.qwen3_config import Qwen3Config
 from megatron_onereason.training.flops import forward_flops, training_flops
 
@@ -408,8 +409,8 @@ class Plan:
 
 
 # --------------------------------------------------------------------------------------------------- from a config
-class MemoryPlanError(ValueError):
-    """The planner says the layout does not fit the device."""
+class MemoryPlanError(UserError):
+    """The planner says the layout does not fit the device (every rank reaches it: reported once, by rank 0)."""
 
 
 def plan_training(cfg, model: Qwen3Config, vocab_rows: int, world_size: int, kernels: PlannedKernels,

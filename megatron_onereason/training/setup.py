@@ -20,6 +20,7 @@ from megatron_onereason.training.config import (
     OptimSection,
     ParallelSection,
     PrecisionSection,
+    TrainConfig,
 )
 from megatron_onereason.training.freezing import apply_trainable, no_weight_decay_for_row_frozen, row_frozen_params
 
@@ -104,13 +105,24 @@ def build_optimizer(o: OptimSection, prec: PrecisionSection, p: ParallelSection,
         overrides.update(no_weight_decay_for_row_frozen())
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
     decay = o.decay_iters or iters
+    # The schedule always follows the config (megatron's override_opt_param_scheduler); a resumed run whose
+    # settings differ from its checkpoint's is refused before this unless told to override (trainer).
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=o.warmup_iters, lr_decay_steps=max(decay, o.warmup_iters + 1), lr_decay_style=o.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(iters, 1),
-        wd_incr_style="constant",
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
+
+
+def apply_optimizer_settings(optimizer, o: OptimSection) -> None:
+    """Adam's betas and eps from the config on every parameter group (a loaded optimizer state carries the
+    checkpoint's; LR and weight decay are set by the scheduler at every step, clipping is read from the config)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.optimizer.param_groups:
+            group["betas"] = (o.adam_beta1, o.adam_beta2)
+            group["eps"] = o.adam_eps
 
 
 def setup_model_and_optimizer(model_sec: ModelSection, parallel: ParallelSection, precision: PrecisionSection,
@@ -208,3 +220,67 @@ def setup_training_data(data: DataSection, global_batch_size: int, consumed_samp
     dataset = build_packed_dataset(blend, packing, pad_id, plan_dir=found[0])
     return TrainingPacks(dataset, global_batch_size, parallel_state.get_data_parallel_rank(),
                          parallel_state.get_data_parallel_world_size(), consumed_samples, data.num_workers)
+
+
+# ------------------------------------------------------------------------------------------- input validation
+def check_training_inputs(cfg: "TrainConfig") -> None:
+    """Check every path the config names before anything is built: one ``UserError`` naming the field.
+
+    Rank-independent (every rank reaches the same verdict from the same files), so it runs before the process
+    group exists and is reported once.
+    """
+    from megatron_onereason.cli import UserError
+    from megatron_onereason.data.blending import parse_blend
+    from megatron_onereason.data.indexed import check_prefix
+
+    def fail(field: str, value, problem: str):
+        raise UserError(f"{field}={value}: {problem}")
+
+    c = cfg.checkpoint
+    resuming = checkpointing.has_checkpoint(c.load)
+    if c.load and not resuming and os.path.abspath(c.load) != os.path.abspath(c.save or "") \
+            and os.path.exists(c.load):
+        fail("checkpoint.load", c.load, "holds no checkpoint (no latest_checkpointed_iteration.txt): nothing to "
+             "resume. For starting weights use model.load; to resume a run point it at that run's checkpoint.save")
+    if not resuming:
+        if cfg.model.load:
+            if not os.path.isdir(cfg.model.load):
+                fail("model.load", cfg.model.load, "no such directory (a checkpoint written by "
+                     "checkpoints_convert/hf_to_mcore.py or by an earlier stage)")
+            try:
+                CheckpointModelInfo.load(cfg.model.load)
+                checkpointing.checkpoint_iteration_dir(cfg.model.load)
+            except (FileNotFoundError, ValueError) as e:
+                fail("model.load", cfg.model.load, str(e))
+        elif cfg.model.init_from:
+            try:
+                load_qwen3_config(cfg.model.init_from)
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                fail("model.init_from", cfg.model.init_from, str(e))
+        else:
+            raise UserError("nothing to train: set model.load (a converted checkpoint), model.init_from (a preset), "
+                            "or checkpoint.load (a checkpoint to resume)")
+    if cfg.model.itemic_vocab and not os.path.exists(os.path.join(cfg.model.itemic_vocab, ITEMIC_JSON)):
+        fail("model.itemic_vocab", cfg.model.itemic_vocab, f"no {ITEMIC_JSON} there")
+    if not cfg.data.blend:
+        raise UserError("data.blend is empty: give [weight, prefix, ...] of tools/preprocess_data.py outputs")
+    try:
+        components = parse_blend([str(x) for x in cfg.data.blend])
+    except ValueError as e:
+        fail("data.blend", cfg.data.blend, str(e))
+    loss_tokens = []
+    for i, component in enumerate(components):
+        if component.weight <= 0:
+            fail(f"data.blend[{2 * i}]", component.weight, "blend weights must be > 0 (drop the source instead)")
+        try:
+            stats = check_prefix(component.prefix)
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"data.blend[{2 * i + 1}]", component.prefix, str(e).split(": ", 1)[-1])
+        loss_tokens.append(stats.get("loss_tokens"))
+        if stats.get("loss_tokens") == 0:
+            log.warning("data.blend[%d]=%s: no loss tokens (every token is loss-masked): it adds no training "
+                        "signal", 2 * i + 1, component.prefix)
+    if loss_tokens and all(n == 0 for n in loss_tokens):
+        fail("data.blend", cfg.data.blend, "no source has any loss token (every document is fully loss-masked): "
+             "nothing to learn; check the loss masks of tools/preprocess_data.py (chat data trains on assistant "
+             "turns only)")

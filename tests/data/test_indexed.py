@@ -1,6 +1,7 @@
 """The tokens/loss-mask IndexedDataset pair round-trips exactly through Megatron's own reader."""
 import glob
 import json
+import os
 
 import numpy as np
 import pytest
@@ -36,7 +37,9 @@ def test_round_trip_through_megatron_reader(tmp_path):
     assert np.array_equal(pair.lengths, [d.size for d in docs]) and len(pair) == 50
     assert sorted(p.rsplit("/", 1)[1] for p in glob.glob(prefix + "*")) == [
         "corpus_lossmask.bin", "corpus_lossmask.idx", "corpus_stats.json", "corpus_tokens.bin", "corpus_tokens.idx"]
-    assert json.load(open(prefix + "_stats.json")) == {"documents": 50}
+    stats = json.load(open(prefix + "_stats.json"))
+    assert stats["documents"] == 50
+    assert stats["files"] == {os.path.basename(p): os.path.getsize(p) for p in glob.glob(prefix + "_*.[bi][id]*")}
 
 
 def test_failure_leaves_nothing_behind(tmp_path):
@@ -56,7 +59,8 @@ def test_commit_writes_stats_and_renames(tmp_path):
     w.add(np.array([1, 2]), np.array([0, 1]))
     assert not IndexedDataset.exists(tokens_prefix(prefix))  # still under temporary names
     w.commit({"samples": 1})
-    assert json.load(open(prefix + "_stats.json")) == {"documents": 1, "samples": 1}
+    stats = json.load(open(prefix + "_stats.json"))
+    assert (stats["documents"], stats["samples"], len(stats["files"])) == (1, 1, 4)
     assert sorted(glob.glob(str(tmp_path / "*"))) == sorted(
         [prefix + s for s in ("_lossmask.bin", "_lossmask.idx", "_stats.json", "_tokens.bin", "_tokens.idx")])
 
@@ -84,5 +88,5 @@ def test_open_checks_files(tmp_path):
     # Pair a's tokens with b's lossmask: lengths disagree.
     for ext in (".bin", ".idx"):
         (tmp_path / f"a_lossmask{ext}").write_bytes((tmp_path / f"b_lossmask{ext}").read_bytes())
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(ValueError, match="different runs"):  # the stats file's recorded sizes catch it first
         IndexedPair.open(a)

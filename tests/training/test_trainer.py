@@ -1,7 +1,6 @@
 """The trainer on CPU with real processes: layouts agree, stage 1 freezes all but the new rows, resume is exact."""
 import dataclasses
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -13,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_torchrun
-from megatron_onereason.data.indexed import IndexedPairWriter
+from conftest import REPO
+from train_runs import cli, expect_code, read_metrics, run_trainer, tiny_blend_args
 from megatron_onereason.model.qwen3_config import qwen3_preset
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
 from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
@@ -22,11 +21,6 @@ from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
 
 pytestmark = pytest.mark.multiprocess
 ITERS = 6
-
-
-def _cli(*args):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -39,31 +33,23 @@ def setup(tokenizers_3x32, tmp_path_factory):
     ckpt = {}
     for name, hf_dir in hf.items():
         ckpt[name] = str(root / f"mcore_{name}")
-        _cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", ckpt[name], "--tp", "2")
+        cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", ckpt[name], "--tp", "2")
     vocab = ItemicVocab.load(hf["tied"])
-    rng = np.random.default_rng(0)
-    (first_id, end_id), = vocab.id_ranges
-    for source, (n_docs, low) in {"text": (50, 0), "items": (40, first_id)}.items():
-        with IndexedPairWriter(str(root / source)) as writer:
-            for _ in range(n_docs):
-                n = int(rng.integers(6, 50))
-                writer.add(rng.integers(low, end_id, n), (rng.random(n) < 0.8).astype(np.uint8))
-    base = [f"data.blend=[0.6, {root / 'text'}, 0.4, {root / 'items'}]", "data.seq_length=96",
-            "data.max_sample_length=48", "train.global_batch_size=4", f"optim.decay_iters={ITERS}",
-            "optim.warmup_iters=1", "optim.lr=3e-3", "optim.min_lr=3e-4"]
+    base = tiny_blend_args(str(root), vocab, ITERS)
     return {"root": root, "hf": hf, "ckpt": ckpt, "base": base, "vocab": vocab}
 
 
 def train(setup, name, nproc, *overrides, model="tied", iters=ITERS):
-    """Run the trainer; returns its metrics (one dict per iteration)."""
+    """Run the trainer; returns its metrics (one dict per iteration). A run stopped by train.exit_at_iteration must
+    exit with 75 ("requeue me"), a complete one with 0."""
     metrics = str(setup["root"] / f"{name}.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
     args = [f"model.load={setup['ckpt'][model]}", f"train.iters={iters}", f"logging.metrics_jsonl={metrics}",
             *setup["base"], *overrides]
-    run_torchrun("-m", nproc, ["megatron_onereason.train", *args])
-    with open(metrics) as f:
-        return [json.loads(line) for line in f]
+    early = any(o.startswith("train.exit_at_iteration=") and int(o.split("=")[1]) < iters for o in overrides)
+    expect_code(run_trainer(nproc, args), 75 if early else 0)
+    return read_metrics(metrics)
 
 
 def losses(rows):
@@ -97,7 +83,7 @@ def test_stage1_changes_only_the_new_vocabulary_rows(setup, model, layout):
     train(setup, f"stage1_{model}", 2, layout, "train.trainable=[itemic_rows]", f"checkpoint.save={save}",
           model=model, iters=3)
     exported = str(setup["root"] / f"stage1_{model}_hf")
-    _cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", save, "--out-dir", exported)
+    cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", save, "--out-dir", exported)
     before = load_file(glob.glob(os.path.join(setup["hf"][model], "*.safetensors"))[0])
     after = {}
     for f in glob.glob(os.path.join(exported, "*.safetensors")):
@@ -149,7 +135,7 @@ def test_distributed_optimizer_kill_and_resume_is_exact(setup):
     assert [r["grad_norm"] for r in rest] == [r["grad_norm"] for r in straight][3:]
 
 
-def test_sigterm_saves_and_exits_cleanly(setup, reference):
+def test_sigterm_saves_and_exits_for_requeue(setup):
     save = str(setup["root"] / "sigterm")
     metrics = str(setup["root"] / "sigterm.jsonl")
     cmd = [sys.executable, "-m", "megatron_onereason.train", f"model.load={setup['ckpt']['tied']}", "train.iters=200",
@@ -162,11 +148,14 @@ def test_sigterm_saves_and_exits_cleanly(setup, reference):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: saved, requeue to continue
     stopped = len(open(metrics).readlines())
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
         assert int(f.read()) == stopped
-    if stopped < ITERS:  # same schedule as the reference up to decay_iters: the next step must match it
-        nxt = train(setup, "sigterm_resume", 1, f"checkpoint.save={save}", f"checkpoint.load={save}",
-                    iters=stopped + 1)
-        assert losses(nxt) == [reference[stopped]["loss"]]
+    assert not os.path.exists(os.path.join(save, "training_complete.json"))  # the stage is not complete
+    # The requeued job continues exactly: its next step equals the same run's uninterrupted step (train.iters
+    # stays 200: the data order depends on it, so ITERS-iteration runs are no reference here).
+    until = [f"train.exit_at_iteration={stopped + 1}"]
+    nxt = train(setup, "sigterm_resume", 1, f"checkpoint.save={save}", f"checkpoint.load={save}", *until, iters=200)
+    straight = train(setup, "sigterm_straight", 1, *until, iters=200)
+    assert losses(nxt) == losses(straight)[stopped:]

@@ -1,0 +1,97 @@
+"""What every command-line entry point shares: exit codes, one-line error reports, quiet library warnings.
+
+A user error (bad config value, missing file, damaged checkpoint, full disk, diverged training) is reported as one
+line ``prog: error: <what is wrong, where, what to do>`` on stderr, with no traceback, and only once per job:
+errors that every rank detects identically (:class:`UserError`, config errors) are printed by rank 0 alone.
+``ONEREASON_TRACEBACK=1`` prints the traceback as well.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+import warnings
+from typing import Callable, Optional
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+# sysexits.h EX_TEMPFAIL: "temporary failure, try again". The trainer stopped early (SIGTERM, train.exit_at_iteration,
+# train.exit_after_minutes) after saving a checkpoint: requeue the job (SLURM: scontrol requeue) to continue.
+EXIT_REQUEUE = 75
+EXIT_TERMINATED = 128 + 15  # what a shell reports for a process killed by SIGTERM
+
+# Errors a user can fix from the message; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError, KeyError, AssertionError, OSError)
+
+
+class UserError(ValueError):
+    """A user-facing error that every rank raises identically (so rank 0 alone reports it)."""
+
+
+def report_error(prog: str, exc: BaseException) -> None:
+    """Print ``exc`` as one line: on rank 0 for errors every rank shares, on the raising rank otherwise."""
+    from megatron_onereason.config import ConfigError
+    from megatron_onereason.platform.distributed import detect_launch_env
+
+    rank = detect_launch_env().rank
+    shared = isinstance(exc, (UserError, ConfigError))
+    if rank != 0 and shared:
+        return
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+        message = f"{exc.filename}: {exc.strerror or message}"
+    where = "" if rank == 0 or shared else f"[rank {rank}] "
+    kind = "config error" if isinstance(exc, ConfigError) else "error"
+    print(f"{prog}: {kind}: {where}{message or type(exc).__name__}", file=sys.stderr, flush=True)
+    if os.environ.get("ONEREASON_TRACEBACK"):
+        traceback.print_exception(exc)
+
+
+def run_cli(prog: str, action: Callable[[], Optional[int]]) -> int:
+    """Run ``action()``; user errors become one line and exit code 1 (2 for config errors)."""
+    from megatron_onereason.config import ConfigError
+
+    try:
+        code = action()
+    except Terminated as e:
+        print(f"{prog}: {e}; partial output removed", file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
+    except ConfigError as e:
+        report_error(prog, e)
+        return EXIT_CONFIG
+    except USER_ERRORS as e:
+        report_error(prog, e)
+        return EXIT_ERROR
+    return EXIT_OK if code is None else code
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception, so ``finally`` blocks and temp-file clean-up run on the way out."""
+
+
+def raise_on_sigterm() -> None:
+    """For one-shot tools (converters, preprocessing): SIGTERM unwinds like Ctrl-C, removing partial output."""
+
+    def handler(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# Import-time notices of megatron-core / torch that say nothing actionable on CPU (8 per converter call).
+_QUIET = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+    r"`load_state_dict` is deprecated",
+    r"Please use DTensor instead",
+)
+
+
+def quiet_library_warnings() -> None:
+    """Silence megatron-core's fallback notices (no TE/apex) and deprecations we cannot act on."""
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=f".*{pattern}")
