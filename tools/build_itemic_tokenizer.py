@@ -92,11 +92,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    try:
-        result = _build(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    result = _build(args)  # bad input: one line from run_cli
     manifest = result.manifest
     stats = manifest["statistics"]
     print(f"{'level':>5} {'used':>8} {'util':>7} {'perplexity':>11} {'residual mse':>13} {'relative':>9}")
@@ -112,7 +108,6 @@ def main(argv=None) -> int:
     if shared["kept"]:
         print(f"items {manifest['num_items']}, {shared['tuples']} code tuples shared by {shared['items']} items (kept)")
     print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -187,8 +187,8 @@ def test_bad_codes_files_are_refused_in_one_line(tmp_path, table, match):
                            str(path), "--codebook-size", str(K), "--domain", "video", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ")
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"build_itemic_tokenizer: error: {path}: ")
     assert re.search(match, lines[0]), lines[0]
     assert not os.path.exists(tmp_path / "out")
 

@@ -144,7 +144,9 @@ def test_tiny_hf_dir_via_cli(tmp_path, monkeypatch, untied):
     out = str(tmp_path / "model")
     argv = ["make_tiny_qwen3.py", "--out", out, "--seed", "3"] + (["--untied"] if untied else [])
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(os.path.join(REPO, "tools", "make_tiny_qwen3.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(os.path.join(REPO, "tools", "make_tiny_qwen3.py"), run_name="__main__")
+    assert done.value.code == 0
 
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
