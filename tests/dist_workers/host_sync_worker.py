@@ -122,7 +122,7 @@ def main(out_path):
     state = setup_model_and_optimizer(ModelSection(init_from="tiny", recompute_granularity="full"), parallel,
                                       PrecisionSection(), OptimSection(), ["all"], 10)
     install_grad_hooks(state, parallel)
-    step = partial(_forward_step, (900, 1000), 2)
+    step = partial(_forward_step, [(900, 1000)], 2)  # itemic id ranges, number of sources
     result = {}
     for micro in (1, 1, 3):  # the first run fills megatron's one-time caches (RoPE table) and is overwritten
         state.model[0].zero_grad_buffer()

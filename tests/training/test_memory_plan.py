@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, run_torchrun
@@ -131,7 +132,11 @@ def test_cli_prints_the_8b_table_and_refuses_what_does_not_fit(capsys):
 
 def test_trainer_refuses_a_layout_that_cannot_fit(tmp_path):
     """An 8B model in fp32 on one CPU rank: the planner stops the run before anything is built."""
-    cmd = [sys.executable, "-m", "megatron_onereason.train", "model.init_from=8b", "data.blend=[1.0, /nonexistent]",
+    from megatron_onereason.data.indexed import IndexedPairWriter
+
+    with IndexedPairWriter(str(tmp_path / "docs")) as writer:  # real inputs: they are checked before the plan
+        writer.add(np.arange(64), np.ones(64, dtype=np.uint8))
+    cmd = [sys.executable, "-m", "megatron_onereason.train", "model.init_from=8b", f"data.blend=[1.0, {tmp_path / 'docs'}]",
            "data.seq_length=4096", "train.global_batch_size=1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

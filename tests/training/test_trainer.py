@@ -140,7 +140,8 @@ def test_sigterm_saves_and_exits_for_requeue(setup):
     metrics = str(setup["root"] / "sigterm.jsonl")
     cmd = [sys.executable, "-m", "megatron_onereason.train", f"model.load={setup['ckpt']['tied']}", "train.iters=200",
            f"logging.metrics_jsonl={metrics}", f"checkpoint.save={save}", *setup["base"]]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))  # as run_trainer: the same float reductions
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
