@@ -13,6 +13,7 @@ import torch
 from megatron_onereason.rl.losses import (
     aggregate_token_losses,
     check_token_tensor,
+    importance_weights,
     masked_mean,
     token_mask,
 )
@@ -51,18 +52,11 @@ def truncated_is_weights(
 ) -> torch.Tensor:
     """Eq. 17: ``w_t = sg[π_θ/μ_θ]`` where ``low ≤ π_θ/μ_θ ≤ high``, else exactly 0.
 
-    ``train_logp`` is π_θ from the training engine, ``rollout_logp`` is μ_θ from the inference engine. Without a
+    ``train_logp`` is π_θ from the training engine, ``rollout_logp`` is μ_θ from the inference engine (the
+    behaviour policy). :func:`megatron_onereason.rl.losses.importance_weights` with ``mode="mask"``. Without a
     ``mask`` every position must be finite; with one, positions off the mask get weight 0 and are not checked.
     """
-    if not 0.0 <= low <= high:
-        raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
-    shape = train_logp.shape
-    mask = torch.ones(shape, dtype=torch.bool) if mask is None else token_mask("mask", mask, shape)
-    check_token_tensor("train_logp", train_logp, shape, mask)
-    check_token_tensor("rollout_logp", rollout_logp, shape, mask)
-    zero = torch.zeros((), dtype=train_logp.dtype)
-    ratio = (torch.where(mask, train_logp.detach(), zero) - torch.where(mask, rollout_logp.detach(), zero)).exp()
-    return torch.where(mask & (ratio >= low) & (ratio <= high), ratio, zero)
+    return importance_weights(train_logp, rollout_logp, mask, low, high, mode="mask")[0]
 
 
 def mopd_loss(

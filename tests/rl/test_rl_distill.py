@@ -46,7 +46,7 @@ def test_truncated_is_weights_hand_case():
     assert masked.tolist() == [[0.0, 0.0, pytest.approx(1.5), 0.0]]
     with pytest.raises(ValueError, match="low"):
         truncated_is_weights(train, rollout, 2.0, 1.0)
-    with pytest.raises(ValueError, match="train_logp holds NaN"):
+    with pytest.raises(ValueError, match="target_logp holds NaN"):
         truncated_is_weights(torch.full((1, 2), float("nan")), torch.zeros(1, 2), 0.5, 2.0)
 
 

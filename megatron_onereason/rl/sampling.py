@@ -1,0 +1,83 @@
+"""The sampling distribution of RL rollouts: one definition shared by the rollout engine and the loss.
+
+A token's probability under the behaviour policy μ is ``softmax(logits / T)`` restricted to the tokens allowed at
+that position and renormalised over them:
+
+    μ(o_t) = exp(z_{o_t} / T) / Σ_{a ∈ A_t} exp(z_a / T),   o_t ∈ A_t
+
+Two modes (``rollout.sampling``):
+
+- ``unconstrained`` (the default, as in OneReason §6.1, whose Fig. 16 counts invalid itemic tokens generated during
+  RL): ``A_t`` is every real token of the vocabulary. The actor's plain log-softmax is the same distribution at
+  ``T = 1``; completions that are not catalog items get no reward and are counted
+  (:class:`megatron_onereason.rl.metrics.ItemValidity`).
+- ``constrained``: inside an itemic pattern ``A_t`` is the set of catalog continuations (the item trie,
+  :class:`megatron_onereason.generation.constrained.ItemicConstraint`). The actor must then score with the same
+  renormalisation: ``log μ = log π_raw − log Σ_{a ∈ A_t} π_raw(a)`` (:func:`renormalised_logprobs`), otherwise the
+  ratio of eq. 10 compares two different distributions and clips for no policy change.
+
+A temperature ``T ≠ 1`` makes μ differ from the trained policy (``T = 1``) in both modes; the truncated importance
+weights of :mod:`megatron_onereason.rl.losses` correct for it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+SAMPLING_MODES = ("unconstrained", "constrained")
+DEFAULT_SAMPLING = "unconstrained"
+
+
+def _check(logits: torch.Tensor, tokens: torch.Tensor, allowed: Optional[torch.Tensor]) -> None:
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, logits {tuple(logits.shape)}: expected "
+                         f"{tuple(logits.shape[:-1])}")
+    if allowed is not None:
+        if allowed.shape != logits.shape or allowed.dtype != torch.bool:
+            raise ValueError(f"allowed must be a bool tensor of shape {tuple(logits.shape)}, got "
+                             f"{allowed.dtype} {tuple(allowed.shape)}")
+        if not allowed.gather(-1, tokens[..., None].long()).all():
+            raise ValueError("a sampled token is not allowed at its position: the mask is not the one it was "
+                             "sampled under")
+
+
+def sampling_logprobs(logits: torch.Tensor, tokens: torch.Tensor, allowed: Optional[torch.Tensor] = None,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """``log μ(tokens)`` under ``softmax(logits / T)`` renormalised over ``allowed`` (module docstring).
+
+    logits ``[*B, V]``; tokens ``[*B]`` (int); allowed ``[*B, V]`` bool or None (every token allowed). Temperature
+    0 (greedy) scores at temperature 1, as a beam or argmax decoder's tokens carry no sampling temperature.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _check(logits, tokens, allowed)
+    scaled = logits / (temperature if temperature > 0 else 1.0)
+    if allowed is not None:
+        scaled = scaled.masked_fill(~allowed, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[..., None].long())[..., 0]
+
+
+def allowed_log_mass(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``log Σ_{a ∈ A} softmax(logits)_a`` ``[*B]``: the log of the probability the unconstrained policy puts on the
+    allowed set (0 where everything is allowed; −inf where nothing is)."""
+    if allowed.shape != logits.shape or allowed.dtype != torch.bool:
+        raise ValueError(f"allowed must be a bool tensor of shape {tuple(logits.shape)}")
+    return (torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+            - torch.logsumexp(logits, dim=-1))
+
+
+def renormalised_logprobs(raw_logp: torch.Tensor, log_mass: torch.Tensor) -> torch.Tensor:
+    """Constrained log-probs from unconstrained ones: ``log π_raw(o_t) − log Σ_{a ∈ A_t} π_raw(a)``.
+
+    The actor side of the ``constrained`` mode: ``raw_logp`` is the plain log-softmax of the sampled token,
+    ``log_mass`` its position's :func:`allowed_log_mass` (0 at unconstrained positions). Gradients flow through
+    both, so the normaliser's dependence on θ is part of the policy gradient.
+    """
+    if raw_logp.shape != log_mass.shape:
+        raise ValueError(f"raw_logp {tuple(raw_logp.shape)} and log_mass {tuple(log_mass.shape)} differ in shape")
+    if (log_mass.detach() > 1e-6).any():
+        raise ValueError("log_mass must be <= 0 (a log-probability mass)")
+    return raw_logp - log_mass
