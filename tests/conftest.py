@@ -91,3 +91,11 @@ def run_torchrun(script, nproc, args, timeout=400):
         pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n"
                     f"error lines:\n{errors[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_recommender(tmp_path_factory):
+    """The tiny recommender (default scheme, video + prod catalog, random model), built once per session: read only."""
+    from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
+
+    return build_tiny_recommender(str(tmp_path_factory.mktemp("tiny_recommender") / "tiny"))
