@@ -1,6 +1,7 @@
 """Typed configuration of the RL engine (``python -m megatron_onereason.rl.run --config X.yaml [overrides]``)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
 
@@ -27,6 +28,9 @@ class RolloutSection:
     temperature: float = 1.0
     item_temperature: float = 1.0
     max_think_tokens: int = 256
+    # The sampling distribution shared by rollout and loss (megatron_onereason/rl/sampling.py): unconstrained
+    # decoding (OneReason §6.1; invalid itemic tokens are counted, Fig. 16) or the catalog trie on both sides.
+    sampling: Literal["unconstrained", "constrained"] = "unconstrained"
 
 
 @dataclass
@@ -36,14 +40,24 @@ class DataSection:
     catalog: Optional[str] = None  # itemic tokenizer directory (catalog.parquet): legal items, rewards
     domains: Optional[List[str]] = None  # single-domain RL: only these target domains
     prompts_per_step: int = 8
+    tasks: List[str] = field(default_factory=lambda: ["rec"])  # Mix-RL (§6.2): ["rec", "evolution"] (R3 + R2)
+    general_prompts: Optional[str] = None  # MOPD general-domain prompts (chat JSONL), for mopd.general_teacher
 
 
 @dataclass
 class GRPOSection:
-    reward: Literal["rule", "beam-prefix", "beam-position"] = "rule"
+    # rule: eq. 8 on K sampled items; rollout-beam: OneRec-Think eq. 6 over a beam of width K (stage 2 runs beam
+    # search); beam-prefix: its prefix-match variant.
+    reward: Literal["rule", "rollout-beam", "beam-prefix"] = "rule"
     diversity: bool = True  # eq. 9 diversity factor
     clip_cot: Tuple[float, float] = (0.2, 0.28)
     clip_item: Tuple[float, float] = (0.1, 0.1)
+    # π_old of eq. 10 (megatron_onereason/rl/losses.py): "recompute" = the actor before this rollout batch's first
+    # optimizer step, with truncated importance weights π_old/μ against the rollout engine's log-probs μ;
+    # "rollout" = μ itself (no weights). Clipping acts from the second mini-batch on (actor.mini_batches > 1).
+    old_logp: Literal["recompute", "rollout"] = "recompute"
+    is_low: float = 0.0  # truncated IS band [is_low, is_high] for π_old/μ; is_high null: no correction
+    is_high: Optional[float] = 2.0
     nonhit_weight: float = 0.5  # β of eq. 13
     kl_coef: float = 0.0  # > 0 adds a reference worker (the initial policy)
     kl_estimator: Literal["k1", "k3"] = "k3"
@@ -54,10 +68,21 @@ class GRPOSection:
 class MOPDSection:
     teachers: Dict[str, str] = field(default_factory=dict)  # domain -> HF directory of its GRPO teacher
     general_teacher: Optional[str] = None  # for prompts without a domain (itemic tokens penalised)
-    rho: float = 0.9  # information-gain filter, eqs. 19-20
+    rho: float = 0.8  # information-gain filter, eqs. 19-20 (the report's ρ)
     is_low: float = 0.5  # truncated IS band, eq. 17
     is_high: float = 2.0
     adv_clip: Optional[Tuple[float, float]] = None  # OpenOneRec's reward clipping [α, β]
+
+
+@dataclass
+class RFTSection:
+    """RFT trajectory filters (§6.2), applied to verified hits; see megatron_onereason/rl/rft.py."""
+
+    drop_force_closed: bool = True  # the CoT was closed by the token budget, not by the model
+    min_reasoning_tokens: int = 1  # 0 keeps empty reasoning
+    max_reasoning_tokens: Optional[int] = None
+    require_history_grounding: bool = True  # every item the CoT cites is in the user's history (eq. 25)
+    max_per_user: Optional[int] = None
 
 
 @dataclass
@@ -86,6 +111,7 @@ class RLConfig:
     metrics_jsonl: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     rft_output: Optional[str] = None  # algorithm=rft: where the selected chat JSONL goes
+    rft: RFTSection = field(default_factory=RFTSection)
 
     def __post_init__(self):
         missing = [name for name, value in (("rollout.model_dir", self.rollout.model_dir),
@@ -98,3 +124,59 @@ class RLConfig:
         if self.mopd.general_teacher and self.mopd.adv_clip is None:
             raise ValueError("mopd.general_teacher needs mopd.adv_clip (the itemic penalty sets teacher log-probs "
                              "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")
+        validate_method_settings(self)
+
+
+RL_TASKS = ("rec", "evolution")
+
+
+def validate_method_settings(cfg: RLConfig) -> None:
+    """Refuse settings under which a method of OneReason §6 silently does nothing or something else.
+
+    Raises ValueError naming the field and what to set instead; logs a warning where a setting is legal but makes
+    a mechanism inert (clipping with one optimizer step per rollout batch).
+    """
+    g, r, m, d = cfg.grpo, cfg.rollout, cfg.mopd, cfg.data
+    if cfg.algorithm == "grpo" and g.diversity and r.num_items == 1:
+        raise ValueError("grpo.diversity=true with rollout.num_items=1: eq. 9 gives R_div = 0 for a single item, so "
+                         "every reward is 0 and nothing is learned. For the 'no two-stage rollout' ablation (Fig. 13: "
+                         "N x 1 rollouts) set grpo.diversity=false (examples/configs/ablations/n_by_1.yaml)")
+    for name, (low, high) in (("grpo.clip_cot", g.clip_cot), ("grpo.clip_item", g.clip_item)):
+        if not (0.0 <= low < 1.0 and high >= 0.0):
+            raise ValueError(f"{name} must be [eps_low, eps_high] with 0 <= eps_low < 1 and eps_high >= 0, "
+                             f"got {[low, high]}")
+    if not 0.0 <= g.nonhit_weight <= 1.0:
+        raise ValueError(f"grpo.nonhit_weight (beta of eq. 13) must be in [0, 1], got {g.nonhit_weight}")
+    if g.kl_coef < 0:
+        raise ValueError(f"grpo.kl_coef must be >= 0, got {g.kl_coef}")
+    if g.is_high is not None and not 0.0 <= g.is_low <= 1.0 <= g.is_high:
+        raise ValueError(f"grpo.is_low / grpo.is_high must satisfy 0 <= is_low <= 1 <= is_high (a band around "
+                         f"pi_old/mu = 1), got {g.is_low}, {g.is_high}")
+    if g.old_logp == "rollout" and g.is_high is not None:
+        raise ValueError("grpo.old_logp=rollout uses the rollout's log-probs as pi_old: there is no pi_old/mu "
+                         "weight to truncate; set grpo.is_high=null")
+    if not 0.0 <= m.is_low <= 1.0 <= m.is_high:
+        raise ValueError(f"mopd.is_low / mopd.is_high (eq. 17) must satisfy 0 <= is_low <= 1 <= is_high, got "
+                         f"{m.is_low}, {m.is_high}")
+    if not 0.0 < m.rho <= 1.0:
+        raise ValueError(f"mopd.rho (eq. 20) must be in (0, 1], got {m.rho}")
+    if cfg.actor.mini_batches < 1:
+        raise ValueError(f"actor.mini_batches must be >= 1, got {cfg.actor.mini_batches}")
+    unknown = [t for t in d.tasks if t not in RL_TASKS]
+    if unknown or not d.tasks:
+        raise ValueError(f"data.tasks must be a non-empty list from {list(RL_TASKS)}, got {d.tasks}")
+    if cfg.algorithm == "mopd" and bool(m.general_teacher) != bool(d.general_prompts):
+        raise ValueError("mopd.general_teacher and data.general_prompts go together: general-domain distillation "
+                         "(OpenOneRec §5.2) feeds general prompts to the plain Qwen3 teacher, and the itemic penalty "
+                         "applies to those prompts only")
+    f = cfg.rft
+    if f.min_reasoning_tokens < 0 or (f.max_reasoning_tokens is not None
+                                      and f.max_reasoning_tokens < max(f.min_reasoning_tokens, 1)):
+        raise ValueError(f"rft.min_reasoning_tokens / rft.max_reasoning_tokens must satisfy 0 <= min <= max, got "
+                         f"{f.min_reasoning_tokens}, {f.max_reasoning_tokens}")
+    if f.max_per_user is not None and f.max_per_user < 1:
+        raise ValueError(f"rft.max_per_user must be >= 1 or null, got {f.max_per_user}")
+    if cfg.algorithm == "grpo" and g.old_logp == "recompute" and cfg.actor.mini_batches == 1:
+        logging.getLogger("megatron_onereason.rl").warning(
+            "actor.mini_batches=1 with grpo.old_logp=recompute: every update is on-policy (ratio 1), so the "
+            "stage-wise clipping of eqs. 11-12 never acts; set actor.mini_batches > 1 to make it act")
