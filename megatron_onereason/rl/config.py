@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
 
+from megatron_onereason.rl.rft import RFTFilters
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 
 
@@ -75,17 +76,6 @@ class MOPDSection:
 
 
 @dataclass
-class RFTSection:
-    """RFT trajectory filters (§6.2), applied to verified hits; see megatron_onereason/rl/rft.py."""
-
-    drop_force_closed: bool = True  # the CoT was closed by the token budget, not by the model
-    min_reasoning_tokens: int = 1  # 0 keeps empty reasoning
-    max_reasoning_tokens: Optional[int] = None
-    require_history_grounding: bool = True  # every item the CoT cites is in the user's history (eq. 25)
-    max_per_user: Optional[int] = None
-
-
-@dataclass
 class RayLayout:
     address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster started by the launcher
     layout: Literal["colocated", "disaggregated"] = "colocated"
@@ -111,7 +101,7 @@ class RLConfig:
     metrics_jsonl: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     rft_output: Optional[str] = None  # algorithm=rft: where the selected chat JSONL goes
-    rft: RFTSection = field(default_factory=RFTSection)
+    rft: RFTFilters = field(default_factory=RFTFilters)  # algorithm=rft: reasoning-quality filters (§6.2)
 
     def __post_init__(self):
         missing = [name for name, value in (("rollout.model_dir", self.rollout.model_dir),
