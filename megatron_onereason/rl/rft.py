@@ -156,9 +156,10 @@ def select_rft_trajectories(
                 history = {key(d, c) for d, c in _field(sample, i, "history", "rft.require_history_grounding")}
                 if any((dom, codes) not in history for start, _, dom, codes in items if start < answer_start):
                     reason = "ungrounded"
+        cap = None if f is None else f.max_per_user
         if reason is None and dedupe and (user, response) in seen:
             reason = "duplicate"
-        elif reason is None and f is not None and f.max_per_user is not None and per_user.get(user, 0) >= f.max_per_user:
+        elif reason is None and cap is not None and per_user.get(user, 0) >= cap:
             reason = "over_cap"
         if reason is not None:
             dropped[reason] += 1
