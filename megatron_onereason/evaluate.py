@@ -59,8 +59,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="instances per generation call")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N instances only (0: all)")
     p.add_argument("--cot-progression", action="store_true", help="also compute ℓ_t along CoT segments (eq. 23)")
-    p.add_argument("--unconstrained-reasoning", action="store_true",
-                   help="do not constrain itemic patterns inside the CoT (γ_legal then measures the model)")
+    p.add_argument("--constrain-reasoning", action="store_true",
+                   help="also constrain itemic patterns inside the CoT to catalog items (γ_legal is then 1 by "
+                        "construction; by default the CoT is free and γ_legal measures the model)")
     p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
     p.add_argument("--device", default="cpu", help="transformers backend device")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +95,7 @@ def _params(args: argparse.Namespace, thinking: bool, batch: int) -> GenerationP
     return GenerationParams(
         thinking=thinking, num_traces=args.num_traces if thinking else 1, num_items=args.k[-1],
         item_strategy=args.strategy, temperature=args.temperature, item_temperature=args.item_temperature,
-        max_think_tokens=args.max_think_tokens, constrain_reasoning=not args.unconstrained_reasoning,
+        max_think_tokens=args.max_think_tokens, constrain_reasoning=args.constrain_reasoning,
         seed=args.seed + batch)  # a seed per batch: batches differ
 
 
