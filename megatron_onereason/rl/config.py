@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple
 
+from megatron_onereason.eval.benchmark import RL_TASKS
 from megatron_onereason.rl.rft import RFTFilters
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 
@@ -116,8 +117,6 @@ class RLConfig:
                              "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")
         validate_method_settings(self)
 
-
-RL_TASKS = ("rec", "evolution")
 
 
 def validate_method_settings(cfg: RLConfig) -> None:
