@@ -63,3 +63,22 @@ def test_inert_clipping_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="megatron_onereason.rl"):
         config("actor.mini_batches=4")
     assert caplog.text == ""
+
+
+def test_a_config_extends_a_base_file(tmp_path):
+    """Ablation configs state only what they change: ``extends`` merges them over their base, section by section."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "grpo.yaml").write_text(
+        "algorithm: grpo\nsteps: 20\nrollout: {num_traces: 2, num_items: 8, model_dir: /m}\n"
+        "grpo: {reward: beam-prefix, clip_item: [0.1, 0.1]}\n")
+    (tmp_path / "ablation.yaml").write_text("extends: base/grpo.yaml\nrollout: {num_items: 1}\n"
+                                            "grpo: {diversity: false, clip_item: [0.2, 0.28]}\n")
+    cfg = load_config(RLConfig, str(tmp_path / "ablation.yaml"), REQUIRED[1:])
+    assert (cfg.steps, cfg.rollout.num_traces, cfg.rollout.num_items, cfg.rollout.model_dir) == (20, 2, 1, "/m")
+    assert (cfg.grpo.reward, cfg.grpo.diversity, cfg.grpo.clip_item) == ("beam-prefix", False, (0.2, 0.28))
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(RLConfig, str(tmp_path / "loop.yaml"))
+    (tmp_path / "missing.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(RLConfig, str(tmp_path / "missing.yaml"))
