@@ -21,7 +21,7 @@ weights of :mod:`megatron_onereason.rl.losses` correct for it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -67,6 +67,39 @@ def allowed_log_mass(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tenso
         raise ValueError(f"allowed must be a bool tensor of shape {tuple(logits.shape)}")
     return (torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=-1)
             - torch.logsumexp(logits, dim=-1))
+
+
+def vocab_parallel_allowed_log_mass(
+    logits: torch.Tensor,
+    allowed_ids: torch.Tensor,
+    vocab_start: int = 0,
+    tp_group=None,
+    reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """:func:`allowed_log_mass` over vocabulary-parallel logits (megatron's TP-sharded output layer).
+
+    logits ``[P, V_local]``: this rank's columns ``[vocab_start, vocab_start + V_local)`` at P positions;
+    allowed_ids ``[P, A]``: the allowed *global* token ids of each position, distinct, padded with −1. Each rank sums
+    ``exp(z − m)`` over its columns (``m`` the global row max, all-reduced with MAX over ``tp_group``), then
+    ``reduce_sum`` adds the partial sums over the group — pass megatron's autograd-aware
+    ``reduce_from_tensor_model_parallel_region`` (forward all-reduce, backward identity, as the loss is replicated
+    on the TP ranks). With one rank (``tp_group`` None) both are identities. Differentiable in ``logits``.
+    """
+    if logits.dim() != 2 or allowed_ids.dim() != 2 or allowed_ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"need logits [P, V_local] and allowed_ids [P, A], got {tuple(logits.shape)} and "
+                         f"{tuple(allowed_ids.shape)}")
+    v_local = logits.shape[1]
+    local = allowed_ids.long() - vocab_start
+    in_shard = (allowed_ids >= 0) & (local >= 0) & (local < v_local)
+    row_max = logits.detach().max(dim=-1).values
+    if tp_group is not None:
+        torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
+    shifted = logits - row_max[:, None]
+    allowed = shifted.gather(-1, local.clamp(0, v_local - 1)).masked_fill(~in_shard, float("-inf"))
+    sums = torch.stack([shifted.exp().sum(-1), allowed.exp().sum(-1)])
+    if reduce_sum is not None:
+        sums = reduce_sum(sums)
+    return sums[1].log() - sums[0].log()
 
 
 def renormalised_logprobs(raw_logp: torch.Tensor, log_mass: torch.Tensor) -> torch.Tensor:

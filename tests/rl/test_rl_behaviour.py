@@ -14,7 +14,12 @@ from megatron_onereason.rl.metrics import (
     logprob_gap_stats,
     mean_over_minibatches,
 )
-from megatron_onereason.rl.sampling import allowed_log_mass, renormalised_logprobs, sampling_logprobs
+from megatron_onereason.rl.sampling import (
+    allowed_log_mass,
+    renormalised_logprobs,
+    sampling_logprobs,
+    vocab_parallel_allowed_log_mass,
+)
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
@@ -229,3 +234,31 @@ def test_item_validity_walks_the_catalog_trie(scheme_name):
         assert validity.first_invalid(vocab.item_ids(None, (1, 1, 1))) is None
     else:
         assert validity.first_invalid(vocab.item_ids("prod", (0, 1, 2))) == 1  # video codes after prod begin
+
+
+def test_vocab_parallel_log_mass_equals_the_dense_one_shard_by_shard():
+    """Two vocabulary shards summed by hand (what the TP all-reduce does) give the dense log-mass and gradient."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    allowed = torch.zeros(4, 10, dtype=torch.bool)
+    ids = torch.tensor([[1, 7, -1], [0, 4, 9], [5, -1, -1], [2, 3, 8]])
+    for p, row in enumerate(ids.tolist()):
+        allowed[p, [i for i in row if i >= 0]] = True
+    dense = allowed_log_mass(logits, allowed)
+    single = vocab_parallel_allowed_log_mass(logits, ids)
+    assert torch.allclose(single, dense, atol=1e-12)
+    # Shards [0, 6) and [6, 10): partial sums shifted by the global max, added across "ranks".
+    parts = []
+    for start, stop in ((0, 6), (6, 10)):
+        holder = []
+        vocab_parallel_allowed_log_mass(logits[:, start:stop], ids, vocab_start=start,
+                                        reduce_sum=lambda s: holder.append(s) or s)
+        parts.append(holder[0])
+    # Each shard used its own max here (no group): rescale to a common max before adding.
+    maxes = [logits.detach()[:, a:b].max(-1).values for a, b in ((0, 6), (6, 10))]
+    common = torch.maximum(*maxes)
+    total = sum(part * torch.exp(m - common) for part, m in zip(parts, maxes))
+    assert torch.allclose(total[1].log() - total[0].log(), dense, atol=1e-12)
+    (g_single,) = torch.autograd.grad(single.sum(), logits, retain_graph=True)
+    (g_dense,) = torch.autograd.grad(dense.sum(), logits)
+    assert torch.allclose(g_single, g_dense, atol=1e-12)
