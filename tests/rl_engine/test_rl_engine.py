@@ -59,7 +59,7 @@ def config(task, **over) -> RLConfig:
     d = {"steps": 4, "seed": 3, "eval_k": 4,
          "actor": {"model": {"load": task["mcore"]}, "parallel": {"tensor_model_parallel_size": 2},
                    "pack_length": 512, "optim": {"lr": 1e-3, "min_lr": 1e-3, "weight_decay": 0.0}},
-         "rollout": {"model_dir": task["rec"].model_dir, "max_think_tokens": 4, "num_traces": 2, "num_items": 4},
+         "rollout": {"model_dir": task["rec"].model_dir, "backend": "hf", "max_think_tokens": 4, "num_traces": 2, "num_items": 4},
          "data": {"benchmark": task["bench"], "catalog": task["rec"].catalog_dir, "prompts_per_step": 4},
          "grpo": {"nonhit_weight": 0.5}}
     for key, value in over.items():
@@ -89,11 +89,11 @@ def test_grpo_learns_the_rewarded_family_with_a_tp2_actor(task):
 
     def inspect(engine):
         # A fixed rollout, scored by the actor (megatron, TP=2, tree pack) and the rollout engine (HF).
-        outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
+        outputs = ray.get(engine.rollouts[0].generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
                                                          engine._params(999)))
         pack = pack_trees([t.tree for t in rollout_trees(outputs)], 512)
         actor = engine.actor.logprobs([pack])[0]
-        rollout = ray.get(engine.rollout.tree_logprobs.remote([pack]))[0]
+        rollout = ray.get(engine.rollouts[0].tree_logprobs.remote([pack]))[0]
         scored = torch.cat([pack.trace_index[pack.trace_mask], pack.child_index[pack.child_mask]])
         return {"agreement": float((actor - rollout)[scored].abs().max()), **engine.evaluate()}
 
@@ -130,7 +130,7 @@ def test_mopd_moves_the_student_toward_its_teacher(task):
 
     def gap(engine):
         if "pack" not in fixed:
-            outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
+            outputs = ray.get(engine.rollouts[0].generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
                                                              engine._params(999, num_items=1)))
             fixed["pack"] = pack_trees([t.tree for t in rollout_trees(outputs)], 512)
         pack = fixed["pack"]
