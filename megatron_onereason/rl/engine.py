@@ -60,16 +60,17 @@ log = logging.getLogger("megatron_onereason.rl")
 ENGINE_STATE = "rl_engine_state.json"
 
 
-def init_ray(r: RayLayout, local_cpus: int) -> None:
+def init_ray(r: RayLayout, local_cpus: int) -> bool:
     """Join the cluster at ``ray.address`` (no resource arguments: the cluster has its own), or start a local one.
 
     A local cluster is started explicitly (``address="local"``): a stale ``/tmp/ray/ray_current_cluster`` left by
     an earlier ``ray start`` would otherwise make ``ray.init()`` try to join a cluster that no longer exists.
+    Returns whether this call connected (a caller that did not, e.g. a test sharing one cluster, keeps Ray up).
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if r.address:
         log.info("joining the Ray cluster at %s", r.address)
         ray.init(address=r.address, include_dashboard=False, log_to_driver=r.log_to_driver)
@@ -78,6 +79,7 @@ def init_ray(r: RayLayout, local_cpus: int) -> None:
     else:
         ray.init(address="local", num_cpus=r.num_cpus or local_cpus, include_dashboard=False,
                  log_to_driver=r.log_to_driver)
+    return True
 
 
 class RLEngine:
@@ -107,7 +109,7 @@ class RLEngine:
         engines += [EngineSpec("reference", cfg.reference.gpus)] if with_reference else []
         world = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * cfg.actor.data_parallel_size
                  if trains else 0)
-        init_ray(cfg.ray, world + len(engines) + 1)
+        self._owns_ray = init_ray(cfg.ray, world + len(engines) + 1)
         placement = plan_placement(cfg.ray.layout, world, cfg.actor.gpus_per_rank, engines)
         self.pg = ray.util.placement_group(placement.bundles, strategy="PACK")
         wait_for([self.pg.ready()], f"placement group of {len(placement.bundles)} bundles {placement.bundles}")
@@ -264,6 +266,7 @@ class RLEngine:
         t1 = time.time()
         if idx:
             packs = self._packs(trees, idx)
+            metrics["actor_packs"] = float(len(packs))
             old = self.actor.logprobs([p for p, _ in packs])
             ref = ray.get(self.reference.tree_logprobs.remote([p for p, _ in packs])) if self.reference else None
             micro, diffs = [], []
@@ -460,5 +463,6 @@ class RLEngine:
     def shutdown(self) -> None:
         import ray
 
-        ray.util.remove_placement_group(self.pg)
-        ray.shutdown()
+        ray.util.remove_placement_group(self.pg)  # ends the actor ranks and engines placed in it
+        if self._owns_ray:
+            ray.shutdown()

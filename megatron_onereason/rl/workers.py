@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,6 +95,17 @@ def wait_for(refs: Sequence, what: str, every_s: float = 10.0) -> List:
     return results
 
 
+def dp_shards(items: Sequence, dp: int, empty) -> Tuple[List[List], List[int]]:
+    """Contiguous near-equal shares of ``items`` for ``dp`` data-parallel ranks, in order, and how many real items
+    each holds: a rank that would get none gets ``[empty(items[0])]`` (every rank must run the step: the gradient
+    all-reduce is collective)."""
+    if not items:
+        raise ValueError("nothing to share over the data-parallel ranks")
+    bounds = [round(i * len(items) / dp) for i in range(dp + 1)]
+    shares = [list(items[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [share or [empty(items[0])] for share in shares], [len(share) for share in shares]
+
+
 def _scheduling(placement_group, bundle: int):
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -161,26 +172,21 @@ class ActorGroup:
         return ray.get([a.call.remote(method, list(shards[t["dp"]]), *args)
                         for a, t in zip(self.ranks, self.topology)])
 
-    def _shards(self, items: Sequence, empty) -> List[List]:
-        """Contiguous near-equal shares of ``items`` per DP rank; a rank with none gets ``[empty(items[0])]``."""
-        bounds = [round(i * len(items) / self.dp) for i in range(self.dp + 1)]
-        return [list(items[a:b]) or [empty(items[0])] for a, b in zip(bounds, bounds[1:])]
-
     def logprobs(self, packs: Sequence[TreePack]) -> List[torch.Tensor]:
         """Per-position log-probs of every pack (DP ranks score their shares; output ranks return them)."""
-        shards = self._shards(list(packs), lambda p: p)
+        shards, counts = dp_shards(list(packs), self.dp, lambda p: p)
         results = self._call_sharded("logprobs", shards)
         out: List[torch.Tensor] = []
-        for d, shard in enumerate(shards):
+        for d, count in enumerate(counts):
             mine = next(r for r, t in zip(results, self.topology) if t["dp"] == d and r is not None)
-            out.extend(mine[: len(shard)])
-        return out[: len(packs)]
+            out.extend(mine[:count])
+        return out
 
     def train(self, method: str, micro_batches: Sequence, *args) -> Dict[str, float]:
         """One optimizer step over ``micro_batches`` split across the DP ranks (loss over the global batch)."""
         from megatron_onereason.rl.actor import without_loss
 
-        results = self._call_sharded(method, self._shards(list(micro_batches), without_loss), *args)
+        results = self._call_sharded(method, dp_shards(list(micro_batches), self.dp, without_loss)[0], *args)
         return max(results, key=len)  # the last pipeline stage also reports the loss metrics
 
     # -------------------------------------------------------------------------------------------- weights
