@@ -61,7 +61,9 @@ class DataSection:
 
 @dataclass
 class GRPOSection:
-    reward: Literal["rule", "beam-prefix", "beam-position"] = "rule"
+    # rule: eq. 8 hit per completion; prefix: leading codes matched per completion (0..L); beam-*: Rollout-Beam
+    # reward of a trace's K completions, shared by them (megatron_onereason.rl.rewards.two_stage_rewards)
+    reward: Literal["rule", "prefix", "beam-prefix", "beam-position"] = "rule"
     diversity: bool = True  # eq. 9 diversity factor
     clip_cot: Tuple[float, float] = (0.2, 0.28)
     clip_item: Tuple[float, float] = (0.1, 0.1)

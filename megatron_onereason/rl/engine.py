@@ -463,6 +463,8 @@ class RLEngine:
     def shutdown(self) -> None:
         import ray
 
+        workers = self.rollouts + list(self.teachers.values()) + ([self.reference] if self.reference else [])
+        ray.get([w.close.remote() for w in workers])
         ray.util.remove_placement_group(self.pg)  # ends the actor ranks and engines placed in it
         if self._owns_ray:
             ray.shutdown()

@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-ACCURACY_REWARDS = ("rule", "beam-prefix", "beam-position")
+ACCURACY_REWARDS = ("rule", "prefix", "beam-prefix", "beam-position")
 
 
 def _target_sets(target_items: Sequence, num_users: int, levels: int) -> list:
@@ -119,9 +119,11 @@ def two_stage_rewards(
 ) -> TwoStageRewards:
     """Eq. 7: ``R_{u,i,j} = R_acc · R_div(CoT_{u,i})`` for U users × N traces × K item completions.
 
-    pred_codes: LongTensor ``[U, N, K, L]``. ``accuracy="rule"`` uses eq. 8 per completion. ``"beam-prefix"`` /
-    ``"beam-position"`` use OneRec-Think's Rollout-Beam reward (eq. 6 there) instead: the K completions of a trace
-    are its beam, and the trace-level reward is shared by its K completions. ``hit`` is always eq. 8.
+    pred_codes: LongTensor ``[U, N, K, L]``. ``accuracy="rule"`` uses eq. 8 per completion. ``"prefix"`` grades each
+    completion by its own leading-code agreement with the closest target, ``0..L`` (OneRec-Think's eq. 6 with a
+    beam of one item: a dense per-completion signal where exact hits are rare). ``"beam-prefix"`` /
+    ``"beam-position"`` use the Rollout-Beam reward itself: the K completions of a trace are its beam, and the
+    trace-level reward is shared by its K completions. ``hit`` is always eq. 8.
     """
     if accuracy not in ACCURACY_REWARDS:
         raise ValueError(f"accuracy must be one of {ACCURACY_REWARDS}, got {accuracy!r}")
@@ -132,6 +134,8 @@ def two_stage_rewards(
     hit = rule_reward(pred_codes, target_items)
     if accuracy == "rule":
         acc = hit
+    elif accuracy == "prefix":
+        acc = rollout_beam_reward(pred_codes[..., None, :], target_items, match="prefix")
     else:
         acc = rollout_beam_reward(pred_codes, target_items, match=accuracy.split("-")[1])[..., None].expand(u, n, k)
     if diversity:

@@ -285,6 +285,11 @@ class InferenceWorker:
         if getattr(self.backend, "supports_sleep", False):
             self.backend.wake_up()
 
+    def close(self) -> None:
+        """Stop the engine's own processes (vLLM's engine core) before Ray ends this one."""
+        if hasattr(self.backend, "close"):
+            self.backend.close()
+
 
 def start_inference_worker(placement_group, bundle: int, gpus: float, *args, **kwargs):
     import ray
