@@ -12,7 +12,7 @@ begin tokens of domains with items are allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -84,9 +84,9 @@ class ItemicConstraint:
             codes.append(decoded[1])
         return (domain, tuple(codes)) if len(codes) < self.vocab.levels else None
 
-    def allowed(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Boolean ``[B, vocab_size]``: the tokens allowed after each history (its last ``levels + 1`` tokens)."""
-        mask = self.free_row.expand(len(histories), -1).clone()
+    def pattern_rows(self, histories: Sequence[Sequence[int]]) -> Tuple[List[int], Optional[torch.Tensor]]:
+        """The indices of the histories that end inside an itemic pattern, and their allowed tokens
+        ``[len(indices), vocab_size]`` from the trie (``None`` when there is none)."""
         inside, domains, prefixes = [], [], []
         for b, history in enumerate(histories):
             state = self.item_state(history)
@@ -94,13 +94,21 @@ class ItemicConstraint:
                 inside.append(b)
                 domains.append(state[0])
                 prefixes.append(state[1])
+        if not inside:
+            return inside, None
+        rows = self.trie.allowed_token_mask(self.vocab, domains, prefixes, vocab_size=self.vocab_size)
+        empty = (~rows.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            b = empty[0]
+            raise ValueError(f"row {inside[b]}: no catalog item of domain {domains[b]!r} continues codes "
+                             f"{list(prefixes[b])} (the pattern was generated without the constraint?)")
+        return inside, rows
+
+    def allowed(self, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Boolean ``[B, vocab_size]``: the tokens allowed after each history (its last ``levels + 1`` tokens)."""
+        mask = self.free_row.expand(len(histories), -1).clone()
+        inside, rows = self.pattern_rows(histories)
         if inside:
-            rows = self.trie.allowed_token_mask(self.vocab, domains, prefixes, vocab_size=self.vocab_size)
-            empty = (~rows.any(dim=1)).nonzero().flatten().tolist()
-            if empty:
-                b = empty[0]
-                raise ValueError(f"row {inside[b]}: no catalog item of domain {domains[b]!r} continues codes "
-                                 f"{list(prefixes[b])} (the pattern was generated without the constraint?)")
             mask[inside] = rows
         return mask
 
@@ -134,27 +142,43 @@ class TokenRule:
 
 
 def rule_masks(rules: Sequence[TokenRule], steps: Sequence[int], histories: Sequence[Sequence[int]],
-               num_valid: int, width: int, constraint: Optional[ItemicConstraint] = None) -> torch.Tensor:
-    """Boolean ``[B, width]``: the tokens row ``b`` may emit at output step ``steps[b]`` under ``rules[b]``.
+               num_valid: int, width: int, constraint: Optional[ItemicConstraint] = None,
+               device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """Boolean ``[B, width]`` on ``device``: the tokens row ``b`` may emit at output step ``steps[b]`` under
+    ``rules[b]``.
 
     ``histories[b]``: the tokens before that step (prompt and outputs; the last ``levels + 1`` are read), needed by
-    rules with ``trie``, which also need ``constraint``. Columns at or past ``num_valid`` are never allowed.
+    rules with ``trie``, which also need ``constraint``. Columns at or past ``num_valid`` are never allowed unless
+    forced. Built for a decoding step of a large batch: rows share one template row per (banned, trie); only rows
+    inside an itemic pattern get their own trie row.
     """
-    mask = torch.zeros(len(rules), width, dtype=torch.bool)
-    trie_rows = []
+    mask = torch.zeros(len(rules), width, dtype=torch.bool, device=device)
+    point_rows: List[int] = []
+    point_cols: List[int] = []
+    free: Dict[Tuple[Tuple[int, ...], bool], List[int]] = {}
     for b, (rule, step) in enumerate(zip(rules, steps)):
         if step < len(rule.forced):
-            mask[b, rule.forced[step]] = True
+            point_rows.append(b)
+            point_cols.append(rule.forced[step])
         elif step == len(rule.forced) and rule.first is not None:
-            mask[b, list(rule.first)] = True
+            point_rows += [b] * len(rule.first)
+            point_cols += list(rule.first)
         else:
-            mask[b, :num_valid] = True
-            mask[b, list(rule.banned)] = False
-            if rule.trie:
-                trie_rows.append(b)
-    if trie_rows:
-        if constraint is None:
-            raise ValueError("a TokenRule with trie=True needs the catalog constraint")
-        mask[trie_rows, : constraint.vocab_size] &= constraint.allowed([histories[b] for b in trie_rows])
-        mask[trie_rows, constraint.vocab_size:] = False
+            free.setdefault((rule.banned, rule.trie), []).append(b)
+    if point_rows:
+        mask[point_rows, point_cols] = True
+    for (banned, trie), rows in free.items():
+        template = torch.arange(width) < num_valid
+        template[list(banned)] = False
+        if trie:
+            if constraint is None:
+                raise ValueError("a TokenRule with trie=True needs the catalog constraint")
+            template[: constraint.vocab_size] &= constraint.free_row  # no begin token of a domain without items
+            template[constraint.vocab_size:] = False
+        mask[rows] = template.to(device)
+        if trie:
+            inside, trie_rows = constraint.pattern_rows([histories[b] for b in rows])
+            if inside:
+                pattern = [rows[i] for i in inside]
+                mask[pattern, : constraint.vocab_size] &= trie_rows.to(device)
     return mask

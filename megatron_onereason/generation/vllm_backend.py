@@ -51,7 +51,6 @@ SUPPORTED_VLLM = ("0.32",)  # release series this module is written and tested a
 CPU_BLOCK_SIZE = 32  # vLLM's default CPU KV block is 128 tokens; its CPU attention takes multiples of 32
 WORKER_EXTENSION = "megatron_onereason.generation.vllm_worker.VLLMWorkerExtension"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_RPC_BUCKET_BYTES = 64 * 2**20
 MAX_TEMPERATURE = 2.0  # vLLM's SamplingParams refuses hotter sampling
 
 
@@ -281,8 +280,9 @@ class VLLMBackend:
         """Load full (TP-gathered) tensors named the megatron or the HF way into every worker, then drop cached
         prefixes computed with the old weights. Fused groups (q/k/v, gate/up) must come whole.
 
-        The tensors travel as bytes through ``collective_rpc`` (fine for small models and tests); the RL engine's
-        path is :meth:`open_weight_channels` / :meth:`receive_weights` (a process group, NCCL on GPU).
+        The tensors travel as bytes in one ``collective_rpc`` message (small models and tests); the RL engine's
+        path for real models is :meth:`open_weight_channels` / :meth:`receive_weights` (a process group, bucketed,
+        NCCL on GPU).
         """
         from megatron_onereason.generation.vllm_worker import encode_tensors
 
@@ -292,15 +292,7 @@ class VLLMBackend:
             raise ValueError("update_weights: the vLLM backend loads fused parameters whole: " + "; ".join(problems))
         self.llm.collective_rpc("onereason_begin_weight_update")
         try:
-            bucket, size = [], 0
-            for name, tensor in weights:
-                bucket.append((name, tensor))
-                size += tensor.numel() * tensor.element_size()
-                if size >= _RPC_BUCKET_BYTES:
-                    self.llm.collective_rpc("onereason_load_weight_bucket", args=(encode_tensors(bucket),))
-                    bucket, size = [], 0
-            if bucket:
-                self.llm.collective_rpc("onereason_load_weight_bucket", args=(encode_tensors(bucket),))
+            self.llm.collective_rpc("onereason_load_weight_bucket", args=(encode_tensors(weights),))
         except BaseException:
             self.llm.collective_rpc("onereason_abort_weight_update")
             raise

@@ -99,13 +99,12 @@ def apply_requests(logits: torch.Tensor, rows: Sequence[int], requests: Sequence
     groups: Dict[Tuple, List[int]] = {}  # requests sharing a vocabulary, catalog and tokenizer size
     for i, req in enumerate(requests):
         groups.setdefault((req.vocab_dir, req.catalog_dir if req.rule.trie else None, req.num_valid), []).append(i)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=logits.device)
     for (vocab_dir, catalog_dir, num_valid), members in groups.items():
         constraint = _constraint(vocab_dir, catalog_dir, width) if catalog_dir else None
         mask[members] = rule_masks([requests[i].rule for i in members], [steps[i] for i in members],
-                                   [histories[i] for i in members], num_valid, width, constraint)
+                                   [histories[i] for i in members], num_valid, width, constraint, logits.device)
     index = torch.tensor(list(rows), device=logits.device)
-    mask = mask.to(logits.device)
     z = logits.index_select(0, index)
     masked = z.masked_fill(~mask, float("-inf"))
     logits.index_copy_(0, index, masked)

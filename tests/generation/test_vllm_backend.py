@@ -4,6 +4,7 @@ Every check recomputes from scratch with a full transformers forward per sequenc
 item tokens come straight from the catalog rows.
 """
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -166,3 +167,35 @@ def test_update_weights_then_logprobs_follow_a_transformers_model_with_the_same_
                        (("model.norm.weight", torch.zeros(3)), ValueError)]:
         with pytest.raises(error, match=bad[0].split(".")[0]):
             backend.update_weights([bad])
+
+
+def test_weight_sync_channels_load_bucketed_weights_into_the_engine(setup):
+    """The RL engine's path: a private gloo channel, buckets smaller than a layer (the worker holds a layer until
+    it is complete), then log-probs follow the sent weights — and the original weights come back the same way."""
+    weight_sync = pytest.importorskip("megatron_onereason.rl.weight_sync")
+    backend, oracle, catalog, prompts = setup
+    spec, store = weight_sync.serve_channel("test/rollout", 1 + backend.weight_receivers, "gloo")
+    sender = {}
+    joining = threading.Thread(target=lambda: sender.update(channel=weight_sync.join_channel(spec, 0, store)))
+    joining.start()
+    backend.open_weight_channels([spec], first_rank=1)
+    joining.join()
+    original = [(n, p.detach().clone()) for n, p in oracle.model.named_parameters()]
+    new_model = make_hf_qwen3(backend.config, seed=321).eval()
+    params = GenerationParams(num_traces=2, num_items=2, max_think_tokens=8, seed=9)
+    try:
+        for weights, model in (([(n, p.detach()) for n, p in new_model.named_parameters()], new_model),
+                               (original, oracle.model)):
+            sent = {}
+            sending = threading.Thread(target=lambda: sent.update(stats=weight_sync.send_weights(
+                sender["channel"], weights, bucket_bytes=48 * 1024)))
+            sending.start()
+            stats = backend.receive_weights()
+            sending.join()
+            assert stats.tensors == len(weights) and stats.buckets == sent["stats"].buckets > 2
+            outputs = backend.generate(prompts[True], params)
+            assert_rollouts_exact(outputs, prompts[True], params, model, backend.vocab, backend.chat_tokens, catalog,
+                                  len(backend.tokenizer), atol=ATOL)
+    except BaseException:
+        backend.update_weights(original)
+        raise
