@@ -47,7 +47,8 @@ def _timed(fn, repeats: int):
 def rollout_section(bench: Bench, args) -> None:
     print(f"\n[rollout] {len(bench.prompts)} prompts, N={bench.params.num_traces} traces x K={bench.params.num_items} "
           f"items, max {bench.params.max_think_tokens} think tokens, {args.repeats} timed calls after a warm-up")
-    print(f"{'backend':<14} {'tokens/s':>10} {'items/s':>9} {'s/call':>8} {'tokens/call':>12} {'stage-2 cache hit':>18}")
+    print(f"{'backend':<14} {'tokens/s':>10} {'items/s':>9} {'s/call':>8} {'tokens/call':>12} "
+          f"{'stage-2 cache hit':>18}")
     base = None
     for name, backend in bench.backends.items():
         seconds, results = _timed(lambda: backend.generate(bench.prompts, bench.params), args.repeats)

@@ -56,10 +56,12 @@ def behaviour_logprob(raw_logprob: float, temperature: float, normaliser: Option
     return raw_logprob / t - normaliser
 
 
-def pop_normalisers(keys: Sequence[str]) -> Dict[str, Dict[int, Optional[float]]]:
-    """The records of ``keys``; every record is dropped (one generate call at a time per engine)."""
-    found = {k: _NORMALISERS[k] for k in keys if k in _NORMALISERS}
-    _NORMALISERS.clear()
+def pop_normalisers(keys: Sequence[str], prefix: str) -> Dict[str, Dict[int, Optional[float]]]:
+    """The records of ``keys``, removed; also drops the other records under ``prefix`` (one backend's keys: left
+    over from a call that failed). Engines sharing a process (in-process executors) use distinct prefixes."""
+    found = {k: _NORMALISERS.pop(k) for k in keys if k in _NORMALISERS}
+    for stale in [k for k in _NORMALISERS if k.startswith(prefix)]:
+        del _NORMALISERS[stale]
     return found
 
 

@@ -41,8 +41,8 @@ class VLLMWorkerExtension:
 
     _onereason_loaded: Optional[set] = None
 
-    def onereason_pop_normalisers(self, keys: Sequence[str]) -> Dict[str, Dict[int, Optional[float]]]:
-        return pop_normalisers(keys)
+    def onereason_pop_normalisers(self, keys: Sequence[str], prefix: str) -> Dict[str, Dict[int, Optional[float]]]:
+        return pop_normalisers(keys, prefix)
 
     # ------------------------------------------------------------------------------------------ weights
     def onereason_begin_weight_update(self) -> None:

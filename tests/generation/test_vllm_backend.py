@@ -75,6 +75,24 @@ def test_rollouts_match_the_transformers_oracle_n_traces_legal_items_cache_hits(
     assert 0.5 < cached / prompt_tokens <= 1.0
 
 
+def test_a_trace_the_model_closes_itself_gets_only_the_separator(setup, monkeypatch):
+    """Greedy reasoning; then the last new token greedy decoding wrote plays ``</think>``: the trace stops there
+    (vLLM keeps the stop token), counts as closed by the model, and only the separator is forced."""
+    backend, oracle, catalog, prompts = setup
+    params = GenerationParams(num_traces=1, num_items=2, temperature=0.0, max_think_tokens=8, seed=1)
+    first = backend.generate(prompts[True][:1], params)[0].traces[0]
+    sampled = [t for t, own in zip(first.token_ids, first.sampled) if own]
+    step = max(i for i, t in enumerate(sampled) if t not in sampled[:i])
+    chat = dataclasses.replace(backend.chat_tokens, think_end_id=first.token_ids[step])
+    monkeypatch.setattr(backend, "chat_tokens", chat)
+    out = backend.generate(prompts[True][:1], params)
+    trace = out[0].traces[0]
+    assert trace.closed_by_model and trace.token_ids[:step + 1] == first.token_ids[:step + 1]
+    assert trace.sampled == [True] * (step + 1) + [False] * len(chat.answer_separator_ids)
+    assert_rollouts_exact(out, prompts[True][:1], params, oracle.model, backend.vocab, chat, catalog,
+                          len(backend.tokenizer), atol=ATOL)
+
+
 def test_every_item_is_legal_at_high_temperature_without_thinking(setup):
     backend, oracle, catalog, prompts = setup
     params = GenerationParams(thinking=False, num_traces=2, num_items=16, item_temperature=2.0, seed=3)

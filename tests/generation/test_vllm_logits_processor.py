@@ -87,7 +87,7 @@ def test_v1_and_v2_processors_mask_by_the_rule_and_record_the_sampling_normalise
     batch[[b + (b >= 2) for b in range(len(reqs))]] = logits
     out = v1.apply(batch.clone())
     assert torch.equal(out[2], batch[2])
-    norms = pop_normalisers([f"v1-{b}" for b in range(len(reqs))])
+    norms = pop_normalisers([f"v1-{b}" for b in range(len(reqs))], "v1-")
     _check(out[[b + (b >= 2) for b in range(len(reqs))]],
            [norms[f"v1-{b}"][len(o)] for b, (_, _, _, o) in enumerate(reqs)], want_logits, want_norms)
 
@@ -117,7 +117,7 @@ def test_v1_and_v2_processors_mask_by_the_rule_and_record_the_sampling_normalise
     extra = torch.randn(1, width)
     out = v2.apply(torch.cat([logits[order], extra]), ctx)
     assert torch.equal(out[-1], extra[0])
-    norms = pop_normalisers([f"v2-{b}" for b in range(len(reqs))])
+    norms = pop_normalisers([f"v2-{b}" for b in range(len(reqs))], "v2-")
     inverse = [order.index(b) for b in range(len(reqs))]
     _check(out[inverse], [norms[f"v2-{b}"][len(o)] for b, (_, _, _, o) in enumerate(reqs)], want_logits, want_norms)
 
