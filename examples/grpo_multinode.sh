@@ -19,6 +19,10 @@ RUN="srun --container-image=$IMAGE --container-mounts=$WORK:$WORK --container-wo
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=$((6379 + SLURM_JOB_ID % 1000))
 mkdir -p logs
+# Ray 2.60 turns on token authentication for `ray start`: one token for the head, the workers and the driver
+# (srun passes the environment on). Without it the workers and the driver are refused (InvalidAuthToken).
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python3 -c "import secrets; print(secrets.token_hex(32))")}
 
 # Ray head on the first node, one worker per other node (each offers its 8 GPUs), all in the background.
 $RUN --nodes=1 --ntasks=1 -w "$HEAD" ray start --head --port=$PORT --num-gpus=8 --block &
@@ -28,8 +32,10 @@ if [ "$SLURM_NNODES" -gt 1 ]; then
     ray start --address="$HEAD:$PORT" --num-gpus=8 --block &
   sleep 20
 fi
-# The driver joins the cluster (ray.address=auto) and places actor, rollout and teachers with placement groups.
+# The driver joins the cluster (ray.address=auto: no resource arguments) and places the actor (TP x PP x DP ranks,
+# one GPU each), the rollout engines and the teachers/reference with one placement group; the GPU counts per role
+# are in the config (actor.gpus_per_rank, rollout.gpus/replicas, teachers.gpus, reference.gpus).
 $RUN --overlap --nodes=1 --ntasks=1 -w "$HEAD" env RAY_ADDRESS="$HEAD:$PORT" \
-  python -m megatron_onereason.rl.run --config "$CONFIG" ray.address=auto ray.gpus_per_worker=1 \
+  python -m megatron_onereason.rl.run --config "$CONFIG" ray.address=auto \
   save="$WORK/ckpt/${SLURM_JOB_NAME}" metrics_jsonl="$WORK/metrics/${SLURM_JOB_NAME}.jsonl" \
   tensorboard_dir="$WORK/tb/${SLURM_JOB_NAME}" $ALGO_ARGS

@@ -125,7 +125,12 @@ class TwoStageGenerator:
         trace_prompts = [p for p in prompts for _ in range(n)]
         traces = self._traces(batch, trace_prompts, params, generator)
         self._complete_items(batch, trace_prompts, traces, params, generator)
-        return [PromptOutput(p, traces[i * n:(i + 1) * n]) for i, p in enumerate(prompts)]
+        outputs = []
+        for i, p in enumerate(prompts):
+            own = traces[i * n:(i + 1) * n]
+            context = params.num_items * sum(len(p.token_ids) + len(t.token_ids) for t in own)
+            outputs.append(PromptOutput(p, own, stage2_prompt_tokens=context, stage2_cached_tokens=context))
+        return outputs  # stage 2 copies each trace's cache: every context token is reused
 
     # ------------------------------------------------------------------------------------------ stage 1
     def _traces(self, batch: _DecodeBatch, prompts: Sequence[Prompt], params: GenerationParams,

@@ -7,14 +7,20 @@ megatron's pipeline schedules, DDP and optimizer) and adds:
 * ``logprobs``: per-position log-probs of tree packs (each trace forwarded once, see :mod:`.tree_pack`);
 * ``train_grpo`` / ``train_mopd``: one optimizer step per mini-batch with the shared-prefix GRPO loss (eqs. 10–13)
   or the MOPD loss (eq. 18), normalised per token over the whole mini-batch;
-* ``full_weights``: this pipeline stage's weights gathered over TP (megatron names, global layer numbers), for
-  the weight sync to the rollout engine, which converts them with the converter's mapping.
+* ``send_weights``: this pipeline stage's weights gathered over TP, converted to HF names by the converter's
+  mapping and broadcast by the stage leader to the inference engines (:mod:`megatron_onereason.rl.weight_sync`).
+
+With DP > 1 each DP rank gets its own share of the tree packs; losses are sums over tokens (GRPO) or trajectories
+(MOPD) and megatron divides the gradients by the count over all DP ranks (``calculate_per_token_loss``), so the
+step is the global-batch mean whatever the DP size.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -67,6 +73,16 @@ class MOPDMicroBatch:
     rollout_logp: torch.Tensor
 
 
+def without_loss(mb):
+    """A copy of micro-batch ``mb`` that trains nothing (all masks off): padding for a DP rank without work."""
+    if isinstance(mb, GRPOMicroBatch):
+        return dataclasses.replace(mb, trace_mask=torch.zeros_like(mb.trace_mask),
+                                   child_mask=torch.zeros_like(mb.child_mask))
+    if isinstance(mb, MOPDMicroBatch):
+        return dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
+    raise TypeError(f"not a micro-batch: {type(mb).__name__}")
+
+
 class MegatronActor:
     def __init__(self, spec: ActorSpec, resume_from: Optional[str] = None):
         from megatron.core import parallel_state
@@ -82,6 +98,8 @@ class MegatronActor:
         install_grad_hooks(self.state, p)
         self.cfg = self.state.info.config
         self.ps = parallel_state
+        self.channels: Dict[str, object] = {}  # receiving role -> weight-sync channel (stage leaders only)
+        self._pending_channels: Dict[str, tuple] = {}
 
     # ------------------------------------------------------------------------------------------- forward passes
     def _forward_step(self, loss_fn, data_iterator, model):
@@ -180,7 +198,7 @@ class MegatronActor:
             weights = truncated_is_weights(logp.detach(), mb.rollout_logp.to(dev), is_low, is_high, mask=mask)
             # Sum of per-trajectory means; megatron divides by the trajectories of the whole mini-batch.
             loss, m = mopd_loss(logp, mb.advantages.to(dev), weights, mask, loss_normalizer=1.0)
-            n = torch.tensor(mask.shape[0], device=dev)
+            n = mask.any(-1).sum()  # trajectories with a trained token (none in a DP rank's padding micro-batch)
             report = torch.stack([n.double(), loss.detach().double()] +
                                  [n.double() * m[key].detach().double() for key in MOPD_METRICS])
             return loss, n.to(torch.int), {"metrics": report}
@@ -188,21 +206,28 @@ class MegatronActor:
         return self._step(micro_batches, loss_fn, MOPD_METRICS)
 
     # ------------------------------------------------------------------------------------------- weights
-    def full_weights(self) -> Dict[str, torch.Tensor]:
-        """This pipeline stage's weights gathered over TP, under megatron names with global layer numbers (on TP
-        rank 0 and DP rank 0 only; empty elsewhere). Receivers convert them with the converter's mapping
-        (:func:`megatron_onereason.generation.weights.hf_named_tensors`)."""
+    def topology(self) -> Dict[str, int]:
+        return {"dp": self.ps.get_data_parallel_rank(), "tp": self.ps.get_tensor_model_parallel_rank(),
+                "pp": self.ps.get_pipeline_model_parallel_rank()}
+
+    def _is_stage_leader(self) -> bool:
+        """The rank that sends its pipeline stage's weights: TP rank 0 of DP replica 0."""
+        return self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_data_parallel_rank() == 0
+
+    def _stage_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """This pipeline stage's weights gathered over TP, one tensor at a time, under megatron names with global
+        layer numbers. Every TP rank of the stage must iterate (the gathers are collective); only the stage
+        leader gets the tensors."""
         tp_group = self.ps.get_tensor_model_parallel_group()
         tp = self.ps.get_tensor_model_parallel_world_size()
-        keep = self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_data_parallel_rank() == 0
-        out: Dict[str, torch.Tensor] = {}
+        leader = self._is_stage_leader()
         for chunk in self.state.chunks:
             for name, param in chunk.named_parameters():
                 shards = [param.detach()]
                 if getattr(param, "tensor_model_parallel", False) and tp > 1:
                     shards = [torch.empty_like(param) for _ in range(tp)]
                     torch.distributed.all_gather(shards, param.detach().contiguous(), group=tp_group)
-                if not keep:
+                if not leader:
                     continue
                 if name.startswith(LAYER_PREFIX):
                     local, suffix = name[len(LAYER_PREFIX):].split(".", 1)
@@ -214,8 +239,39 @@ class MegatronActor:
                     full = torch.cat(shards, dim=getattr(param, "partition_dim", 0))
                 if name == OUTPUT_LAYER and self.cfg.tie_word_embeddings:
                     continue  # the last stage's copy of the tied embedding
-                out[name] = full.cpu()
-        return out
+                yield name, full
+
+    def serve_weight_channel(self, role: str, world_size: int, backend: str):
+        """Stage leaders start the store of their channel to ``role``; returns its spec (``None`` elsewhere)."""
+        from megatron_onereason.rl.weight_sync import serve_channel
+
+        if not self._is_stage_leader():
+            return None
+        spec, store = serve_channel(f"{role}/pp{self.ps.get_pipeline_model_parallel_rank()}", world_size, backend)
+        self._pending_channels[role] = (spec, store)
+        return spec
+
+    def join_weight_channel(self, role: str) -> None:
+        from megatron_onereason.rl.weight_sync import join_channel
+
+        if role in self._pending_channels:
+            spec, store = self._pending_channels.pop(role)
+            self.channels[role] = join_channel(spec, 0, store)
+
+    def send_weights(self, role: str, bucket_bytes: int):
+        """Broadcast this stage's weights, converted to HF names by the converter's mapping, to ``role``'s
+        receivers (stage leaders return the :class:`~megatron_onereason.rl.weight_sync.SyncStats`)."""
+        from megatron_onereason.generation.weights import hf_named_tensors
+        from megatron_onereason.rl.weight_sync import send_weights
+
+        if self.ps.get_data_parallel_rank() != 0:
+            return None  # DP replicas hold the same weights: replica 0 sends
+        weights = self._stage_weights()
+        if not self._is_stage_leader():
+            collections.deque(weights, maxlen=0)  # take part in the TP gathers
+            return None
+        hf = ((hf_name, t) for _, hf_name, t in hf_named_tensors(weights, self.cfg))
+        return send_weights(self.channels[role], hf, bucket_bytes)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save(self, root: str, consumed: int = 0) -> None:

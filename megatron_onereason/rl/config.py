@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from megatron_onereason.eval.benchmark import RL_TASKS
 from megatron_onereason.rl.rft import RFTFilters
@@ -19,11 +19,32 @@ class ActorSection:
                                                                      decay_style="constant"))
     pack_length: int = 2048  # positions per tree pack (several traces with their K completions each)
     mini_batches: int = 1  # optimizer steps per rollout batch (> 1: later ones are off-policy and clip)
+    # Ranks = TP × PP × DP; the rollout batch's tree packs are split over the DP ranks and the loss is normalised
+    # by the token (GRPO) or trajectory (MOPD) count of the whole mini-batch on all of them.
+    data_parallel_size: int = 1
+    gpus_per_rank: float = 0.0  # 1.0 on GPU nodes (a fraction in the colocated layout, which shares the GPU)
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ScorerSection:
+    """An inference engine that scores given tokens (MOPD teachers, the KL reference): one HF model per process."""
+
+    gpus: float = 0.0  # per process; 0 = CPU
+    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
 
 
 @dataclass
 class RolloutSection:
     model_dir: Optional[str] = None  # HF directory of the policy (tokenizer + config); weights are synced from the actor
+    backend: Literal["vllm", "hf"] = "vllm"  # hf: the transformers backend (the reference oracle)
+    replicas: int = 1  # rollout engines; each step's prompts are split over them
+    gpus: float = 0.0  # per engine (vLLM: its tensor_parallel_size GPUs); 0 = CPU
+    tensor_parallel_size: int = 1  # vLLM workers per engine
+    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
+    engine_args: Dict[str, Any] = field(default_factory=dict)  # more vllm.LLM arguments (gpu_memory_utilization, ...)
     thinking: bool = True
     num_traces: int = 4  # N reasoning traces per prompt
     num_items: int = 8  # K item completions per trace
@@ -48,9 +69,10 @@ class DataSection:
 
 @dataclass
 class GRPOSection:
-    # rule: eq. 8 on K sampled items; rollout-beam: OneRec-Think eq. 6 over a beam of width K (stage 2 runs beam
-    # search); beam-prefix: its prefix-match variant.
-    reward: Literal["rule", "rollout-beam", "beam-prefix"] = "rule"
+    # rule: eq. 8 on K sampled items; prefix: each sampled item graded by its leading codes matched (0..L, a dense
+    # per-completion signal); rollout-beam: OneRec-Think eq. 6 over a beam of width K (stage 2 runs beam search);
+    # beam-prefix: its prefix-match variant.
+    reward: Literal["rule", "prefix", "rollout-beam", "beam-prefix"] = "rule"
     diversity: bool = True  # eq. 9 diversity factor
     clip_cot: Tuple[float, float] = (0.2, 0.28)
     clip_item: Tuple[float, float] = (0.1, 0.1)
@@ -78,10 +100,14 @@ class MOPDSection:
 
 @dataclass
 class RayLayout:
-    address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster started by the launcher
+    # None: start a local Ray cluster for this run; "auto" or host:port: join a running cluster (multi-node).
+    address: Optional[str] = None
+    # colocated: the inference engines share the actor's placement bundles (and, with GPUs, their devices: set
+    # fractional gpus so each bundle sums to <= 1; vLLM sleeps while the actor trains); disaggregated: own bundles.
     layout: Literal["colocated", "disaggregated"] = "colocated"
-    num_cpus: Optional[int] = None  # logical CPUs for a local Ray (default: enough for every worker)
-    gpus_per_worker: float = 0.0  # 1.0 on GPU nodes (colocated rollout shares the actor's first GPU)
+    num_cpus: Optional[int] = None  # logical CPUs of a local cluster (default: enough for every worker)
+    log_to_driver: bool = False  # stream every worker's stdout/stderr to the driver (start-up progress is logged anyway)
+    sync_bucket_mb: int = 512  # weight-sync bucket size
 
 
 @dataclass
@@ -94,6 +120,8 @@ class RLConfig:
     data: DataSection = field(default_factory=DataSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     mopd: MOPDSection = field(default_factory=MOPDSection)
+    teachers: ScorerSection = field(default_factory=ScorerSection)  # placement / precision of every MOPD/RFT teacher
+    reference: ScorerSection = field(default_factory=ScorerSection)  # the KL reference (grpo.kl_coef > 0)
     ray: RayLayout = field(default_factory=RayLayout)
     save: Optional[str] = None  # checkpoint root (actor state + engine state); resumed from when it has one
     save_interval: Optional[int] = None
@@ -112,6 +140,14 @@ class RLConfig:
             missing.append("actor.model.load")
         if missing:
             raise ValueError(f"required settings missing: {', '.join(missing)}")
+        for name, value in (("actor.data_parallel_size", self.actor.data_parallel_size),
+                            ("rollout.replicas", self.rollout.replicas),
+                            ("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.rollout.backend == "hf" and self.rollout.tensor_parallel_size != 1:
+            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.backend=vllm (the HF backend is one "
+                             "process)")
         if self.mopd.general_teacher and self.mopd.adv_clip is None:
             raise ValueError("mopd.general_teacher needs mopd.adv_clip (the itemic penalty sets teacher log-probs "
                              "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")

@@ -25,7 +25,7 @@ from megatron_onereason.generation.prompts import chat_prompt_ids
 from megatron_onereason.metrics_log import MetricsLogger, format_eta
 from megatron_onereason.rl.actor import ActorSpec, GRPOMicroBatch, MOPDMicroBatch
 from megatron_onereason.rl.advantages import group_advantages
-from megatron_onereason.rl.config import RLConfig
+from megatron_onereason.rl.config import RayLayout, RLConfig
 from megatron_onereason.rl.distill import (
     information_gain_filter,
     information_gain_scores,
@@ -46,14 +46,41 @@ from megatron_onereason.rl.rollout_batch import (
     tree_length,
 )
 from megatron_onereason.rl.tree_pack import pack_trees, tree_logprobs_layout
-from megatron_onereason.rl.workers import ActorGroup, start_hf_worker, weight_buckets
+from megatron_onereason.rl.workers import (
+    ActorGroup,
+    EngineSpec,
+    plan_placement,
+    start_inference_worker,
+    wait_for,
+)
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme
 from megatron_onereason.training.checkpointing import has_checkpoint
 
 log = logging.getLogger("megatron_onereason.rl")
 ENGINE_STATE = "rl_engine_state.json"
-BUCKET_BYTES = 512 * 2**20
+
+
+def init_ray(r: RayLayout, local_cpus: int) -> bool:
+    """Join the cluster at ``ray.address`` (no resource arguments: the cluster has its own), or start a local one.
+
+    A local cluster is started explicitly (``address="local"``): a stale ``/tmp/ray/ray_current_cluster`` left by
+    an earlier ``ray start`` would otherwise make ``ray.init()`` try to join a cluster that no longer exists.
+    Returns whether this call connected (a caller that did not, e.g. a test sharing one cluster, keeps Ray up).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if r.address:
+        log.info("joining the Ray cluster at %s", r.address)
+        ray.init(address=r.address, include_dashboard=False, log_to_driver=r.log_to_driver)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        log.info("Ray cluster: %d node(s), resources %s", len(nodes), ray.cluster_resources())
+    else:
+        ray.init(address="local", num_cpus=r.num_cpus or local_cpus, include_dashboard=False,
+                 log_to_driver=r.log_to_driver)
+    return True
 
 
 class RLEngine:
@@ -73,40 +100,55 @@ class RLEngine:
             with open(os.path.join(cfg.save, ENGINE_STATE)) as f:
                 self.step = json.load(f)["step"]
 
+        r, p = cfg.rollout, cfg.actor.parallel
+        trains = cfg.algorithm != "rft"  # RFT only samples the teachers
         teachers = sorted(set(cfg.mopd.teachers.values()) | ({cfg.mopd.general_teacher} - {None}))
-        if cfg.algorithm != "mopd":
-            teachers = teachers if cfg.algorithm == "rft" else []
-        p = cfg.actor.parallel
-        world = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
-        n_hf = 1 + len(teachers) + (1 if cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo" else 0)
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus or (world + n_hf + 1),
-                     include_dashboard=False, log_to_driver=False)
-        colocated = cfg.ray.layout == "colocated"
-        bundles = [{"CPU": 1 + (n_hf if colocated and r == 0 else 0)} for r in range(world)]
-        if not colocated:
-            bundles += [{"CPU": 1} for _ in range(n_hf)]
-        gpus = cfg.ray.gpus_per_worker
-        if gpus:
-            for b in bundles[:world]:
-                b["GPU"] = gpus
-        self.pg = ray.util.placement_group(bundles, strategy="PACK")
-        ray.get(self.pg.ready())
-        hf_bundle = (lambda i: 0) if colocated else (lambda i: world + i)
+        if cfg.algorithm == "grpo":
+            teachers = []
+        with_reference = cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo"
+        engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(r.replicas if trains else 0)]
+        engines += [EngineSpec(f"teacher/{i}", cfg.teachers.gpus) for i in range(len(teachers))]
+        engines += [EngineSpec("reference", cfg.reference.gpus)] if with_reference else []
+        world = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * cfg.actor.data_parallel_size
+                 if trains else 0)
+        self._owns_ray = init_ray(cfg.ray, world + len(engines) + 1)
+        placement = plan_placement(cfg.ray.layout, world, cfg.actor.gpus_per_rank, engines)
+        self.pg = ray.util.placement_group(placement.bundles, strategy="PACK")
+        wait_for([self.pg.ready()], f"placement group of {len(placement.bundles)} bundles {placement.bundles}")
+        nodes = set(ray.util.placement_group_table(self.pg)["bundles_to_node_id"].values())
+        log.info("placement: %d actor rank(s), %d inference engine(s) on %d node(s) (ray.layout=%s)", world,
+                 len(engines), len(nodes), cfg.ray.layout)
+
+        # Start everything, then wait for all of it: megatron ranks and engines load at the same time.
         spec = ActorSpec(cfg.actor.model, p, cfg.actor.precision, cfg.actor.optim, cfg.actor.pack_length,
                          total_steps=max(cfg.steps * cfg.actor.mini_batches, 1), seed=cfg.seed)
-        # RFT only samples the teachers; GRPO and MOPD train the actor and roll out with its weights.
-        self.actor = ActorGroup(spec, self.pg, 0, resume, gpus) if cfg.algorithm != "rft" else None
-        self.rollout = start_hf_worker(cfg.rollout.model_dir, cfg.data.catalog, self.pg, hf_bundle(0), 0)
-        self.teachers = {path: start_hf_worker(path, cfg.data.catalog, self.pg, hf_bundle(1 + i), 0)
-                         for i, path in enumerate(teachers)}
-        self.reference = None
-        if cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo":
-            self.reference = start_hf_worker(cfg.rollout.model_dir, None, self.pg, hf_bundle(1 + len(teachers)), 0)
+        self.actor = (ActorGroup(spec, self.pg, placement.actor, resume, cfg.actor.gpus_per_rank) if trains
+                      else None)
+
+        def engine(name, backend, model_dir, catalog, section, **kwargs):
+            return start_inference_worker(self.pg, placement.engines[name], section.gpus, backend, model_dir,
+                                          catalog, dtype=section.dtype, seed=cfg.seed, **kwargs)
+
+        vllm_args = dict(tensor_parallel_size=r.tensor_parallel_size, engine_args=r.engine_args)
+        self.rollouts = [engine(f"rollout/{i}", r.backend, r.model_dir, cfg.data.catalog, r, **vllm_args)
+                         for i in range(r.replicas if trains else 0)]
+        # MOPD teachers score tokens (HF forward); RFT teachers generate, on the rollout backend.
+        teacher_backend, teacher_args = (r.backend, vllm_args) if cfg.algorithm == "rft" else ("hf", {})
+        self.teachers = {path: engine(f"teacher/{i}", teacher_backend, path, cfg.data.catalog, cfg.teachers,
+                                      **teacher_args) for i, path in enumerate(teachers)}
+        self.reference = (engine("reference", "hf", r.model_dir, None, cfg.reference) if with_reference else None)
+        workers = self.rollouts + list(self.teachers.values()) + ([self.reference] if self.reference else [])
+        wait_for([w.ready.remote() for w in workers], f"inference engines ({len(workers)})")
+        self.sync_stats: Dict[str, float] = {}
         if self.actor is not None:
-            self.sync_weights()  # the rollout starts from the actor's weights (fresh or resumed)
-        if self.reference is not None and not resume:
-            self._push(self.reference, self.actor.full_weights())
+            self.actor.ready()
+            self._open_weight_channels("rollout", self.rollouts, r.gpus)
+            self.sync_stats = self.sync_weights()  # the rollout starts from the actor's weights (fresh or resumed)
+            log.info("weight sync to %d rollout engine(s): %.1f MB in %.2f s", len(self.rollouts),
+                     self.sync_stats["sync/bytes"] / 2**20, self.sync_stats["sync/seconds"])
+            if self.reference is not None and not resume:  # the reference is the initial policy
+                self._open_weight_channels("reference", [self.reference], cfg.reference.gpus)
+                self.sync_weights("reference")
         self.logger = MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl)
 
     # ------------------------------------------------------------------------------------------- data
@@ -137,17 +179,57 @@ class RLEngine:
         values.update(overrides)
         return GenerationParams(**values)
 
-    # ------------------------------------------------------------------------------------------- weights
-    @staticmethod
-    def _push(worker, weights: Dict[str, torch.Tensor]) -> None:
+    def generate(self, instances: Sequence[RecInstance], params: GenerationParams, workers=None):
+        """Roll out ``instances`` on the rollout engines (contiguous shares, one per replica), in order."""
         import ray
 
-        ray.get([worker.update_weights.remote(b) for b in weight_buckets(weights, BUCKET_BYTES)])
+        workers = workers or self.rollouts
+        prompts = [self._prompt(i) for i in instances]
+        bounds = [round(w * len(prompts) / len(workers)) for w in range(len(workers) + 1)]
+        refs = [w.generate.remote(prompts[a:b], params) for w, a, b in zip(workers, bounds, bounds[1:]) if b > a]
+        return [o for part in ray.get(refs) for o in part]
 
-    def sync_weights(self) -> float:
+    # ------------------------------------------------------------------------------------------- weights
+    def _open_weight_channels(self, role: str, workers, engine_gpus: float) -> None:
+        import ray
+
+        receivers = ray.get([w.weight_receivers.remote() for w in workers])
+        # NCCL needs a GPU per member: the actor's and the engines' own (colocated engines share the actor's).
+        nccl = self.cfg.actor.gpus_per_rank > 0 and engine_gpus > 0 and self.cfg.ray.layout == "disaggregated"
+        specs, refs = self.actor.open_weight_channels(role, sum(receivers), "nccl" if nccl else "gloo")
+        first = 1
+        for w, n in zip(workers, receivers):
+            refs.append(w.open_weight_channels.remote(specs, first))
+            first += n
+        wait_for(refs, f"weight-sync channels to {role} ({len(specs)} stage(s) x {sum(receivers)} receiver(s), "
+                       f"{specs[0].backend})")
+
+    def sync_weights(self, role: str = "rollout") -> Dict[str, float]:
+        """Actor stage leaders broadcast the policy to ``role``'s engines; returns ``sync/*`` metrics."""
+        import ray
+
+        workers = self.rollouts if role == "rollout" else [self.reference]
         start = time.time()
-        self._push(self.rollout, self.actor.full_weights())
-        return time.time() - start
+        sends = self.actor.send_weights(role, self.cfg.ray.sync_bucket_mb * 2**20)
+        results = ray.get(sends + [w.receive_weights.remote() for w in workers])
+        seconds = time.time() - start
+        sent = [s for s in results[: len(sends)] if s is not None]
+        nbytes = float(sum(s.bytes for s in sent))
+        return {"sync/seconds": seconds, "sync/bytes": nbytes, "sync/buckets": float(sum(s.buckets for s in sent)),
+                "sync/gbytes_per_sec": nbytes / 1e9 / max(seconds, 1e-9)}
+
+    def _sleep_rollouts(self) -> None:
+        """Colocated layout: the rollout engines free their memory while the actor trains (where supported)."""
+        import ray
+
+        if self.cfg.ray.layout == "colocated":
+            ray.get([w.sleep.remote() for w in self.rollouts])
+
+    def _wake_rollouts(self) -> None:
+        import ray
+
+        if self.cfg.ray.layout == "colocated":
+            ray.get([w.wake_up.remote() for w in self.rollouts])
 
     # ------------------------------------------------------------------------------------------- packs
     def _packs(self, trees, idx: Sequence[int]):
@@ -163,8 +245,9 @@ class RLEngine:
         cfg, g = self.cfg, self.cfg.grpo
         t0 = time.time()
         instances = self.batch_for_step(step)
-        outputs = ray.get(self.rollout.generate.remote([self._prompt(i) for i in instances], self._params(step)))
+        outputs = self.generate(instances, self._params(step))
         t_rollout = time.time() - t0
+        self._sleep_rollouts()
         rewards = two_stage_rewards(predicted_codes(outputs, self.catalog),
                                     target_codes([i.targets for i in instances], self.catalog),
                                     diversity=g.diversity, accuracy=g.reward)
@@ -186,6 +269,7 @@ class RLEngine:
         t1 = time.time()
         if idx:
             packs = self._packs(trees, idx)
+            metrics["actor_packs"] = float(len(packs))
             old = self.actor.logprobs([p for p, _ in packs])
             ref = ray.get(self.reference.tree_logprobs.remote([p for p, _ in packs])) if self.reference else None
             micro, diffs = [], []
@@ -204,14 +288,20 @@ class RLEngine:
                 train = self.actor.train("train_grpo", [micro[c] for c in chunk], g.clip_cot, g.clip_item,
                                          g.kl_coef, g.kl_estimator)
             metrics.update({f"train/{k}": v for k, v in train.items()})
-        t_train = time.time() - t1
-        t_sync = self.sync_weights()
-        total = t_rollout + t_train + t_sync
-        metrics.update({"time/rollout": t_rollout, "time/train": t_train, "time/sync": t_sync,
-                        "time_share/rollout": t_rollout / total, "time_share/train": t_train / total,
-                        "time_share/sync": t_sync / total,
-                        "rollout_tokens_per_sec": metrics["generated_tokens"] / max(t_rollout, 1e-9)})
+        metrics.update(self._finish_step(t_rollout, time.time() - t1))
+        metrics["rollout_tokens_per_sec"] = metrics["generated_tokens"] / max(t_rollout, 1e-9)
         return metrics
+
+    def _finish_step(self, t_rollout: float, t_train: float) -> Dict[str, float]:
+        """Wake the rollout engines, sync the new weights; the step's rollout / train / sync time split."""
+        t0 = time.time()
+        self._wake_rollouts()
+        sync = self.sync_weights()
+        t_sync = time.time() - t0
+        total = t_rollout + t_train + t_sync
+        return {"time/rollout": t_rollout, "time/train": t_train, "time/sync": t_sync,
+                "time_share/rollout": t_rollout / total, "time_share/train": t_train / total,
+                "time_share/sync": t_sync / total, **sync}
 
     # ------------------------------------------------------------------------------------------- MOPD
     def _teacher_for(self, instance: RecInstance) -> str:
@@ -226,9 +316,9 @@ class RLEngine:
         m = self.cfg.mopd
         t0 = time.time()
         instances = self.batch_for_step(step)
-        outputs = ray.get(self.rollout.generate.remote([self._prompt(i) for i in instances],
-                                                       self._params(step, num_items=1)))
+        outputs = self.generate(instances, self._params(step, num_items=1))
         t_rollout = time.time() - t0
+        self._sleep_rollouts()
         t1 = time.time()
         trees = rollout_trees(outputs)
         teacher_of = [self._teacher_for(instances[t.prompt_index]) for t in trees]
@@ -270,15 +360,11 @@ class RLEngine:
                  for pack, mem in self._packs(trees, kept)]
         train = self.actor.train("train_mopd", micro, m.is_low, m.is_high)
         t_train = time.time() - t1
-        t_sync = self.sync_weights()
-        total = t_rollout + t_train + t_sync
         student_all = torch.cat([torch.cat(student_lp[i])[masks[i]] for i in range(len(trees))])
         rollout_all = torch.cat([rollout_lp[i][masks[i]] for i in range(len(trees))])
         metrics = {"student_teacher_logp_abs_gap": torch.cat(gaps).mean().item(), "ig_kept_share": len(kept) / len(trees),
                    "train_rollout_logprob_abs_diff": (student_all - rollout_all).abs().mean().item(),
-                   "time/rollout": t_rollout, "time/train": t_train, "time/sync": t_sync,
-                   "time_share/rollout": t_rollout / total, "time_share/train": t_train / total,
-                   "time_share/sync": t_sync / total}
+                   **self._finish_step(t_rollout, t_train)}
         metrics.update({f"train/{k}": v for k, v in train.items()})
         return metrics
 
@@ -290,8 +376,6 @@ class RLEngine:
     # ------------------------------------------------------------------------------------------- RFT
     def rft_dataset(self, out_path: str) -> Dict[str, float]:
         """Sample every domain teacher on its users, keep verified hits (eq. 14), write chat SFT JSONL."""
-        import ray
-
         from megatron_onereason.rl.rft import select_rft_trajectories
 
         samples, hits = [], []
@@ -299,8 +383,7 @@ class RLEngine:
             users = [i for i in self.train_set if i.domain == domain]
             if not users:
                 continue
-            outputs = ray.get(self.teachers[teacher].generate.remote([self._prompt(i) for i in users],
-                                                                    self._params(0)))
+            outputs = self.generate(users, self._params(0), [self.teachers[teacher]])
             for inst, out in zip(users, outputs):
                 targets = set(inst.targets)
                 for trace in out.traces:
@@ -336,12 +419,10 @@ class RLEngine:
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, instances: Optional[Sequence[RecInstance]] = None) -> Dict[str, float]:
         """Recall@K / Pass@K on held-out users: one greedy trace, beam search of width K over items."""
-        import ray
-
         instances = list(instances or self.eval_set or self.train_set)
         k = self.cfg.eval_k
         params = self._params(0, num_items=k, num_traces=1, item_strategy="beam", temperature=0.0)
-        outputs = ray.get(self.rollout.generate.remote([self._prompt(i) for i in instances], params))
+        outputs = self.generate(instances, params)
         scores = [rec_metrics(ranked_item_ids(o, self.catalog), i.targets, [k]) for o, i in zip(outputs, instances)]
         return {f"eval/{name}": float(np.mean([s[name] for s in scores])) for name in scores[0]}
 
@@ -386,5 +467,8 @@ class RLEngine:
     def shutdown(self) -> None:
         import ray
 
-        ray.util.remove_placement_group(self.pg)
-        ray.shutdown()
+        workers = self.rollouts + list(self.teachers.values()) + ([self.reference] if self.reference else [])
+        ray.get([w.close.remote() for w in workers])
+        ray.util.remove_placement_group(self.pg)  # ends the actor ranks and engines placed in it
+        if self._owns_ray:
+            ray.shutdown()

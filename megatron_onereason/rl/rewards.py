@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-ACCURACY_REWARDS = ("rule", "rollout-beam", "beam-prefix")
+ACCURACY_REWARDS = ("rule", "prefix", "rollout-beam", "beam-prefix")
 # Trace-level rewards over a beam: the K completions of a trace must come from beam search (item_strategy="beam").
 BEAM_REWARDS = ("rollout-beam", "beam-prefix")
 
@@ -124,6 +124,8 @@ def two_stage_rewards(
     """Eq. 7: ``R_{u,i,j} = R_acc · R_div(CoT_{u,i})`` for U users × N traces × K item completions.
 
     pred_codes: LongTensor ``[U, N, K, L]``. ``accuracy="rule"`` uses eq. 8 per completion (K sampled items).
+    ``"prefix"`` grades each sampled completion by its own leading-code agreement with the closest target, ``0..L``
+    (OneRec-Think's eq. 6 with a beam of one item: a dense per-completion signal where exact hits are rare).
     ``"rollout-beam"`` (OneRec-Think eq. 6 as written) and its ``"beam-prefix"`` variant (:func:`rollout_beam_reward`)
     need the K completions of a trace to be its beam (eq. 7: beam search of width K); the trace-level reward is
     shared by its K completions. ``hit`` is always eq. 8.
@@ -137,6 +139,8 @@ def two_stage_rewards(
     hit = rule_reward(pred_codes, target_items)
     if accuracy == "rule":
         acc = hit
+    elif accuracy == "prefix":
+        acc = rollout_beam_reward(pred_codes[..., None, :], target_items, match="prefix")
     else:
         match = "position" if accuracy == "rollout-beam" else "prefix"
         acc = rollout_beam_reward(pred_codes, target_items, match=match)[..., None].expand(u, n, k)

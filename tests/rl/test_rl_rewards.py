@@ -99,6 +99,9 @@ def test_two_stage_rewards_hand_case():
     beam = two_stage_rewards(pred, [[[1, 2, 3]]], accuracy="beam-prefix")
     assert beam.reward.tolist() == [[[1.5, 1.5, 1.5], [0.0, 0.0, 0.0]]]
     assert beam.hit.tolist() == out.hit.tolist()
+    # Per-completion prefix: leading codes each completion shares with the target, by hand (no diversity).
+    prefix = two_stage_rewards(pred, [[[1, 2, 3], [4, 9, 9]]], accuracy="prefix", diversity=False)
+    assert prefix.reward.tolist() == [[[3.0, 1.0, 3.0], [3.0, 1.0, 1.0]]]  # [4,5,6] vs target [4,9,9]: 1 code
     with pytest.raises(ValueError, match="accuracy"):
         two_stage_rewards(pred, [[[1, 2, 3]]], accuracy="ndcg")
     with pytest.raises(ValueError, match=r"\[U, N, K, L\]"):

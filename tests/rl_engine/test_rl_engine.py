@@ -1,14 +1,20 @@
-"""The actor-rollout engine on a local Ray cluster with a megatron actor at TP=2 / PP=2 and HF rollout workers."""
+"""The actor-rollout engine on Ray: a megatron actor at TP=2 / PP=2 / DP=2, HF rollout workers, a two-node cluster."""
 import json
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import REPO
 from megatron_onereason.config import from_dict
@@ -55,11 +61,21 @@ def task(tmp_path_factory):
             "family_share": len(families[family]) / len(video)}
 
 
-def config(task, **over) -> RLConfig:
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray cluster for the module's in-process engines (each engine leaves it running)."""
+    import ray
+
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config_dict(task, **over) -> dict:
     d = {"steps": 4, "seed": 3, "eval_k": 4,
          "actor": {"model": {"load": task["mcore"]}, "parallel": {"tensor_model_parallel_size": 2},
                    "pack_length": 512, "optim": {"lr": 1e-3, "min_lr": 1e-3, "weight_decay": 0.0}},
-         "rollout": {"model_dir": task["rec"].model_dir, "max_think_tokens": 4, "num_traces": 2, "num_items": 4},
+         "rollout": {"model_dir": task["rec"].model_dir, "backend": "hf", "max_think_tokens": 4, "num_traces": 2, "num_items": 4},
          "data": {"benchmark": task["bench"], "catalog": task["rec"].catalog_dir, "prompts_per_step": 4},
          "grpo": {"nonhit_weight": 0.5}}
     for key, value in over.items():
@@ -68,7 +84,11 @@ def config(task, **over) -> RLConfig:
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
-    return from_dict(RLConfig, d)
+    return d
+
+
+def config(task, **over) -> RLConfig:
+    return from_dict(RLConfig, config_dict(task, **over))
 
 
 def run_engine(cfg: RLConfig, inspect=None):
@@ -84,16 +104,16 @@ def run_engine(cfg: RLConfig, inspect=None):
         engine.shutdown()
 
 
-def test_grpo_learns_the_rewarded_family_with_a_tp2_actor(task):
+def test_grpo_learns_the_rewarded_family_with_a_tp2_actor(local_ray, task):
     import ray
 
     def inspect(engine):
         # A fixed rollout, scored by the actor (megatron, TP=2, tree pack) and the rollout engine (HF).
-        outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
+        outputs = ray.get(engine.rollouts[0].generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
                                                          engine._params(999)))
         pack = pack_trees([t.tree for t in rollout_trees(outputs)], 512)
         actor = engine.actor.logprobs([pack])[0]
-        rollout = ray.get(engine.rollout.tree_logprobs.remote([pack]))[0]
+        rollout = ray.get(engine.rollouts[0].tree_logprobs.remote([pack]))[0]
         scored = torch.cat([pack.trace_index[pack.trace_mask], pack.child_index[pack.child_mask]])
         return {"agreement": float((actor - rollout)[scored].abs().max()), **engine.evaluate()}
 
@@ -111,7 +131,7 @@ def test_grpo_learns_the_rewarded_family_with_a_tp2_actor(task):
     assert after["eval/recall@4"] > before["eval/recall@4"] + 0.2, (before, after)
 
 
-def test_kill_and_resume_gives_the_same_next_steps(task, tmp_path):
+def test_kill_and_resume_gives_the_same_next_steps(local_ray, task, tmp_path):
     straight, *_ = run_engine(config(task, steps=4))
     save = str(tmp_path / "ckpt")
     run_engine(config(task, steps=2, save=save))  # "killed" after step 2 (checkpoint written at the end)
@@ -123,14 +143,14 @@ def test_kill_and_resume_gives_the_same_next_steps(task, tmp_path):
         assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)
 
 
-def test_mopd_moves_the_student_toward_its_teacher(task):
+def test_mopd_moves_the_student_toward_its_teacher(local_ray, task):
     import ray
 
     fixed = {}
 
     def gap(engine):
         if "pack" not in fixed:
-            outputs = ray.get(engine.rollout.generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
+            outputs = ray.get(engine.rollouts[0].generate.remote([engine._prompt(i) for i in engine.train_set[:2]],
                                                              engine._params(999, num_items=1)))
             fixed["pack"] = pack_trees([t.tree for t in rollout_trees(outputs)], 512)
         pack = fixed["pack"]
@@ -148,7 +168,7 @@ def test_mopd_moves_the_student_toward_its_teacher(task):
     assert all(0 < r["ig_kept_share"] <= 1 for r in history)
 
 
-def test_rft_keeps_only_verified_hits_in_chat_format(task, tmp_path):
+def test_rft_keeps_only_verified_hits_in_chat_format(local_ray, task, tmp_path):
     out = str(tmp_path / "rft.jsonl")
     cfg = config(task, algorithm="rft", rft_output=out, **{"mopd.teachers": {"video": task["rec"].model_dir}})
     history, *_ = run_engine(cfg)
@@ -164,3 +184,83 @@ def test_rft_keeps_only_verified_hits_in_chat_format(task, tmp_path):
         (_, _, domain, codes), = DEFAULT_SCHEME.find_items(sample["messages"][1]["content"])
         assert catalog.item_id_for(domain, codes) in targets
     assert os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
+def test_a_dp2_actor_takes_the_dp1_step(local_ray, task):
+    """DP=2 splits the rollout's tree packs over two ranks; the loss is normalised over the global batch, so loss and
+    grad norm equal DP=1's, and so do the next rollouts (same weights synced)."""
+    over = {"steps": 2, "actor.parallel.tensor_model_parallel_size": 1, "actor.pack_length": 256}
+    dp1, *_ = run_engine(config(task, **over))
+    dp2, *_ = run_engine(config(task, **over, **{"actor.data_parallel_size": 2}))
+    assert dp1[0]["actor_packs"] >= 3  # several packs per step, split unevenly over the two DP ranks
+    for a, b in zip(dp1, dp2):
+        assert a["reward"] == b["reward"] and a["generated_tokens"] == b["generated_tokens"]
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-5, (a["train/loss"], b["train/loss"])
+        assert abs(a["train/grad_norm"] - b["train/grad_norm"]) <= 1e-5, (a["train/grad_norm"], b["train/grad_norm"])
+        assert a["train/grad_norm"] > 0
+        assert b["train_rollout_logprob_abs_diff"] < 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_grpo_on_a_two_node_ray_cluster_joined_with_address_auto(task, tmp_path):
+    """What examples/grpo_multinode.sh does: `ray start --head`, a second node joins with its own resources, the
+    driver runs `rl.run ... ray.address=auto` with RAY_ADDRESS set; the job needs both nodes' CPUs."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = tempfile.mkdtemp(prefix="ray2n", dir="/tmp")  # private: never the shared /tmp/ray; short for its sockets
+    port = _free_port()
+    # Ray >= 2.5x enables token authentication on `ray start`: every member shares one token (as the sbatch does).
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO)
+    node_args = ["--num-cpus", "2", "--object-store-memory", str(150 * 2**20), "--node-ip-address", "127.0.0.1",
+                 "--disable-usage-stats", "--block"]
+    started = []
+
+    def start(*args, log):
+        started.append(subprocess.Popen([ray_bin, "start", *args, *node_args], env=env, start_new_session=True,
+                                         stdout=open(os.path.join(temp, log), "w"), stderr=subprocess.STDOUT))
+
+    try:
+        start("--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard", "false", log="head.log")
+        time.sleep(5)
+        start("--address", f"127.0.0.1:{port}", "--resources", '{"second_node": 1}', log="node.log")
+        cfg = config_dict(task, steps=2, **{"ray.layout": "disaggregated", "data.prompts_per_step": 2,
+                                             "metrics_jsonl": str(tmp_path / "metrics.jsonl")})
+        config_path = tmp_path / "grpo.yaml"
+        config_path.write_text(yaml.safe_dump(cfg))
+        driver = subprocess.run(
+            [sys.executable, "-m", "megatron_onereason.rl.run", "--config", str(config_path), "ray.address=auto"],
+            cwd=REPO, env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}"), capture_output=True, text=True, timeout=600)
+        log = driver.stdout + driver.stderr
+        assert driver.returncode == 0, log[-6000:]
+        # 2 actor ranks + 1 rollout engine on 2 CPUs per node: the placement group spans both nodes.
+        assert "Ray cluster: 2 node(s)" in log and "on 2 node(s)" in log, log[-4000:]
+        rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+        assert [r["step"] for r in rows] == [1, 2]
+        for r in rows:
+            assert r["train_rollout_logprob_abs_diff"] < 1e-4 and np.isfinite(r["train/loss"])
+            assert r["sync/bytes"] > 0
+    finally:
+        for proc in reversed(started):  # workers first: a node drains against a live head
+            _stop(proc, 5)
+        leftovers = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+        for pid in leftovers:  # processes of this cluster only (their command lines name its private temp dir)
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
