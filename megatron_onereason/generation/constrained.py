@@ -113,6 +113,19 @@ class ItemicConstraint:
         return mask
 
 
+def check_prompt_domains(domains: Sequence[Optional[str]], constrained: bool, vocab: ItemicVocab,
+                         constraint: Optional[ItemicConstraint]) -> None:
+    """Refuse requests a backend cannot serve: constrained decoding without a catalog, a prompt domain the vocabulary
+    lacks, or (constrained) one with no catalog item. ``domains``: each prompt's target domain (None: any)."""
+    if constrained and constraint is None:
+        raise ValueError("constrained decoding needs a catalog (pass the catalog / trie, or constrained=False)")
+    for i, domain in enumerate(domains):
+        if domain is not None:
+            vocab.begin_id(domain)  # raises for a domain the vocabulary lacks
+            if constrained and domain not in constraint.trie.domains:
+                raise ValueError(f"prompt {i}: the catalog has no item of domain {domain!r}")
+
+
 @dataclass(frozen=True)
 class TokenRule:
     """What one engine request may emit at each output step (vLLM requests; the batched loop builds its own masks).

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_onereason.generation.constrained import ItemicConstraint, decode_item
+from megatron_onereason.generation.constrained import ItemicConstraint, check_prompt_domains, decode_item
 from megatron_onereason.generation.outputs import ItemCompletion, PromptOutput, Trace
 from megatron_onereason.generation.params import GenerationParams, Prompt
 from megatron_onereason.generation.prompts import ChatTokens
@@ -110,13 +110,7 @@ class TwoStageGenerator:
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:
         if not prompts:
             return []
-        if params.constrained and self.constraint is None:
-            raise ValueError("constrained decoding needs a catalog trie (pass trie=, or constrained=False)")
-        for i, p in enumerate(prompts):
-            if p.domain is not None:
-                self.vocab.begin_id(p.domain)  # raises for a domain the vocabulary lacks
-                if params.constrained and p.domain not in self.constraint.trie.domains:
-                    raise ValueError(f"prompt {i}: the catalog has no item of domain {p.domain!r}")
+        check_prompt_domains([p.domain for p in prompts], params.constrained, self.vocab, self.constraint)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(params.seed)

@@ -40,7 +40,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_onereason.generation.constrained import ItemicConstraint, TokenRule, decode_item
+from megatron_onereason.generation.constrained import ItemicConstraint, TokenRule, check_prompt_domains, decode_item
 from megatron_onereason.generation.outputs import ItemCompletion, PromptOutput, Trace, TreeScores
 from megatron_onereason.generation.params import GenerationParams, Prompt
 from megatron_onereason.generation.prompts import ChatTokens
@@ -197,13 +197,7 @@ class VLLMBackend:
             if getattr(params, name) > MAX_TEMPERATURE:
                 raise ValueError(f"{name}={getattr(params, name)}: vLLM samples at temperatures in "
                                  f"[0, {MAX_TEMPERATURE}]; use the transformers backend for hotter sampling")
-        if params.constrained and self.constraint is None:
-            raise ValueError("constrained decoding needs a catalog: pass catalog_dir (or constrained=False)")
-        for i, p in enumerate(prompts):
-            if p.domain is not None:
-                self.vocab.begin_id(p.domain)  # raises for a domain the vocabulary lacks
-                if params.constrained and p.domain not in self.constraint.trie.domains:
-                    raise ValueError(f"prompt {i}: the catalog has no item of domain {p.domain!r}")
+        check_prompt_domains([p.domain for p in prompts], params.constrained, self.vocab, self.constraint)
         n, k, chat = params.num_traces, params.num_items, self.chat_tokens
         traces = [[Trace([], [], [], [], False) for _ in range(n)] for _ in prompts]
         if params.thinking and params.max_think_tokens > 0:
