@@ -61,6 +61,9 @@ class GRPOMicroBatch:
     sample_weight: torch.Tensor
     trace_ref_logp: Optional[torch.Tensor] = None
     child_ref_logp: Optional[torch.Tensor] = None
+    # Truncated importance weights π_old/μ of the behaviour-policy correction (rl/losses.py); None: all 1.
+    trace_is_weights: Optional[torch.Tensor] = None
+    child_is_weights: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -107,10 +110,31 @@ class MegatronActor:
         pack = mb.pack if hasattr(mb, "pack") else mb
         dev = device()
         chunk = model.module if hasattr(model, "module") else model
+        renormalise = pack.item_allowed is not None and getattr(chunk, "post_process", True)
         with rope_positions([chunk], pack.position_ids.to(dev)):
             output = model(pack.tokens.to(dev)[None], pack.position_ids.to(dev)[None],
-                           (~pack.allowed).to(dev)[None, None], labels=pack.labels.to(dev)[None])
+                           (~pack.allowed).to(dev)[None, None],
+                           labels=None if renormalise else pack.labels.to(dev)[None])
+        if renormalise:  # logits [1, S, V/TP] -> per-token loss under the constrained distribution
+            output = self._constrained_nll(chunk, output, pack.labels.to(dev)[None], pack.item_allowed)
         return output, partial(loss_fn, mb)
+
+    def _constrained_nll(self, chunk, logits, labels, item_allowed):
+        """``−log μ`` per position ``[1, S]``: the plain cross entropy, renormalised over the allowed tokens at the
+        constrained positions (``rl/sampling.py``: ``log μ = log π − log Σ_{a∈A} π(a)``), vocabulary-parallel."""
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+        from megatron_onereason.rl.sampling import vocab_parallel_allowed_log_mass
+
+        positions, ids = (t.to(logits.device) for t in item_allowed)
+        v_local = logits.shape[-1]
+        tp = self.ps.get_tensor_model_parallel_world_size()
+        log_mass = vocab_parallel_allowed_log_mass(
+            logits[0, positions].float(), ids, self.ps.get_tensor_model_parallel_rank() * v_local,
+            self.ps.get_tensor_model_parallel_group() if tp > 1 else None,
+            reduce_from_tensor_model_parallel_region if tp > 1 else None)
+        nll = chunk.compute_language_model_loss(labels, logits.transpose(0, 1))  # [1, S]
+        return nll.index_add(1, positions, log_mass[None].to(nll.dtype))
 
     def _run(self, micro_batches: Sequence, loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -158,6 +182,7 @@ class MegatronActor:
             totals = torch.stack([x["metrics"] for x in losses]).sum(0)
             torch.distributed.all_reduce(totals, group=self.ps.get_data_parallel_group())
             n = max(totals[0].item(), 1.0)
+            metrics["count"] = totals[0].item()  # tokens (GRPO) / trajectories (MOPD): the mini-batch's weight
             metrics["loss"] = totals[1].item() / n
             metrics.update({k: totals[2 + i].item() / n for i, k in enumerate(keys)})
         return metrics
@@ -176,7 +201,9 @@ class MegatronActor:
                 agg="token-mean", loss_normalizer=1.0,
                 trace_ref_logp=None if mb.trace_ref_logp is None else mb.trace_ref_logp.to(dev),
                 child_ref_logp=None if mb.child_ref_logp is None else mb.child_ref_logp.to(dev),
-                kl_coef=kl_coef, kl_estimator=kl_estimator)
+                kl_coef=kl_coef, kl_estimator=kl_estimator,
+                trace_is_weights=None if mb.trace_is_weights is None else mb.trace_is_weights.to(dev),
+                child_is_weights=None if mb.child_is_weights is None else mb.child_is_weights.to(dev))
             k = mb.advantages.shape[1]
             # Tokens of the materialised N×K rollouts: each trace token counts once per child.
             n = (k * mb.trace_mask.sum() + mb.child_mask.sum()).to(dev)

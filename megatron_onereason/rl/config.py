@@ -18,7 +18,9 @@ class ActorSection:
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, min_lr=1e-6, weight_decay=0.0,
                                                                      decay_style="constant"))
     pack_length: int = 2048  # positions per tree pack (several traces with their K completions each)
-    mini_batches: int = 1  # optimizer steps per rollout batch (> 1: later ones are off-policy and clip)
+    # Optimizer steps per rollout batch. The first is on-policy (ratio 1); the later ones are what the stage-wise
+    # clipping of eqs. 11-12 acts on (rl/losses.py). 1 makes clipping inert.
+    mini_batches: int = 4
     # Ranks = TP × PP × DP; the rollout batch's tree packs are split over the DP ranks and the loss is normalised
     # by the token (GRPO) or trajectory (MOPD) count of the whole mini-batch on all of them.
     data_parallel_size: int = 1
@@ -51,9 +53,10 @@ class RolloutSection:
     temperature: float = 1.0
     item_temperature: float = 1.0
     max_think_tokens: int = 256
-    # The sampling distribution shared by rollout and loss (megatron_onereason/rl/sampling.py): unconstrained
-    # decoding (OneReason §6.1; invalid itemic tokens are counted, Fig. 16) or the catalog trie on both sides.
-    sampling: Literal["unconstrained", "constrained"] = "unconstrained"
+    # The sampling distribution shared by rollout and loss (megatron_onereason/rl/sampling.py): the catalog trie on
+    # both sides (the actor renormalises item tokens over the trie), or unconstrained decoding (invalid itemic tokens
+    # counted, as in OneReason's Fig. 16).
+    sampling: Literal["constrained", "unconstrained"] = "constrained"
 
 
 @dataclass
@@ -65,6 +68,7 @@ class DataSection:
     prompts_per_step: int = 8
     tasks: List[str] = field(default_factory=lambda: ["rec"])  # Mix-RL (§6.2): ["rec", "evolution"] (R3 + R2)
     general_prompts: Optional[str] = None  # MOPD general-domain prompts (chat JSONL), for mopd.general_teacher
+    general_prompts_per_step: int = 4  # general-domain prompts added to each MOPD step's prompts
 
 
 @dataclass
@@ -190,6 +194,12 @@ def validate_method_settings(cfg: RLConfig) -> None:
     unknown = [t for t in d.tasks if t not in RL_TASKS]
     if unknown or not d.tasks:
         raise ValueError(f"data.tasks must be a non-empty list from {list(RL_TASKS)}, got {d.tasks}")
+    if cfg.algorithm == "grpo" and g.reward in ("rollout-beam", "beam-prefix") and r.backend != "hf":
+        raise ValueError(f"grpo.reward={g.reward} needs beam search in stage 2 (OneRec-Think eq. 7), which the "
+                         f"{r.backend} rollout backend does not run: set rollout.backend=hf")
+    if cfg.algorithm == "mopd" and "evolution" in d.tasks:
+        raise ValueError("algorithm=mopd routes each prompt to its domain's teacher; R2 evolution prompts have no "
+                         "domain: use data.tasks=[rec]")
     if cfg.algorithm == "mopd" and bool(m.general_teacher) != bool(d.general_prompts):
         raise ValueError("mopd.general_teacher and data.general_prompts go together: general-domain distillation "
                          "(OpenOneRec §5.2) feeds general prompts to the plain Qwen3 teacher, and the itemic penalty "

@@ -7,26 +7,29 @@ that position and renormalised over them:
 
 Two modes (``rollout.sampling``):
 
-- ``unconstrained`` (the default, as in OneReason §6.1, whose Fig. 16 counts invalid itemic tokens generated during
-  RL): ``A_t`` is every real token of the vocabulary. The actor's plain log-softmax is the same distribution at
-  ``T = 1``; completions that are not catalog items get no reward and are counted
-  (:class:`megatron_onereason.rl.metrics.ItemValidity`).
-- ``constrained``: inside an itemic pattern ``A_t`` is the set of catalog continuations (the item trie,
-  :class:`megatron_onereason.generation.constrained.ItemicConstraint`). The actor must then score with the same
-  renormalisation: ``log μ = log π_raw − log Σ_{a ∈ A_t} π_raw(a)`` (:func:`renormalised_logprobs`), otherwise the
-  ratio of eq. 10 compares two different distributions and clips for no policy change.
+- ``constrained`` (the default): at item positions ``A_t`` is the set of catalog continuations (the item trie,
+  :class:`megatron_onereason.generation.constrained.ItemicConstraint`; an item start allows the begin tokens). The
+  actor scores item tokens with the same renormalisation: ``log μ = log π_raw − log Σ_{a ∈ A_t} π_raw(a)``
+  (:func:`renormalised_logprobs`, vocabulary-parallel in the actor), otherwise the ratio of eq. 10 compares two
+  different distributions and clips for no policy change. Every completion is a catalog item, as at evaluation.
+- ``unconstrained`` (OneReason's Fig. 16 counts invalid itemic tokens generated during RL): ``A_t`` is every real
+  token of the vocabulary. The actor's plain log-softmax is the same distribution at ``T = 1``; completions that
+  are not catalog items get no reward and are counted (:class:`megatron_onereason.rl.metrics.ItemValidity`).
+
+The default is ``constrained`` because an unconstrained rollout of a model that does not yet write valid items
+(a fresh or small model) earns no reward at all; ``unconstrained`` is the setting of the report's invalid-token
+measurements. Outside item positions both sides use the plain log-softmax; the rollout's remaining masks (stop
+tokens inside a trace, itemic patterns inside the CoT) are corrected by the importance weights.
 
 A temperature ``T ≠ 1`` makes μ differ from the trained policy (``T = 1``) in both modes; the truncated importance
 weights of :mod:`megatron_onereason.rl.losses` correct for it.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-SAMPLING_MODES = ("unconstrained", "constrained")
-DEFAULT_SAMPLING = "unconstrained"
 
 
 def _check(logits: torch.Tensor, tokens: torch.Tensor, allowed: Optional[torch.Tensor]) -> None:
@@ -114,3 +117,35 @@ def renormalised_logprobs(raw_logp: torch.Tensor, log_mass: torch.Tensor) -> tor
     if (log_mass.detach() > 1e-6).any():
         raise ValueError("log_mass must be <= 0 (a log-probability mass)")
     return raw_logp - log_mass
+
+
+def item_allowed_ids(pack, trees: Sequence, domains: Sequence[Optional[str]], constraint) -> Tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+    """The constrained positions of a tree pack and their allowed ids, for the actor's renormalisation.
+
+    ``pack``: :func:`megatron_onereason.rl.tree_pack.pack_trees` of ``trees`` (``.prompt``, ``.trace``,
+    ``.children``); ``domains``: each tree's prompt domain (its begin token is forced; None: any live begin token);
+    ``constraint``: the :class:`~megatron_onereason.generation.constrained.ItemicConstraint` the rollout sampled
+    under. Item token 0 is an item start (the forced begin token, or the live ones); later item tokens are what the
+    constraint allows after the tokens before them. Returns ``(positions [P], ids [P, A])``, ids −1 padded, for
+    ``TreePack.item_allowed``.
+    """
+    positions, allowed = [], []
+    for i, (tree, domain) in enumerate(zip(trees, domains)):
+        context = [int(t) for t in tree.prompt] + [int(t) for t in tree.trace]
+        start = ([constraint.vocab.begin_id(domain)] if domain is not None else list(constraint.live_begin_ids))
+        for j, child in enumerate(tree.children):
+            child = [int(t) for t in child]
+            rows = constraint.allowed([context + child[:t] for t in range(1, len(child))]) if len(child) > 1 else []
+            for t in range(len(child)):
+                ids = start if t == 0 else rows[t - 1].nonzero().flatten().tolist()
+                if child[t] not in ids:
+                    raise ValueError(f"tree {i} item {j} token {t} ({child[t]}) is not allowed by the constraint: "
+                                     "the rollout did not sample under it (rollout.sampling=constrained)")
+                positions.append(int(pack.child_index[i, j, t]))
+                allowed.append(ids)
+    width = max(len(a) for a in allowed)
+    ids = torch.full((len(allowed), width), -1, dtype=torch.long)
+    for r, a in enumerate(allowed):
+        ids[r, : len(a)] = torch.tensor(a, dtype=torch.long)
+    return torch.tensor(positions, dtype=torch.long), ids

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -232,6 +233,10 @@ class InferenceWorker:
             from megatron_onereason.generation.hf_backend import TransformersBackend
 
             self.backend = TransformersBackend.from_pretrained(model_dir, catalog_dir, str(self.device), self.dtype)
+        elif backend == "plain":  # scoring only, no itemic vocabulary: OpenOneRec's general-domain teacher
+            from megatron_onereason.rl.distill import load_plain_teacher
+
+            self.backend = types.SimpleNamespace(model=load_plain_teacher(model_dir, str(self.device), self.dtype))
         elif backend == "vllm":
             from megatron_onereason.generation.vllm_backend import VLLMBackend
 

@@ -17,7 +17,7 @@ def test_defaults_follow_the_report():
     cfg = config()
     assert cfg.mopd.rho == 0.8  # eq. 20's example value
     assert (cfg.grpo.old_logp, cfg.grpo.is_low, cfg.grpo.is_high) == ("recompute", 0.0, 2.0)
-    assert cfg.rollout.sampling == "unconstrained"
+    assert cfg.rollout.sampling == "constrained"
     assert cfg.data.tasks == ["rec"]
 
 
@@ -57,19 +57,25 @@ def test_general_domain_distillation_needs_its_prompts_and_teacher():
 
 def test_inert_clipping_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="megatron_onereason.rl"):
-        config()
+        config("actor.mini_batches=1")
     assert "never acts" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megatron_onereason.rl"):
-        config("actor.mini_batches=4")
+        assert config().actor.mini_batches == 4  # the default: clipping acts from the second mini-batch
     assert caplog.text == ""
+
+
+def test_rollout_beam_needs_a_backend_that_runs_beam_search():
+    with pytest.raises(ConfigError, match="set rollout.backend=hf"):
+        config("grpo.reward=rollout-beam")
+    assert config("grpo.reward=rollout-beam", "rollout.backend=hf").grpo.reward == "rollout-beam"
 
 
 def test_a_config_extends_a_base_file(tmp_path):
     """Ablation configs state only what they change: ``extends`` merges them over their base, section by section."""
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "grpo.yaml").write_text(
-        "algorithm: grpo\nsteps: 20\nrollout: {num_traces: 2, num_items: 8, model_dir: /m}\n"
+        "algorithm: grpo\nsteps: 20\nrollout: {num_traces: 2, num_items: 8, model_dir: /m, backend: hf}\n"
         "grpo: {reward: beam-prefix, clip_item: [0.1, 0.1]}\n")
     (tmp_path / "ablation.yaml").write_text("extends: base/grpo.yaml\nrollout: {num_items: 1}\n"
                                             "grpo: {diversity: false, clip_item: [0.2, 0.28]}\n")
