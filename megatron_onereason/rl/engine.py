@@ -83,7 +83,10 @@ def init_ray(r: RayLayout, local_cpus: int) -> bool:
 
 
 class RLEngine:
-    def __init__(self, cfg: RLConfig):
+    def __init__(self, cfg: RLConfig, rollouts: Optional[Sequence] = None):
+        """``rollouts``: running rollout engines (:class:`~megatron_onereason.rl.workers.InferenceWorker` handles
+        serving ``rollout.model_dir``) to use instead of starting ``rollout.replicas`` new ones — e.g. one vLLM
+        engine kept across several runs; they get this run's weights at start and are left running at shutdown."""
         import ray
         from transformers import AutoTokenizer
 
@@ -104,9 +107,14 @@ class RLEngine:
         if cfg.algorithm == "grpo":
             teachers = []
         with_reference = cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo"
-        engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(r.replicas if trains else 0)]
-        engines += [EngineSpec(f"teacher/{i}", cfg.teachers.gpus) for i in range(len(teachers))]
+        # Recall@K ranks items by beam search, which the vLLM backend does not do: a HF evaluator gets the weights.
+        with_evaluator = trains and bool(cfg.eval_interval) and r.backend != "hf"
+        own_rollouts = 0 if rollouts is not None or not trains else r.replicas
+        engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(own_rollouts)]
+        engines += [EngineSpec(f"teacher/{i}", (r if cfg.algorithm == "rft" else cfg.teachers).gpus)
+                    for i in range(len(teachers))]
         engines += [EngineSpec("reference", cfg.reference.gpus)] if with_reference else []
+        engines += [EngineSpec("evaluator", cfg.evaluator.gpus)] if with_evaluator else []
         world = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * cfg.actor.data_parallel_size
                  if trains else 0)
         self._owns_ray = init_ray(cfg.ray, world + len(engines) + 1)
@@ -123,19 +131,25 @@ class RLEngine:
         self.actor = (ActorGroup(spec, self.pg, placement.actor, resume, cfg.actor.gpus_per_rank) if trains
                       else None)
 
-        def engine(name, backend, model_dir, catalog, section, **kwargs):
-            return start_inference_worker(self.pg, placement.engines[name], section.gpus, backend, model_dir,
-                                          catalog, dtype=section.dtype, seed=cfg.seed, **kwargs)
+        def engine(name, section, model_dir, catalog):
+            # vLLM sleeps while the actor trains where it shares the actor's devices (the colocated layout).
+            sleep = cfg.ray.layout == "colocated" and name.startswith("rollout/")
+            return start_inference_worker(
+                self.pg, placement.engines[name], section.gpus, cfg.ray.worker_env, section.backend, model_dir,
+                catalog, dtype=section.dtype, seed=cfg.seed, tensor_parallel_size=section.tensor_parallel_size,
+                engine_args=section.engine_args, sleep=sleep)
 
-        vllm_args = dict(tensor_parallel_size=r.tensor_parallel_size, engine_args=r.engine_args)
-        self.rollouts = [engine(f"rollout/{i}", r.backend, r.model_dir, cfg.data.catalog, r, **vllm_args)
-                         for i in range(r.replicas if trains else 0)]
-        # MOPD teachers score tokens (HF forward); RFT teachers generate, on the rollout backend.
-        teacher_backend, teacher_args = (r.backend, vllm_args) if cfg.algorithm == "rft" else ("hf", {})
-        self.teachers = {path: engine(f"teacher/{i}", teacher_backend, path, cfg.data.catalog, cfg.teachers,
-                                      **teacher_args) for i, path in enumerate(teachers)}
-        self.reference = (engine("reference", "hf", r.model_dir, None, cfg.reference) if with_reference else None)
-        workers = self.rollouts + list(self.teachers.values()) + ([self.reference] if self.reference else [])
+        self.rollouts = [engine(f"rollout/{i}", r, r.model_dir, cfg.data.catalog) for i in range(own_rollouts)]
+        self._started = list(self.rollouts)
+        self.rollouts += list(rollouts or [])
+        # MOPD teachers score the student's tokens; RFT teachers generate (rollout engines: the rollout settings).
+        self.teachers = {path: engine(f"teacher/{i}", r if cfg.algorithm == "rft" else cfg.teachers, path,
+                                      cfg.data.catalog) for i, path in enumerate(teachers)}
+        self.reference = engine("reference", cfg.reference, r.model_dir, None) if with_reference else None
+        self.evaluator = engine("evaluator", cfg.evaluator, r.model_dir, cfg.data.catalog) if with_evaluator else None
+        self._evaluator_step: Optional[int] = None  # the step whose weights the evaluator holds
+        self._started += [w for w in [*self.teachers.values(), self.reference, self.evaluator] if w is not None]
+        workers = list(rollouts or []) + self._started
         wait_for([w.ready.remote() for w in workers], f"inference engines ({len(workers)})")
         self.sync_stats: Dict[str, float] = {}
         if self.actor is not None:
@@ -147,6 +161,8 @@ class RLEngine:
             if self.reference is not None and not resume:  # the reference is the initial policy
                 self._open_weight_channels("reference", [self.reference], cfg.reference.gpus)
                 self.sync_weights("reference")
+            if self.evaluator is not None:
+                self._open_weight_channels("evaluator", [self.evaluator], cfg.evaluator.gpus)
         self.logger = MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl)
 
     # ------------------------------------------------------------------------------------------- data
@@ -205,7 +221,7 @@ class RLEngine:
         """Actor stage leaders broadcast the policy to ``role``'s engines; returns ``sync/*`` metrics."""
         import ray
 
-        workers = self.rollouts if role == "rollout" else [self.reference]
+        workers = {"rollout": self.rollouts, "reference": [self.reference], "evaluator": [self.evaluator]}[role]
         start = time.time()
         sends = self.actor.send_weights(role, self.cfg.ray.sync_bucket_mb * 2**20)
         results = ray.get(sends + [w.receive_weights.remote() for w in workers])
@@ -222,11 +238,11 @@ class RLEngine:
         if self.cfg.ray.layout == "colocated":
             ray.get([w.sleep.remote() for w in self.rollouts])
 
-    def _wake_rollouts(self) -> None:
+    def _wake_rollouts(self, tags: Sequence[str]) -> None:
         import ray
 
         if self.cfg.ray.layout == "colocated":
-            ray.get([w.wake_up.remote() for w in self.rollouts])
+            ray.get([w.wake_up.remote(list(tags)) for w in self.rollouts])
 
     # ------------------------------------------------------------------------------------------- packs
     def _packs(self, trees, idx: Sequence[int]):
@@ -234,6 +250,11 @@ class RLEngine:
         groups = group_into_packs([tree_length(trees[i].tree) for i in idx], self.cfg.actor.pack_length)
         return [(pack_trees([trees[idx[g]].tree for g in grp], self.cfg.actor.pack_length), [idx[g] for g in grp])
                 for grp in groups]
+
+    @staticmethod
+    def _scoring_args(trees, packs):
+        """``(packs, trees per pack)`` for a scoring engine's ``tree_logprobs``."""
+        return [p for p, _ in packs], [[trees[i].tree for i in members] for _, members in packs]
 
     # ------------------------------------------------------------------------------------------- GRPO
     def grpo_step(self, step: int) -> Dict[str, float]:
@@ -245,8 +266,8 @@ class RLEngine:
         outputs = self.generate(instances, self._params(step))
         t_rollout = time.time() - t0
         self._sleep_rollouts()
-        rewards = two_stage_rewards(predicted_codes(outputs, self.catalog),
-                                    target_codes([i.targets for i in instances], self.catalog),
+        codes = predicted_codes(outputs, self.catalog)
+        rewards = two_stage_rewards(codes, target_codes([i.targets for i in instances], self.catalog),
                                     diversity=g.diversity, accuracy=g.reward)
         u, n, k = rewards.reward.shape
         groups = torch.arange(u).repeat_interleave(n * k)
@@ -258,6 +279,7 @@ class RLEngine:
         metrics = {
             "reward": rewards.reward.float().mean().item(), "hit_rate": rewards.hit.float().mean().item(),
             "diversity": rewards.diversity.float().mean().item(), "users_kept": float(sum(keep_user)),
+            "invalid_item_rate": (codes < 0).any(-1).float().mean().item(),  # completions that are no catalog item
             "rollout_traces": float(sum(len(o.traces) for o in outputs)),
             "rollout_item_completions": float(u * n * k),
             "generated_tokens": float(sum(o.generated_tokens for o in outputs)),
@@ -268,7 +290,8 @@ class RLEngine:
             packs = self._packs(trees, idx)
             metrics["actor_packs"] = float(len(packs))
             old = self.actor.logprobs([p for p, _ in packs])
-            ref = ray.get(self.reference.tree_logprobs.remote([p for p, _ in packs])) if self.reference else None
+            ref = (ray.get(self.reference.tree_logprobs.remote(*self._scoring_args(trees, packs))) if self.reference
+                   else None)
             micro, diffs = [], []
             for j, (pack, members) in enumerate(packs):
                 trace_mask, child_mask, trace_roll, child_roll = split_layout(trees, members)
@@ -292,8 +315,9 @@ class RLEngine:
     def _finish_step(self, t_rollout: float, t_train: float) -> Dict[str, float]:
         """Wake the rollout engines, sync the new weights; the step's rollout / train / sync time split."""
         t0 = time.time()
-        self._wake_rollouts()
+        self._wake_rollouts(["weights"])  # weights first: the sync writes them before the KV cache comes back
         sync = self.sync_weights()
+        self._wake_rollouts(["kv_cache"])
         t_sync = time.time() - t0
         total = t_rollout + t_train + t_sync
         return {"time/rollout": t_rollout, "time/train": t_train, "time/sync": t_sync,
@@ -324,7 +348,7 @@ class RLEngine:
         student_lp: Dict[int, tuple] = {}
         for teacher, members in route_to_teachers(teacher_of, {p: p for p in self.teachers}).items():
             packs = self._packs(trees, members.tolist())
-            t_lp = ray.get(self.teachers[teacher].tree_logprobs.remote([p for p, _ in packs]))
+            t_lp = ray.get(self.teachers[teacher].tree_logprobs.remote(*self._scoring_args(trees, packs)))
             s_lp = self.actor.logprobs([p for p, _ in packs])
             for j, (pack, mem) in enumerate(packs):
                 for lp, out in ((t_lp[j], teacher_lp), (s_lp[j], student_lp)):
@@ -414,11 +438,18 @@ class RLEngine:
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, instances: Optional[Sequence[RecInstance]] = None) -> Dict[str, float]:
-        """Recall@K / Pass@K on held-out users: one greedy trace, beam search of width K over items."""
+        """Recall@K / Pass@K on held-out users: one greedy trace, beam search of width K over items (on the HF
+        evaluator, synced to the current policy first, when the rollout engines are vLLM)."""
         instances = list(instances or self.eval_set or self.train_set)
         k = self.cfg.eval_k
         params = self._params(0, num_items=k, num_traces=1, item_strategy="beam", temperature=0.0)
-        outputs = self.generate(instances, params)
+        workers = None
+        if self.evaluator is not None:
+            if self._evaluator_step != self.step:
+                self.sync_weights("evaluator")
+                self._evaluator_step = self.step
+            workers = [self.evaluator]
+        outputs = self.generate(instances, params, workers)
         scores = [rec_metrics(ranked_item_ids(o, self.catalog), i.targets, [k]) for o, i in zip(outputs, instances)]
         return {f"eval/{name}": float(np.mean([s[name] for s in scores])) for name in scores[0]}
 
@@ -463,8 +494,7 @@ class RLEngine:
     def shutdown(self) -> None:
         import ray
 
-        workers = self.rollouts + list(self.teachers.values()) + ([self.reference] if self.reference else [])
-        ray.get([w.close.remote() for w in workers])
+        ray.get([w.close.remote() for w in self._started])
         ray.util.remove_placement_group(self.pg)  # ends the actor ranks and engines placed in it
         if self._owns_ray:
             ray.shutdown()
