@@ -285,6 +285,12 @@ def test_grpo_on_a_two_node_ray_cluster_joined_with_address_auto(task, tmp_path)
         start("--head", "--port", str(port), "--temp-dir", temp, "--include-dashboard", "false", log="head.log")
         time.sleep(5)
         start("--address", f"127.0.0.1:{port}", "--resources", '{"second_node": 1}', log="node.log")
+        wait = ("import ray, time; ray.init(address='auto', log_to_driver=False); end = time.time() + 120\n"
+                "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() < end: time.sleep(1)\n"
+                "print(len([n for n in ray.nodes() if n['Alive']]))")
+        nodes = subprocess.run([sys.executable, "-c", wait], env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}"),
+                               capture_output=True, text=True, timeout=200)
+        assert nodes.stdout.strip() == "2", (nodes.stdout, nodes.stderr[-2000:])
         cfg = config_dict(task, steps=2, **{"ray.layout": "disaggregated", "data.prompts_per_step": 2,
                                              "rollout.backend": "hf", "rollout.engine_args": {},
                                              "metrics_jsonl": str(tmp_path / "metrics.jsonl")})
