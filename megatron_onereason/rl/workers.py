@@ -212,39 +212,41 @@ class ActorGroup:
 
 
 # ------------------------------------------------------------------------------------------------ inference
-def torch_dtype(name: str, on_gpu: bool) -> torch.dtype:
-    """The ``dtype`` setting of a role: ``auto`` is bfloat16 on a GPU and float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, name)
+def pack_logprobs_from_scores(pack: TreePack, scores) -> torch.Tensor:
+    """Per-position log-probs ``[S]`` of a tree pack from per-tree ``TreeScores`` (a backend's ``score``): each
+    token's log-prob at the position that predicts it in the pack (0 elsewhere), as the actor reports them."""
+    out = torch.zeros(pack.tokens.numel())
+    for i, tree in enumerate(scores):
+        trace = torch.tensor(tree.trace, dtype=torch.float32)
+        out[pack.trace_index[i, : len(trace)]] = trace
+        for j, child in enumerate(tree.children):
+            out[pack.child_index[i, j, : len(child)]] = torch.tensor(child, dtype=torch.float32)
+    return out
 
 
 class InferenceWorker:
-    """An inference engine in its own process: generation (rollout; RFT teachers), tree-pack scoring (MOPD
+    """An inference engine in its own process: generation (rollout; RFT teachers), scoring of given tokens (MOPD
     teachers, the reference), and the receiving end of the weight sync."""
 
     def __init__(self, backend: str, model_dir: str, catalog_dir: Optional[str], gpus: float, dtype: str,
-                 tensor_parallel_size: int = 1, engine_args: Optional[Dict[str, Any]] = None, seed: int = 0):
-        torch.manual_seed(seed)
-        on_gpu = gpus > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
-        self.dtype = torch_dtype(dtype, on_gpu)
-        if backend == "hf":
-            from megatron_onereason.generation.hf_backend import TransformersBackend
+                 tensor_parallel_size: int = 1, engine_args: Optional[Dict[str, Any]] = None, seed: int = 0,
+                 sleep: bool = False):
+        from megatron_onereason.generation.backend import make_backend
 
-            self.backend = TransformersBackend.from_pretrained(model_dir, catalog_dir, str(self.device), self.dtype)
-        elif backend == "plain":  # scoring only, no itemic vocabulary: OpenOneRec's general-domain teacher
+        torch.manual_seed(seed)
+        device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        if backend == "plain":  # scoring only, no itemic vocabulary: OpenOneRec's general-domain teacher (§5.2)
+            from megatron_onereason.generation.backend import resolve_dtype
             from megatron_onereason.rl.distill import load_plain_teacher
 
-            self.backend = types.SimpleNamespace(model=load_plain_teacher(model_dir, str(self.device), self.dtype))
-        elif backend == "vllm":
-            from megatron_onereason.generation.vllm_backend import VLLMBackend
-
-            args = dict(dtype=str(self.dtype).removeprefix("torch."), tensor_parallel_size=tensor_parallel_size,
-                        seed=seed, **(engine_args or {}))
-            self.backend = VLLMBackend(model_dir, catalog_dir, **args)
+            model = load_plain_teacher(model_dir, device, resolve_dtype(None if dtype == "auto" else dtype, device))
+            self.backend = types.SimpleNamespace(model=model)
         else:
-            raise ValueError(f"rollout.backend must be 'vllm' or 'hf', got {backend!r}")
+            kwargs = (dict(seed=seed, tensor_parallel_size=tensor_parallel_size, enable_sleep=sleep,
+                           **(engine_args or {})) if backend == "vllm" else {})
+            self.backend = make_backend(backend, model_dir, catalog_dir, device=device,
+                                        dtype=None if dtype == "auto" else dtype, **kwargs)
+        self.kind = backend
         self.channels: List = []
 
     def ready(self) -> str:
@@ -253,13 +255,19 @@ class InferenceWorker:
     def generate(self, prompts, params):
         return self.backend.generate(prompts, params)
 
-    def tree_logprobs(self, packs: Sequence[TreePack]) -> List[torch.Tensor]:
-        return [hf_tree_logprobs(self.backend.model, p) for p in packs]
+    def tree_logprobs(self, packs: Sequence[TreePack], trees: Sequence[Sequence]) -> List[torch.Tensor]:
+        """Per-position log-probs of each pack's labels; ``trees[i]``: pack i's ``TreeSequence`` list, in order.
+
+        HF: one forward per pack with the tree mask; vLLM: the backend's ``score`` (prompt log-probs + forced
+        decoding from the prefix cache), placed at the pack's positions."""
+        if self.kind != "vllm":  # hf, plain
+            return [hf_tree_logprobs(self.backend.model, p) for p in packs]
+        return [pack_logprobs_from_scores(p, self.backend.score(t)) for p, t in zip(packs, trees)]
 
     # -------------------------------------------------------------------------------------------- weights
     @property
     def _in_process(self) -> bool:
-        return not hasattr(self.backend, "open_weight_channels")  # the HF backend receives in this process
+        return self.kind != "vllm"  # a transformers model lives in this process; vLLM's in its workers
 
     def weight_receivers(self) -> int:
         return 1 if self._in_process else self.backend.weight_receivers
@@ -279,16 +287,13 @@ class InferenceWorker:
             return receive_weights(self.channels, self.backend.update_weights)
         return self.backend.receive_weights()
 
-    def sleep(self) -> bool:
-        """Free the engine's memory while the actor trains (colocated layout), where the backend can."""
-        if getattr(self.backend, "supports_sleep", False):
-            self.backend.sleep()
-            return True
-        return False
+    def sleep(self) -> None:
+        """Colocated layout: free the engine's accelerator memory while the actor trains. Level 2 drops the weights
+        too (the next sync refills every tensor); a no-op where the backend has no sleep mode (CPU, HF)."""
+        self.backend.sleep(level=2)
 
-    def wake_up(self) -> None:
-        if getattr(self.backend, "supports_sleep", False):
-            self.backend.wake_up()
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        self.backend.wake_up(tags)
 
     def close(self) -> None:
         """Stop the engine's own processes (vLLM's engine core) before Ray ends this one."""
@@ -296,10 +301,10 @@ class InferenceWorker:
             self.backend.close()
 
 
-def start_inference_worker(placement_group, bundle: int, gpus: float, *args, **kwargs):
+def start_inference_worker(placement_group, bundle: int, gpus: float, env: Dict[str, str], *args, **kwargs):
     import ray
 
     return ray.remote(InferenceWorker).options(
-        num_cpus=1, num_gpus=gpus, scheduling_strategy=_scheduling(placement_group, bundle)).remote(
-        *args, gpus=gpus, **kwargs)
+        num_cpus=1, num_gpus=gpus, scheduling_strategy=_scheduling(placement_group, bundle),
+        runtime_env={"env_vars": dict(env)} if env else None).remote(*args, gpus=gpus, **kwargs)
 

@@ -86,3 +86,25 @@ def test_every_ablation_config_runs_two_steps(local_ray, task):
         assert all(v == v for v in row.values()), (name, row)  # no NaN: every column measured
     assert rows["full"]["invalid"] == 0.0
     assert rows["unconstrained"]["invalid"] > 0.0  # a random model writes invalid itemic tokens without the trie
+
+
+def test_resume_with_another_code_assignment_is_refused(task, tmp_path):
+    """Issue 16 item 5: a catalog of the right shape whose items hold other codes is refused at start (one line
+    naming data.catalog), before any engine starts."""
+    import numpy as np
+
+    from megatron_onereason.checkpoint.mcore_io import TRACKER_FILE
+    from megatron_onereason.rl.engine import RLEngine
+    from megatron_onereason.rl.lineage import EngineState, catalog_fingerprint, write_engine_state
+
+    cfg = load_config(RLConfig, os.path.join(REPO, "examples", "configs", "tiny", "grpo.yaml"),
+                      [*task, f"save={tmp_path}"])
+    catalog = ItemCatalog.load(cfg.data.catalog)
+    rows = np.random.default_rng(0).permutation(len(catalog))
+    swapped = ItemCatalog(catalog.item_ids, catalog.domains, catalog.codes[rows], catalog.codebook_size)
+    assert swapped.codes.shape == catalog.codes.shape
+    os.makedirs(tmp_path / "iter_0000002")
+    (tmp_path / TRACKER_FILE).write_text("2")
+    write_engine_state(str(tmp_path), 2, EngineState(1, catalog_fingerprint(swapped), "/old/catalog"))
+    with pytest.raises(ValueError, match=f"^data.catalog={cfg.data.catalog}: fingerprint .* /old/catalog"):
+        RLEngine(cfg)

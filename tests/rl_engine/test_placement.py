@@ -1,10 +1,16 @@
-"""Placement bundles, DP shares and padding micro-batches of the RL engine (pure functions, no processes)."""
+"""Placement bundles, DP shares, padding micro-batches and the scoring layout of the RL engine (no processes)."""
 import pytest
 import torch
 
 from megatron_onereason.rl.actor import GRPOMicroBatch, MOPDMicroBatch, without_loss
 from megatron_onereason.rl.tree_pack import TreeSequence, pack_trees
-from megatron_onereason.rl.workers import EngineSpec, dp_shards, plan_placement, torch_dtype
+from megatron_onereason.rl.workers import (
+    EngineSpec,
+    dp_shards,
+    hf_tree_logprobs,
+    pack_logprobs_from_scores,
+    plan_placement,
+)
 
 ENGINES = [EngineSpec("rollout/0", 0.5), EngineSpec("rollout/1", 0.5), EngineSpec("reference", 0.25)]
 
@@ -55,6 +61,23 @@ def test_padding_micro_batches_train_nothing():
     assert not without_loss(mopd).mask.any()
 
 
-def test_auto_dtype_is_bf16_on_gpu_and_fp32_on_cpu():
-    assert torch_dtype("auto", True) == torch.bfloat16 and torch_dtype("auto", False) == torch.float32
-    assert torch_dtype("float16", False) == torch.float16
+def test_given_token_scores_land_where_the_tree_pack_forward_puts_them(tiny_recommender):
+    """A scoring engine's per-tree scores (``score``: one forward per materialised sequence) placed at the pack's
+    positions equal the tree-pack forward with the tree mask (two independent computations)."""
+    from megatron_onereason.generation.backend import make_backend
+
+    backend = make_backend("hf", tiny_recommender.model_dir, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    trees = [TreeSequence(torch.randint(10, 300, (n,), generator=g).tolist(),
+                          torch.randint(10, 300, (t,), generator=g).tolist(),
+                          [torch.randint(10, 300, (4,), generator=g).tolist() for _ in range(3)])
+             for n, t in ((7, 3), (5, 0), (9, 6))]
+    pack = pack_trees(trees, 96)
+    placed = pack_logprobs_from_scores(pack, backend.score(trees))
+    forward = hf_tree_logprobs(backend.model, pack)
+    scored = torch.cat([pack.trace_index[pack.trace_mask], pack.child_index[pack.child_mask]])
+    assert scored.numel() == 3 + 6 + 3 * 3 * 4
+    assert torch.allclose(placed[scored], forward[scored], atol=1e-5)
+    others = torch.ones(96, dtype=torch.bool)
+    others[scored] = False
+    assert (placed[others] == 0).all()
