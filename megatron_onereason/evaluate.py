@@ -1,21 +1,39 @@
-"""Evaluate a model on a recommendation benchmark: Pass@K / Recall@K per domain, optionally CoT indicators.
+"""Evaluate a model on a recommendation benchmark: RecIF-Bench, or the project's synthetic benchmark.
 
+    python -m megatron_onereason.evaluate --model HF_OR_MCORE_DIR --recif TASK_DIR_OR_FILE [--catalog DIR] \\
+        [--sid2pid sid2pid.json] [--k 1,32,128] [--mode thinking|non-thinking|both] --out REPORT_DIR
+    python -m megatron_onereason.evaluate --score-generations GENERATED.json [--sid2pid FILE] --out SCORES.json
     python -m megatron_onereason.evaluate --model HF_OR_MCORE_DIR --catalog ITEMIC_TOKENIZER_DIR \\
         --data BENCH.jsonl --tasks rec[,cot] --k 1,8,16,32,64 --mode thinking|non-thinking|both --out REPORT_DIR
 
-``--model`` is a HF directory with an extended tokenizer (``itemic_tokens.json``) or a megatron checkpoint
-(``onereason_model.json``), which is exported to a temporary HF directory first. ``--catalog`` is the itemic
-tokenizer directory (``catalog.parquet``): it constrains decoding and maps patterns back to item ids. The benchmark
-format is documented in :mod:`megatron_onereason.eval.benchmark` (``tools/make_synthetic_benchmark.py`` writes a
-synthetic one). Items per instance: ``max(K)`` per trace, by ``--strategy`` (beam, hierarchical or sample).
-Task ``cot`` adds, in thinking mode, ΔLL (eq. 21), γ_legal (eq. 24), γ_hist|legal (eq. 25) and, with
-``--cot-progression``, ℓ_t (eq. 23). Writes ``REPORT_DIR/report.json`` and ``REPORT_DIR/report.md``.
+``--model`` is a HF directory with an extended tokenizer (``itemic_tokens.json``; ``tools/import_itemic_vocab.py``
+writes it for a released OpenOneRec checkpoint) or a megatron checkpoint (``onereason_model.json``), which is
+exported to a temporary HF directory first.
+
+**RecIF-Bench** (``--recif``; formats in :mod:`megatron_onereason.eval.recif`): the benchmark's messages verbatim,
+rendered as OpenOneRec's ``qwen3_soft_switch`` template renders them (``/think`` or ``/no_think`` on the last user
+turn), and OpenOneRec's decoding: in thinking mode ``--num-traces`` reasoning traces sampled at ``--temperature``
+up to ``</think>``, then ``\\n`` and the begin token; without thinking the begin token follows the prompt; then a
+beam search over exactly the code tokens (no end token), ``--num-beams`` per trace (default ``max(K)`` over all
+traces: OpenOneRec's 128 = 16 beams x 8 traces). Items are constrained to the catalog with ``--catalog``, else to
+the scheme's token pattern only. Generations are ranked trace-major, as OpenOneRec stores them (its ``first_k``).
+Reports ``pass@K``, ``position1_pass@K``, ``recall@K`` and, with ``--sid2pid``, their ``pid_*`` versions; writes
+``REPORT_DIR/report.json``, ``report.md`` and ``generations_{mode}.json`` (OpenOneRec's dump layout, which
+``--score-generations`` re-scores).
+
+**Synthetic benchmark** (``--data``, :mod:`megatron_onereason.eval.benchmark`; ``tools/make_synthetic_benchmark.py``
+writes one): ``--catalog`` (``catalog.parquet``) constrains decoding and maps patterns back to item ids; Pass@K /
+Recall@K per domain; items per instance: ``max(K)`` per trace, by ``--strategy``. Task ``cot`` adds, in thinking
+mode, ΔLL (eq. 21), γ_legal (eq. 24), γ_hist|legal (eq. 25) and, with ``--cot-progression``, ℓ_t (eq. 23).
+
+The report directory is written to a temporary sibling and renamed when complete (``--overwrite`` replaces one).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
@@ -30,10 +48,27 @@ from megatron_onereason.eval.rec_eval import (
     ranked_item_ids,
     rec_metrics,
 )
+from megatron_onereason.eval.recif import (
+    DEFAULT_KS,
+    PID_STRATEGIES,
+    RECIF_ANSWER_SEPARATOR,
+    RecifError,
+    Sid2Pid,
+    generated_sample,
+    load_recif_task,
+    markdown_table,
+    prompt_text,
+    score_generations,
+    score_samples,
+    write_generations,
+)
+from megatron_onereason.fileio import atomic_directory, atomic_file
 from megatron_onereason.generation.backend import GenerationBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
+from megatron_onereason.tokenizer.itemic_tokens import PRESETS, ItemicScheme, preset
 
+SYNTHETIC_KS = (1, 8, 16, 32, 64)
 MODES = {"thinking": (True,), "non-thinking": (False,), "both": (True, False)}
 ALL_TASKS = TASKS + ("cot",)
 
@@ -44,40 +79,79 @@ def _mode_name(thinking: bool) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF directory or megatron checkpoint directory")
-    p.add_argument("--catalog", required=True, help="itemic tokenizer directory (catalog.parquet, manifest.json)")
-    p.add_argument("--data", required=True, help="benchmark JSONL")
-    p.add_argument("--out", required=True, help="report directory (report.json, report.md)")
-    p.add_argument("--tasks", default="rec", help=f"comma-separated, from {ALL_TASKS}")
-    p.add_argument("--k", default="1,8,16,32,64", help="comma-separated K values")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recif", metavar="PATH", help="RecIF-Bench task: a task folder, a .parquet or a .jsonl file")
+    source.add_argument("--score-generations", metavar="FILE",
+                        help="score a stored RecIF generation dump (OpenOneRec's or evaluate's) without a model")
+    source.add_argument("--data", help="synthetic benchmark JSONL (the project's format, eval/benchmark.py)")
+    p.add_argument("--model", help="HF directory or megatron checkpoint directory")
+    p.add_argument("--catalog", help="itemic tokenizer directory (catalog.parquet, manifest.json); optional for RecIF")
+    p.add_argument("--out", required=True, help="report directory; a JSON file for --score-generations")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    p.add_argument("--k", help="comma-separated K values (default: RecIF 1,32,128; synthetic 1,8,16,32,64)")
     p.add_argument("--mode", choices=sorted(MODES), default="both")
-    p.add_argument("--strategy", choices=ITEM_STRATEGIES, default="beam")
     p.add_argument("--num-traces", type=int, default=1, help="reasoning traces per instance (thinking mode)")
-    p.add_argument("--max-think-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="reasoning temperature (0: greedy)")
+    p.add_argument("--max-think-tokens", type=int, help="reasoning tokens before </think> is forced "
+                                                         "(default: RecIF 1000, synthetic 256)")
+    p.add_argument("--temperature", type=float, help="reasoning temperature, 0: greedy (default: RecIF 0.6, "
+                                                     "synthetic 0)")
     p.add_argument("--item-temperature", type=float, default=1.0, help="item sampling temperature (--strategy sample)")
     p.add_argument("--batch-size", type=int, default=8, help="instances per generation call")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N instances only (0: all)")
     p.add_argument("--cot-progression", action="store_true", help="also compute ℓ_t along CoT segments (eq. 23)")
     p.add_argument("--constrain-reasoning", action="store_true",
                    help="also constrain itemic patterns inside the CoT to catalog items (γ_legal is then 1 by "
-                        "construction; by default the CoT is free and γ_legal measures the model)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
-    p.add_argument("--device", default="cpu", help="transformers backend device")
+                        "construction; by default the CoT is free, as in OpenOneRec, and γ_legal measures the model)")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine (vLLM: sampling only)")
+    p.add_argument("--device", default="cpu", help="hf backend device")
     p.add_argument("--seed", type=int, default=0)
+    recif = p.add_argument_group("RecIF-Bench (--recif, --score-generations)")
+    recif.add_argument("--split", default="test", help="task folder split: {task}/{task}_{split}.parquet")
+    recif.add_argument("--num-beams", type=int, help="items per trace (default: max(K) / traces, rounded up)")
+    recif.add_argument("--skip-invalid", action="store_true", help="skip and count malformed rows")
+    recif.add_argument("--sid2pid", metavar="FILE", help="sid2pid.json: adds the pid_* metrics")
+    recif.add_argument("--sid2pid-strategy", choices=PID_STRATEGIES, default=PID_STRATEGIES[0],
+                       help="which of the products sharing a code tuple a generated item counts as (OpenOneRec's)")
+    recif.add_argument("--scheme", choices=sorted(PRESETS),
+                       help="itemic scheme of a --score-generations dump (default: the one it records, else "
+                            "openonerec)")
+    synthetic = p.add_argument_group("synthetic benchmark (--data)")
+    synthetic.add_argument("--tasks", default="rec", help=f"comma-separated, from {ALL_TASKS}")
+    synthetic.add_argument("--strategy", choices=ITEM_STRATEGIES, default="beam")
+    synthetic.add_argument("--item-temperature", type=float, default=1.0,
+                           help="item sampling temperature (--strategy sample)")
+    synthetic.add_argument("--cot-progression", action="store_true",
+                           help="also compute ℓ_t along CoT segments (eq. 23)")
     args = p.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown or "rec" not in args.tasks:
         p.error(f"--tasks must include rec and come from {ALL_TASKS}, got {args.tasks}")
+    is_recif = args.data is None
     try:
-        args.k = sorted({int(k) for k in args.k.split(",")})
+        args.k = sorted({int(k) for k in (args.k or ",".join(map(str, DEFAULT_KS if is_recif else SYNTHETIC_KS)))
+                        .split(",")})
     except ValueError:
         p.error(f"--k must be comma-separated integers, got {args.k!r}")
     if args.k[0] < 1:
         p.error("--k values must be >= 1")
-    if "cot" in args.tasks and args.backend != "transformers":
-        p.error("--tasks cot scores targets with the model's forward pass: it needs --backend transformers")
+    if args.score_generations is None and args.model is None:
+        p.error("--recif and --data need --model")
+    if args.data is not None and args.catalog is None:
+        p.error("--data needs --catalog")
+    if not is_recif and (args.sid2pid or args.scheme):
+        p.error("--sid2pid and --scheme apply to RecIF (--recif, --score-generations)")
+    if args.num_traces < 1 or (args.num_beams is not None and args.num_beams < 1):
+        p.error("--num-traces and --num-beams must be >= 1")
+    if args.temperature is None:
+        args.temperature = 0.6 if is_recif else 0.0  # OpenOneRec's stage-1 temperature
+    if args.max_think_tokens is None:
+        args.max_think_tokens = 1000 if is_recif else 256  # OpenOneRec's max_new_thinking_tokens
+    if "cot" in args.tasks and args.backend != "hf":
+        p.error("--tasks cot scores targets with the model's forward pass: it needs --backend hf")
+    if args.recif is not None and args.backend != "hf":
+        p.error("--recif beam-searches the code tokens (OpenOneRec's decoding); the vLLM backend only samples: "
+                "use --backend hf")
     return args
 
 
@@ -99,7 +173,7 @@ def _params(args: argparse.Namespace, thinking: bool, batch: int) -> GenerationP
         seed=args.seed + batch)  # a seed per batch: batches differ
 
 
-def run_evaluation(args: argparse.Namespace, model_dir: str) -> Dict:
+def run_evaluation(args: argparse.Namespace, model_dir: str, out_dir: str) -> Dict:
     from tqdm import tqdm
 
     from megatron_onereason.tokenizer.item_catalog import ItemCatalog
@@ -141,32 +215,107 @@ def run_evaluation(args: argparse.Namespace, model_dir: str) -> Dict:
             curves[mode] = mean_curve(mode_curves)
         throughput[mode] = {"generation_seconds": seconds, "items": items,
                             "items_per_second": items / seconds if seconds else None}
-    return {
+    report = {
         "model": args.model, "data": args.data, "catalog": args.catalog, "tasks": args.tasks, "k": args.k,
         "strategy": args.strategy, "num_traces": args.num_traces, "max_think_tokens": args.max_think_tokens,
         "backend": args.backend, "results": results, "ll_progression": curves, "throughput": throughput,
     }
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# Evaluation of {args.model} on {args.data}\n\n")
+        f.write(markdown_tables(results, args.k))
+    print(markdown_tables(results, args.k))
+    return report
+
+
+def run_recif(args: argparse.Namespace, model_dir: str, out_dir: str) -> Dict:
+    """RecIF-Bench with OpenOneRec's prompt and decoding (see the module docstring)."""
+    from tqdm import tqdm
+
+    sid2pid = Sid2Pid.load(args.sid2pid, args.sid2pid_strategy, args.seed) if args.sid2pid else None
+    scheme = ItemicScheme.load(model_dir)  # the inputs are checked before the model is loaded
+    task = load_recif_task(args.recif, scheme, args.split, args.skip_invalid, args.limit)
+    backend = _backend(args, model_dir)
+    tokenizer = backend.tokenizer
+    separator = tokenizer.encode(RECIF_ANSWER_SEPARATOR, add_special_tokens=False)
+    header = {"model_name": os.path.basename(os.path.normpath(args.model)), "task_name": task.name,
+              "split": args.split, "scheme": scheme.to_dict()}
+    results = {}
+    for thinking in MODES[args.mode]:
+        mode = _mode_name(thinking)
+        traces = args.num_traces if thinking else 1
+        beams = args.num_beams or -(-args.k[-1] // traces)
+        texts = [prompt_text(tokenizer, s.messages, thinking) for s in task.samples]
+        # the begin token is the item's first token: forced, so the prompt ends with it as in OpenOneRec
+        prompts = [Prompt(tokenizer.encode(text, add_special_tokens=False), s.targets[0].domain, separator)
+                   for text, s in zip(texts, task.samples)]
+        stored, seconds = [], 0.0
+        bar = tqdm(total=len(prompts), desc=f"{task.name} {mode}", unit="sample")
+        for batch, start in enumerate(range(0, len(prompts), args.batch_size)):
+            params = GenerationParams(thinking=thinking, num_traces=traces, num_items=beams, item_strategy="beam",
+                                      temperature=args.temperature, max_think_tokens=args.max_think_tokens,
+                                      constrain_reasoning=args.constrain_reasoning, item_end=False,
+                                      seed=args.seed + batch)
+            t0 = time.perf_counter()
+            outputs = backend.generate(prompts[start:start + args.batch_size], params)
+            seconds += time.perf_counter() - t0
+            for i, output in enumerate(outputs, start):
+                stored.append(generated_sample(task.samples[i], texts[i], output, tokenizer))
+            bar.update(len(outputs))
+        bar.close()
+        scores = score_samples(stored, scheme, args.k, sid2pid, task.path)
+        write_generations(os.path.join(out_dir, f"generations_{mode}.json"), header, stored, scores["per_sample"])
+        results[mode] = {k: v for k, v in scores.items() if k != "per_sample"}
+        results[mode].update(num_traces=traces, num_beams=beams, generation_seconds=seconds)
+    report = {"model": args.model, "recif": task.path, "task": task.name, "catalog": args.catalog,
+              "sid2pid": args.sid2pid, "scheme": scheme.name, "k": args.k, "skipped": task.skipped,
+              "temperature": args.temperature, "max_think_tokens": args.max_think_tokens, "backend": args.backend,
+              "results": results}
+    table = markdown_table(results)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(f"# RecIF-Bench {task.name}: {args.model}\n\n{table}")
+    print(table)
+    return report
+
+
+def _score_generations(args: argparse.Namespace) -> Dict:
+    sid2pid = Sid2Pid.load(args.sid2pid, args.sid2pid_strategy, args.seed) if args.sid2pid else None
+    scheme = preset(args.scheme) if args.scheme else None
+    report = score_generations(args.score_generations, args.k, sid2pid, scheme)
+    with atomic_file(args.out) as f:
+        json.dump(report, f, indent=1)
+    means = ", ".join(f"{name} {value:.4f}" for name, value in report["mean"].items())
+    print(f"{report['counts']['samples']} samples from {args.score_generations}: {means} -> {args.out}")
+    return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="onereason_eval_") as tmp:
+    if args.score_generations is not None:
+        return _score_generations(args)
+    run = run_recif if args.recif is not None else run_evaluation
+    with tempfile.TemporaryDirectory(prefix="onereason_eval_") as tmp, \
+            atomic_directory(args.out, overwrite=args.overwrite) as out_dir:
         model_dir = args.model
         if os.path.exists(os.path.join(args.model, MODEL_JSON)):  # a megatron checkpoint: export it to HF first
             from megatron_onereason.checkpoint.convert import convert_mcore_to_hf
 
             model_dir = os.path.join(tmp, "hf")
             convert_mcore_to_hf(args.model, model_dir)
-        report = run_evaluation(args, model_dir)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(f"# Evaluation of {args.model} on {args.data}\n\n")
-        f.write(markdown_tables(report["results"], args.k))
-    print(markdown_tables(report["results"], args.k))
+        report = run(args, model_dir, out_dir)
+        with open(os.path.join(out_dir, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
     return report
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``main`` with bad input reported as one line on stderr (exit status 1) instead of a traceback."""
+    try:
+        main(argv)
+    except (RecifError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

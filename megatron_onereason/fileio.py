@@ -29,3 +29,19 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", encoding: str = "utf-8") -> Iterator:
+    """Yield a file open on a temporary sibling of ``path``; rename it to ``path`` only on success."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Qwen3 HF checkpoints (the oracle side) and a launcher for real multi-process runs."""
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,20 @@ from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
 from megatron_onereason.model.qwen3_config import qwen3_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 100 real RecIF-Bench `ad` samples with OneRec-1.7B's generations and OpenOneRec's per-sample scores (README there)
+RECIF_FIXTURE = os.path.join(REPO, "tests", "fixtures", "recif", "ad_test_onerec1.7b_100.json")
+
+
+@pytest.fixture(scope="session")
+def recif_fixture_path():
+    return RECIF_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def recif_fixture(recif_fixture_path):
+    """The real RecIF fixture's samples, in file order (a list of (sample id, sample))."""
+    with open(recif_fixture_path, encoding="utf-8") as f:
+        return list(json.load(f)["samples"].items())
 
 
 @pytest.fixture(scope="session")

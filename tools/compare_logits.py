@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     batch = torch.randint(0, vocab, (2, args.seq_length), generator=g).to(device())
     lengths = [args.seq_length // 4, args.seq_length // 2, args.seq_length - args.seq_length // 4 - args.seq_length // 2]
     docs = [torch.randint(0, vocab, (1, n), generator=g).to(device()) for n in lengths]
-    cu = torch.tensor([0, lengths[0], lengths[0] + lengths[1], args.seq_length], dtype=torch.int32, device=device())
+    cu = torch.tensor([0, lengths[0], lengths[0] + lengths[1], args.seq_length], dtype=torch.int32)  # host-side
     mc_batch = forward_logits([model], batch, vocab_size=vocab)
     mc_packed = forward_logits([model], torch.cat(docs, dim=1), cu_seqlens=cu, vocab_size=vocab)
     ok = True

@@ -12,10 +12,9 @@ tokens (a released OpenOneRec model) is refused: describe its tokens with tools/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from megatron_onereason.tokenizer.itemic_import import describe
+from megatron_onereason.tokenizer.itemic_import import run_tool
 from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_CODEBOOK_SIZE, DEFAULT_LEVELS, DEFAULT_SCHEME, \
     PRESETS, preset
 from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
@@ -34,15 +33,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        domains = None if args.domains is None else [d.strip() for d in args.domains.split(",") if d.strip()]
-        scheme = preset(args.scheme, args.levels, args.codebook_size, domains)
-        vocab = extend_vocabulary(args.hf_dir, args.out_dir, scheme, seed=args.seed, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(describe(vocab, args.out_dir), indent=2))
-    return 0
+    domains = None if args.domains is None else [d.strip() for d in args.domains.split(",") if d.strip()]
+    return run_tool(lambda: extend_vocabulary(args.hf_dir, args.out_dir, preset(args.scheme, args.levels,
+                                                                                args.codebook_size, domains),
+                                              seed=args.seed, overwrite=args.overwrite), args.out_dir)
 
 
 if __name__ == "__main__":

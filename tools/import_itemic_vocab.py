@@ -11,10 +11,9 @@ ambiguity. See megatron_onereason/tokenizer/itemic_import.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from megatron_onereason.tokenizer.itemic_import import describe, import_itemic_vocab
+from megatron_onereason.tokenizer.itemic_import import import_itemic_vocab, run_tool
 from megatron_onereason.tokenizer.itemic_tokens import PRESETS
 
 
@@ -25,13 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scheme", default="auto", choices=["auto", *PRESETS])
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        vocab = import_itemic_vocab(args.hf_dir, args.out_dir, args.scheme, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(describe(vocab, args.out_dir), indent=2))
-    return 0
+    return run_tool(lambda: import_itemic_vocab(args.hf_dir, args.out_dir, args.scheme, overwrite=args.overwrite),
+                    args.out_dir)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Tokenize JSONL / parquet samples into a Megatron IndexedDataset pair with loss masks.
 
-    python tools/preprocess_data.py --input a.jsonl b.parquet --tokenizer TOKDIR --output-prefix P --workers 2
+    python tools/preprocess_data.py --input a.jsonl b.parquet --tokenizer TOKDIR --output-prefix P --workers 2 \
+        [--input-format auto|onereason|openonerec|megatron] [--json-keys text] [--soft-switch]
 
 Writes ``P_tokens.bin/.idx`` (int32), ``P_lossmask.bin/.idx`` (uint8), one document per sample, in input order, and
 ``P_stats.json`` (samples, tokens, loss tokens, itemic tokens, per source / domain, skipped lines with reasons). The
-input formats are described in :mod:`megatron_onereason.data.formats`. A malformed sample stops the run with
+input formats — this project's, OpenOneRec's parquet / JSONL (JSON-string columns, text parts, inline ``<think>``),
+Megatron-LM's ``{"text"}`` JSONL — are described in :mod:`megatron_onereason.data.formats`; parquet is read batch by
+batch, only the columns a record may use. TOKDIR without ``itemic_tokens.json`` encodes plain text, refusing (per
+record) any that writes itemic tokens. A malformed sample stops the run with
 ``file:line: reason`` unless ``--skip-invalid`` (then it is counted per reason, and the first ones are listed).
 Nothing is left at the output prefix unless the run completes.
 """
@@ -25,8 +29,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from megatron_onereason.data.formats import FormatConfig, SampleEncoder, SampleError, iter_input, parse_json_line, \
-    parse_sample
+from megatron_onereason.data.formats import INPUT_FORMATS, FormatConfig, SampleEncoder, SampleError, iter_input, \
+    open_parquet, parse_json_line, parse_sample, record_columns
 
 BATCH_SAMPLES = 256  # samples per worker task: large enough to amortise pickling, small enough to stream
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory on huge inputs
@@ -64,7 +68,7 @@ def _encode_batch(batch: List[Tuple[int, object]]) -> BatchResult:
             blank += 1
             continue
         try:
-            samples.append(parse_sample(parse_json_line(raw) if is_line else raw))
+            samples.append(parse_sample(parse_json_line(raw) if is_line else raw, _ENCODER.config))
             linenos.append(lineno)
         except SampleError as e:
             errors.append((lineno, e.reason, str(e)))
@@ -141,10 +145,10 @@ class CorpusStats:
         }
 
 
-def _batches(inputs: Sequence[str]) -> Iterator[Tuple[str, List[Tuple[int, object]]]]:
+def _batches(inputs: Sequence[str], columns: Sequence[str]) -> Iterator[Tuple[str, List[Tuple[int, object]]]]:
     for path in inputs:
         batch: List[Tuple[int, object]] = []
-        for lineno, raw in iter_input(path):
+        for lineno, raw in iter_input(path, columns):
             batch.append((lineno, raw))
             if len(batch) == BATCH_SAMPLES:
                 yield path, batch
@@ -156,12 +160,13 @@ def _batches(inputs: Sequence[str]) -> Iterator[Tuple[str, List[Tuple[int, objec
 def _results(inputs: Sequence[str], pool: Optional[multiprocessing.pool.Pool], workers: int
              ) -> Iterator[Tuple[str, BatchResult]]:
     """Batch results in input order; with a pool, a bounded number of batches in flight."""
+    columns = record_columns(_ENCODER.config)
     if pool is None:
-        for path, batch in _batches(inputs):
+        for path, batch in _batches(inputs, columns):
             yield path, _encode_batch(batch)
         return
     pending: deque = deque()
-    for path, batch in _batches(inputs):
+    for path, batch in _batches(inputs, columns):
         pending.append((path, pool.apply_async(_encode_batch, (batch,))))
         if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
             path_done, result = pending.popleft()
@@ -186,6 +191,8 @@ def preprocess(
     for path in inputs:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: input file not found")
+        if path.endswith(".parquet"):
+            open_parquet(path)  # a broken file is named before any output or progress bar
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     global _ENCODER
@@ -218,7 +225,8 @@ def preprocess(
         elapsed = time.perf_counter() - start
         out = stats.to_dict()
         out.update(inputs=list(inputs), tokenizer=tokenizer_dir, output_prefix=output_prefix, workers=workers,
-                   append_eod=config.append_eod, elapsed_s=round(elapsed, 3),
+                   append_eod=config.append_eod, input_format=config.input_format, json_keys=list(config.json_keys),
+                   soft_switch=config.soft_switch, elapsed_s=round(elapsed, 3),
                    tokens_per_s=round(stats.tokens / elapsed, 1))
         writer.commit(out)
     return out
@@ -227,8 +235,8 @@ def preprocess(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="JSONL or .parquet files, one sample per line/row")
-    parser.add_argument("--tokenizer", required=True, help="extended tokenizer directory (tokenizer.json + "
-                                                           "itemic_tokens.json)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json, and "
+                                                           "itemic_tokens.json for itemic text)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX_tokens.*, PREFIX_lossmask.*, "
                                                                "PREFIX_stats.json")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (use the number of cores)")
@@ -236,10 +244,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                     "stopping at the first")
     parser.add_argument("--no-append-eod", action="store_true", help="do not end pre-training samples with "
                                                                      "<|endoftext|>")
+    parser.add_argument("--input-format", default="auto", choices=INPUT_FORMATS,
+                        help="record schema: this project's (onereason), OpenOneRec's (openonerec), Megatron-LM's "
+                             "{'text'} (megatron), or any of them per record (auto)")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="plain-text keys of a record (Megatron-LM's "
+                                                                         "--json-keys), concatenated in order")
+    parser.add_argument("--soft-switch", action="store_true", help="append /think or /no_think to the last user "
+                                                                   "turn (OpenOneRec's qwen3_soft_switch)")
     args = parser.parse_args(argv)
     try:
-        stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.skip_invalid,
-                           FormatConfig(append_eod=not args.no_append_eod))
+        config = FormatConfig(append_eod=not args.no_append_eod, input_format=args.input_format,
+                              json_keys=tuple(args.json_keys), soft_switch=args.soft_switch)
+        stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.skip_invalid, config)
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

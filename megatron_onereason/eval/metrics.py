@@ -6,6 +6,7 @@ the top K are its first K *positions* — a duplicate takes a position but recov
 than K is used whole. ``targets`` is the ground-truth item set (duplicates collapse).
 
 - Pass@K: 1 if any of the top K is a target. Pass@1 is the position-1 pass: the best-ranked item is a target.
+- Position1_Pass@K (RecIF-Bench): 1 if the *first* ground-truth item (the user's next interaction) is among the top K.
 - Recall@K: the fraction of the unique targets found among the top K.
 - F1 (multi-answer selection): ``2|P ∩ G| / (|P| + |G|)`` over the predicted and gold sets (1 when both are empty).
 - Accuracy (single-answer choice): the fraction of questions whose predicted option equals the gold option.
@@ -34,6 +35,13 @@ def pass_at_k(predictions: Sequence[Optional[Hashable]], targets: Collection[Has
     """1.0 if any of the first ``k`` predictions is a target, else 0.0."""
     gold = _target_set(targets)
     return float(any(p in gold for p in _top_k(predictions, k)))
+
+
+def position1_pass_at_k(predictions: Sequence[Optional[Hashable]], targets: Sequence[Hashable], k: int) -> float:
+    """1.0 if ``targets[0]`` (the ground truth's first item, in its recorded order) is among the first ``k``."""
+    if not targets:
+        raise ValueError("an empty target list has no Position1_Pass@K")
+    return pass_at_k(predictions, targets[:1], k)
 
 
 def recall_at_k(predictions: Sequence[Optional[Hashable]], targets: Collection[Hashable], k: int) -> float:

@@ -25,9 +25,9 @@ from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
 ItemState = Tuple[Optional[str], Tuple[int, ...]]  # (begin key, codes so far); all codes only while the end is due
 
 
-def decode_item(vocab: ItemicVocab, token_ids: Sequence[int]) -> Optional[ItemState]:
+def decode_item(vocab: ItemicVocab, token_ids: Sequence[int], require_end: bool = True) -> Optional[ItemState]:
     """``(domain, codes)`` when ``token_ids`` is exactly one complete itemic pattern, else None."""
-    return vocab.decode_item(token_ids)
+    return vocab.decode_item(token_ids, require_end)
 
 
 class ItemicConstraint:

@@ -29,11 +29,15 @@ class Prompt:
 
     token_ids: Tuple[int, ...]
     domain: Optional[str] = None
+    # thinking mode: the tokens forced between </think> and the item; None: the chat layout's "\n\n" separator
+    answer_prefix: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         if not self.token_ids:
             raise ValueError("Prompt.token_ids is empty")
         object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
+        if self.answer_prefix is not None:
+            object.__setattr__(self, "answer_prefix", tuple(int(t) for t in self.answer_prefix))
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class GenerationParams:
     max_think_tokens: int = 256  # sampled reasoning tokens before </think> is forced
     constrained: bool = True  # item tokens only continue catalog items (the trie); needs a catalog
     constrain_reasoning: bool = True  # also constrain itemic patterns the reasoning writes (else γ_legal can be < 1)
+    item_end: bool = True  # decode the scheme's end token; False: stop at the last code (OpenOneRec's RecIF decoding)
     seed: Optional[int] = None  # sampling generator seed; None draws from torch's global generator
 
     def __post_init__(self):

@@ -2,11 +2,11 @@
 
 Stage 1 prefills the prompts once, copies each prompt's cache N times and samples N reasoning traces together until
 each emits ``</think>`` (or reaches ``max_think_tokens``, when ``</think>`` is forced), then forces the answer
-separator. Stage 2 copies each trace's cache K times — the K completions reuse the trace, it is never recomputed
-— and decodes the item tokens ``<|domain_begin|> c1 … cL`` (eq. 6; plus the end token in schemes that have one) by
-sampling, beam search or
-hierarchical search (:mod:`megatron_onereason.generation.params`). Without thinking, stage 1 is skipped and the
-items follow the prompt (which ends with the empty think block).
+separator (or the prompt's ``answer_prefix``). Stage 2 copies each trace's cache K times — the K completions reuse
+the trace, it is never recomputed — and decodes the item tokens ``<|domain_begin|> c1 … cL`` (eq. 6; plus the end
+token in schemes that have one, unless ``item_end=False``) by sampling, beam search or hierarchical search
+(:mod:`megatron_onereason.generation.params`). Without thinking, stage 1 is skipped and the items follow the prompt
+(which ends with the empty think block).
 
 Rows of a batch finish at different steps; a finished row keeps its place and is fed a masked-out token, so every
 row's positions and attention stay exactly those of its own sequence. Beam scores are model log-probs at
@@ -142,14 +142,16 @@ class TwoStageGenerator:
         sampled_count = [0] * rows
         item_logits = torch.empty_like(batch.logits)
         constrain = params.constrained and params.constrain_reasoning
-        think_end, separator = self.chat_tokens.think_end_id, self.chat_tokens.answer_separator_ids
+        think_end = self.chat_tokens.think_end_id
+        separators = [self.chat_tokens.answer_separator_ids if p.answer_prefix is None else p.answer_prefix
+                      for p in prompts]
         tail = self.vocab.levels + 1  # the constraint reads no further back
         while any(ph != _DONE for ph in phase):
             logits = batch.logits
             model_logp = torch.log_softmax(logits, dim=-1)
             for r in range(rows):
                 if phase[r] == _REASONING and sampled_count[r] >= params.max_think_tokens:
-                    phase[r], queue[r] = _FORCING, [think_end, *separator]
+                    phase[r], queue[r] = _FORCING, [think_end, *separators[r]]
             tokens = torch.full((rows,), _PAD_ID, dtype=torch.long, device=device)
             logps = torch.zeros(rows, device=device)
             reasoning = [r for r in range(rows) if phase[r] == _REASONING]
@@ -176,7 +178,7 @@ class TwoStageGenerator:
                 sampled_count[r] += 1
                 if token_list[r] == think_end:
                     traces[r].closed_by_model = True
-                    phase[r], queue[r] = _FORCING, list(separator)
+                    phase[r], queue[r] = _FORCING, list(separators[r])
             logits = batch.feed(tokens, active)
             for r in forcing + reasoning:
                 if phase[r] == _FORCING and not queue[r]:
@@ -206,7 +208,8 @@ class TwoStageGenerator:
 
     def _complete_items(self, batch: _DecodeBatch, prompts: Sequence[Prompt], traces: List[Trace],
                         params: GenerationParams, generator: Optional[torch.Generator]) -> None:
-        k, steps, vocab_size = params.num_items, self.vocab.scheme.item_length, self.vocab_size
+        k, vocab_size = params.num_items, self.vocab_size
+        steps = self.vocab.levels + 1 + (self.vocab.scheme.end_token is not None and params.item_end)
         n_traces = len(traces)
         trace_of_row = torch.arange(n_traces).repeat_interleave(k)
         batch.select(trace_of_row)  # K copies of each trace's cache: the trace is not recomputed
@@ -254,10 +257,11 @@ class TwoStageGenerator:
             model_hist = torch.cat([model_hist, token_model_logp[:, None]], dim=1)
             if step < steps - 1:
                 batch.feed(tokens, torch.ones_like(tokens, dtype=torch.bool))
-        self._attach(traces, scores.view(n_traces, k), token_hist, logp_hist, model_hist, ranked=bool(beam_steps))
+        self._attach(traces, scores.view(n_traces, k), token_hist, logp_hist, model_hist, ranked=bool(beam_steps),
+                     require_end=params.item_end)
 
     def _attach(self, traces: List[Trace], scores: torch.Tensor, token_hist: torch.Tensor, logp_hist: torch.Tensor,
-                model_hist: torch.Tensor, ranked: bool) -> None:
+                model_hist: torch.Tensor, ranked: bool, require_end: bool) -> None:
         k = scores.shape[1]
         for t, trace in enumerate(traces):
             order = range(k)
@@ -267,7 +271,7 @@ class TwoStageGenerator:
             for j in order:
                 row = t * k + j
                 tokens = token_hist[row].tolist()
-                item = decode_item(self.vocab, tokens)
+                item = decode_item(self.vocab, tokens, require_end)
                 trace.completions.append(ItemCompletion(
                     token_ids=tokens,
                     logprobs=logp_hist[row].tolist(),

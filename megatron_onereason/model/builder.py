@@ -2,12 +2,12 @@
 
 Qwen3 = RMSNorm pre-norm decoder, SwiGLU MLP, GQA attention with RMSNorm on queries and keys (qk-layernorm),
 RoPE (θ = 1e6), no biases, embeddings tied below 8B. The Transformer Engine layer spec is used when TE and CUDA
-are present (fused kernels, FP8, ``thd`` packed sequences through flash attention); megatron-core's local spec
-otherwise, with :class:`PackedDotProductAttention` so packed documents never see each other.
+are present (fused kernels, FP8); megatron-core's local spec otherwise. Both take the packed attention of
+:mod:`megatron_onereason.model.packed_attention` as core attention, so packed documents never see each other and RL
+tree packs keep their structure, without an ``S × S`` mask.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-from megatron_onereason.model.packed_attention import PackedDotProductAttention
+from megatron_onereason.model.packed_attention import (
+    PackedAttentionParams,
+    PackedDotProductAttention,
+    te_packed_attention_class,
+)
 from megatron_onereason.model.qwen3_config import Qwen3Config, padded_vocab_size
 
 
@@ -60,8 +64,6 @@ class ModelBuildConfig:
     init_method_std: float = 0.02
     # Training: the loss is a sum over tokens and megatron divides gradients by the global token count.
     calculate_per_token_loss: bool = False
-    # RL tree packs (megatron_onereason.rl.tree_pack) pass an arbitrary attention mask; the TE spec must be told.
-    arbitrary_attention_mask: bool = False
 
     def resolved_layer_spec(self) -> str:
         if self.layer_spec == "auto":
@@ -158,21 +160,19 @@ def make_transformer_config(cfg: Qwen3Config, build: ModelBuildConfig):
 
 
 def qwen3_layer_spec(cfg: Qwen3Config, build: ModelBuildConfig):
+    """megatron's GPT layer spec (TE or local) with the packed attention as core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    from megatron.core.transformer.enums import AttnMaskType
-
     if build.resolved_layer_spec() == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+        core_attention = te_packed_attention_class()
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-        # The local core attention uses a given mask as is; it only needs to accept thd packs.
-        spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
-    if build.arbitrary_attention_mask:
-        spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+        core_attention = PackedDotProductAttention
+    spec.submodules.self_attention.submodules.core_attention = core_attention
     return spec
 
 
@@ -214,38 +214,38 @@ def build_qwen3_model(
     )
     if type(getattr(model, "rotary_pos_emb", None)) is RotaryEmbedding:
         model.rotary_pos_emb.__class__ = PositionedRotaryEmbedding  # adds optional explicit positions; no params
+        model.register_forward_pre_hook(_use_pack_positions, with_kwargs=True)
+        model.register_forward_hook(_forget_pack_positions, always_call=True)
     if post_process and build.vocab_rows(cfg) > cfg.vocab_size:
         model.output_layer.register_forward_hook(_padded_vocab_mask_hook(cfg.vocab_size, build.vocab_rows(cfg)))
     return model
 
 
 class PositionedRotaryEmbedding(RotaryEmbedding):
-    """megatron-core's RoPE, optionally at explicit positions (``position_ids``, set by :func:`rope_positions`).
+    """megatron-core's RoPE, at a pack's explicit positions while the model runs on a pack.
 
-    megatron's ``GPTModel`` derives RoPE angles from sequence indices and ignores ``position_ids``; tree-packed RL
-    batches need the angle of each token's position in its own rollout.
+    megatron's ``GPTModel`` derives RoPE angles from sequence indices and ignores ``position_ids``. A pack
+    (:class:`PackedAttentionParams`, passed as the ``packed_seq_params`` keyword) carries the position of each token in
+    its own document or rollout; :func:`build_qwen3_model` hooks the model so that this embedding sees that pack for
+    the duration of the forward pass. The angles are gathered from the cached table of the pack length: positions
+    never exceed it, so no host read of the positions is needed.
     """
 
-    position_ids: Optional[torch.Tensor] = None
+    pack: Optional[PackedAttentionParams] = None
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
-        if self.position_ids is None:
+        if self.pack is None:
             return super().forward(max_seq_len, offset, packed_seq, cp_group)
-        return self.get_emb(int(self.position_ids.max()) + 1)[self.position_ids]
+        return super().forward(self.pack.layout.length)[self.pack.position_ids]
 
 
-@contextlib.contextmanager
-def rope_positions(model_chunks, position_ids: torch.Tensor):
-    """Run the chunks' forward passes with RoPE at ``position_ids`` ``[S]`` (one sequence per micro-batch)."""
-    rotaries = [m.rotary_pos_emb for m in model_chunks if isinstance(getattr(m, "rotary_pos_emb", None),
-                                                                     PositionedRotaryEmbedding)]
-    for r in rotaries:
-        r.position_ids = position_ids
-    try:
-        yield
-    finally:
-        for r in rotaries:
-            r.position_ids = None
+def _use_pack_positions(model, args, kwargs):
+    params = kwargs.get("packed_seq_params")
+    model.rotary_pos_emb.pack = params if isinstance(params, PackedAttentionParams) else None
+
+
+def _forget_pack_positions(model, args, output):
+    model.rotary_pos_emb.pack = None
 
 
 def _padded_vocab_mask_hook(vocab_size: int, padded_rows: int):

@@ -5,15 +5,7 @@ from typing import List, Optional
 
 import torch
 
-
-def packed_seq_params(cu_seqlens: torch.Tensor):
-    """megatron-core ``PackedSeqParams`` (``thd``) for one pack whose document boundaries are ``cu_seqlens``."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = cu_seqlens.to(dtype=torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
-                           max_seqlen_kv=max_len)
+from megatron_onereason.model.pack_layout import PackLayout
 
 
 def forward_logits(
@@ -22,22 +14,29 @@ def forward_logits(
     cu_seqlens: Optional[torch.Tensor] = None,
     vocab_size: Optional[int] = None,
     labels: Optional[torch.Tensor] = None,
+    layout: Optional[PackLayout] = None,
 ) -> Optional[torch.Tensor]:
     """Logits ``[B, S, V]`` (gathered over TP, cut to ``vocab_size``) on the last pipeline stage; None elsewhere.
 
     With ``labels`` ``[B, S]``: megatron's per-token cross-entropy ``[B, S]`` (vocab-parallel) instead of logits.
 
-    ``cu_seqlens`` marks packed documents (``B`` must be 1): each attends only within itself and its positions
-    restart at 0. Every rank of the model-parallel group calls this with the same ``tokens``.
+    ``cu_seqlens`` (host-side) marks packed documents (``B`` must be 1): each attends only within itself and its
+    positions restart at 0. ``layout`` gives any pack structure instead (documents or RL trees, see
+    :mod:`megatron_onereason.model.pack_layout`). Every rank of the model-parallel group calls this with the same
+    ``tokens``.
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if cu_seqlens is not None and tokens.size(0) != 1:
+    if cu_seqlens is not None:
+        if layout is not None:
+            raise ValueError("give cu_seqlens or layout, not both")
+        layout = PackLayout.from_cu_seqlens(cu_seqlens)
+    if layout is not None and tokens.size(0) != 1:
         raise ValueError(f"packed forward takes one pack per call, got batch {tokens.size(0)}")
     batch, seq = tokens.shape
     position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
-    psp = packed_seq_params(cu_seqlens) if cu_seqlens is not None else None
+    psp = layout.params(tokens.device) if layout is not None else None
 
     def forward_step(data_iterator, model):
         toks = next(data_iterator)

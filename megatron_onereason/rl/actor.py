@@ -25,7 +25,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_onereason.checkpoint.hf_mapping import FC1, LAYER_PREFIX, OUTPUT_LAYER
-from megatron_onereason.model.builder import rope_positions
 from megatron_onereason.rl.distill import mopd_loss
 from megatron_onereason.rl.losses import shared_prefix_policy_loss
 from megatron_onereason.rl.tree_pack import TreePack, tree_logprobs_layout
@@ -97,7 +96,7 @@ class MegatronActor:
                                p.virtual_pipeline_model_parallel_size, seed=spec.seed)
         self.spec = spec
         self.state = setup_model_and_optimizer(spec.model, p, spec.precision, spec.optim, ["all"], spec.total_steps,
-                                               resume_from=resume_from, arbitrary_attention_mask=True)
+                                               resume_from=resume_from)
         install_grad_hooks(self.state, p)
         self.cfg = self.state.info.config
         self.ps = parallel_state
@@ -111,10 +110,10 @@ class MegatronActor:
         dev = device()
         chunk = model.module if hasattr(model, "module") else model
         renormalise = pack.item_allowed is not None and getattr(chunk, "post_process", True)
-        with rope_positions([chunk], pack.position_ids.to(dev)):
-            output = model(pack.tokens.to(dev)[None], pack.position_ids.to(dev)[None],
-                           (~pack.allowed).to(dev)[None, None],
-                           labels=None if renormalise else pack.labels.to(dev)[None])
+        # The tree structure (RoPE positions, tree attention) travels as packed_seq_params; no S × S mask.
+        output = model(pack.tokens.to(dev)[None], pack.position_ids.to(dev)[None], None,
+                       labels=None if renormalise else pack.labels.to(dev)[None],
+                       packed_seq_params=pack.layout.params(dev))
         if renormalise:  # logits [1, S, V/TP] -> per-token loss under the constrained distribution
             output = self._constrained_nll(chunk, output, pack.labels.to(dev)[None], pack.item_allowed)
         return output, partial(loss_fn, mb)

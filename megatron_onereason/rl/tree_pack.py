@@ -7,11 +7,14 @@ segments. Child ``j`` is ``[x_last, c_j1, ..., c_jT]``: a copy of the trace's la
 without its last token (the copy stands in for it, so no key appears twice) and causally within the child.
 Every attention row and every RoPE angle is then exactly that of the materialised sequence ``prompt + trace +
 child_j``, so log-probs are identical, while the copy's logits give child ``j`` its own first-token prediction.
-Several trees are packed block-diagonally.
+Several trees are packed block-diagonally; trailing padding is one causal segment of its own.
 
-The model must take explicit RoPE positions and an arbitrary mask: see ``megatron_onereason.model.builder``
-(``rope_position_ids``) and :func:`tree_logprobs_layout` for mapping per-position log-probs back to the
-``[N, Tr]`` / ``[N, K, Tc]`` layout of :func:`megatron_onereason.rl.losses.shared_prefix_policy_loss`.
+The structure is a :class:`~megatron_onereason.model.pack_layout.PackLayout` (one segment per tree: trunk = prompt +
+trace, children = the copies + completions, ``prefix = trunk − 1``), built here on the host with the pack. The
+megatron actor passes ``pack.layout.params(device)`` as ``packed_seq_params`` (RoPE positions and the tree attention
+of :mod:`megatron_onereason.model.packed_attention`, no ``S × S`` mask); transformers references take
+:attr:`TreePack.allowed` and :attr:`TreePack.position_ids`. :func:`tree_logprobs_layout` maps per-position log-probs
+back to the ``[N, Tr]`` / ``[N, K, Tc]`` layout of :func:`megatron_onereason.rl.losses.shared_prefix_policy_loss`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from megatron_onereason.model.pack_layout import PackLayout, Segment
 
 
 @dataclass(frozen=True)
@@ -31,14 +36,23 @@ class TreeSequence:
 @dataclass
 class TreePack:
     tokens: torch.Tensor  # int64 [S]
-    position_ids: torch.Tensor  # int64 [S] RoPE positions
-    allowed: torch.Tensor  # bool [S, S]: query row may attend key column
+    layout: PackLayout  # attention structure (host-side)
     labels: torch.Tensor  # int64 [S]: the token whose log-prob position t gives (0 where none)
     trace_index: torch.Tensor  # int64 [N, Tr]: pack position predicting trace token j (-1 = padding)
     child_index: torch.Tensor  # int64 [N, K, Tc]: pack position predicting child token i (-1 = padding)
     # Constrained sampling (rl/sampling.py): pack positions whose label was sampled from a renormalised
     # distribution ([P]) and the allowed token ids there ([P, A], -1 padded); the actor scores them renormalised.
     item_allowed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """int64 ``[S]`` RoPE positions."""
+        return torch.from_numpy(self.layout.position_ids())
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """bool ``[S, S]``, True where a query row may attend a key column: for transformers references only."""
+        return self.layout.dense_mask()
 
     @property
     def trace_mask(self) -> torch.Tensor:
@@ -50,61 +64,42 @@ class TreePack:
 
 
 def pack_trees(trees: Sequence[TreeSequence], length: Optional[int] = None) -> TreePack:
-    """Pack trees into one sequence (padded to ``length``; padding attends only to itself)."""
+    """Pack trees into one sequence (padded to ``length``; the padding is one causal segment)."""
     if not trees:
         raise ValueError("pack_trees needs at least one tree")
     k = len(trees[0].children)
     if k == 0 or any(len(t.children) != k for t in trees):
         raise ValueError(f"every tree needs the same K >= 1 children, got {[len(t.children) for t in trees]}")
     tokens: List[int] = []
-    positions: List[int] = []
     labels: List[int] = []
-    blocks = []  # (main_start, main_len, [(child_start, child_len)])
+    segments: List[Segment] = []
+    t_trace = max(len(t.trace) for t in trees)
+    t_child = max(len(c) for t in trees for c in t.children)
+    trace_index = torch.full((len(trees), t_trace), -1, dtype=torch.long)
+    child_index = torch.full((len(trees), k, t_child), -1, dtype=torch.long)
     for i, tree in enumerate(trees):
         if len(tree.prompt) == 0 or any(len(c) == 0 for c in tree.children):
             raise ValueError(f"tree {i}: empty prompt or child")
         main = list(tree.prompt) + list(tree.trace)
         start = len(tokens)
         tokens += main
-        positions += range(len(main))
         labels += main[1:] + [0]
-        children = []
-        for child in tree.children:
-            c_start = len(tokens)
-            seg = [main[-1]] + list(child)
-            tokens += seg
-            positions += range(len(main) - 1, len(main) - 1 + len(seg))
+        # Trace token j is predicted at main position len(prompt) - 1 + j.
+        trace_index[i, : len(tree.trace)] = torch.arange(len(tree.trace)) + start + len(tree.prompt) - 1
+        for j, child in enumerate(tree.children):
+            child_index[i, j, : len(child)] = torch.arange(len(child)) + len(tokens)
+            tokens += [main[-1]] + list(child)
             labels += list(child) + [0]
-            children.append((c_start, len(seg)))
-        blocks.append((start, len(main), children))
+        segments.append(Segment(len(main), len(main) - 1, tuple(len(c) + 1 for c in tree.children)))
     total = len(tokens)
     size = total if length is None else length
     if size < total:
         raise ValueError(f"trees need {total} positions, more than length={length}")
-    pad = size - total
-    tokens += [0] * pad
-    positions += [0] * pad
-    labels += [0] * pad
-
-    allowed = torch.zeros(size, size, dtype=torch.bool)
-    causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()  # noqa: E731
-    t_trace = max(len(t.trace) for t in trees)
-    t_child = max(len(c) for t in trees for c in t.children)
-    trace_index = torch.full((len(trees), t_trace), -1, dtype=torch.long)
-    child_index = torch.full((len(trees), k, t_child), -1, dtype=torch.long)
-    for i, (start, main_len, children) in enumerate(blocks):
-        allowed[start:start + main_len, start:start + main_len] = causal(main_len)
-        prompt_len = main_len - len(trees[i].trace)
-        # Trace token j is predicted at main position prompt_len - 1 + j.
-        trace_index[i, : len(trees[i].trace)] = torch.arange(len(trees[i].trace)) + start + prompt_len - 1
-        for j, (c_start, c_len) in enumerate(children):
-            allowed[c_start:c_start + c_len, start:start + main_len - 1] = True
-            allowed[c_start:c_start + c_len, c_start:c_start + c_len] = causal(c_len)
-            child_index[i, j, : c_len - 1] = torch.arange(c_len - 1) + c_start
-    for p in range(total, size):
-        allowed[p, p] = True
-    return TreePack(torch.tensor(tokens), torch.tensor(positions), allowed, torch.tensor(labels), trace_index,
-                    child_index)
+    if size > total:
+        segments.append(Segment(size - total))
+        tokens += [0] * (size - total)
+        labels += [0] * (size - total)
+    return TreePack(torch.tensor(tokens), PackLayout(tuple(segments)), torch.tensor(labels), trace_index, child_index)
 
 
 def tree_logprobs_layout(logp: torch.Tensor, pack: TreePack):

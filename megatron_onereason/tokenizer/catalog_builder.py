@@ -4,6 +4,12 @@ Pipeline: read ids (+ domains) -> sample the training rows -> train RQ-KMeans co
 chunks (checksumming and NaN-checking as it goes) -> resolve code collisions -> write the directory atomically
 (a temp dir renamed into place, so a failed run leaves nothing that looks valid).
 
+Interop with OpenOneRec's tokenizer artefacts: ``codebooks_path`` takes codebooks instead of training them (their
+``model.pt`` with ``centroids.{l}``, or a ``codebooks.safetensors``) to encode new items; embeddings may be their
+parquet (``pid``, ``embedding``); :func:`catalog_from_codes` builds the catalog from given codes (their
+``pid2sid`` / codes parquet), keeping tuples shared by several items (counted in the manifest) or resolving them
+with the collision resolution, which needs the codebooks and embeddings.
+
 Output directory::
 
     codebooks.safetensors   level_0 .. level_{L-1}: [codebook_size, dim] float32
@@ -36,6 +42,7 @@ from megatron_onereason.tokenizer.embedding_io import (
     nonfinite_error,
     nonfinite_rows,
     open_embeddings,
+    read_item_codes,
     read_item_ids,
 )
 from megatron_onereason.tokenizer.item_catalog import MANIFEST_FILE, ItemCatalog
@@ -91,7 +98,7 @@ class AssignedItems:
 @dataclass
 class BuildResult:
     catalog: ItemCatalog
-    codebooks: RQCodebooks
+    codebooks: Optional[RQCodebooks]  # None for a catalog of given codes without codebooks
     manifest: dict
     seconds: Dict[str, float]  # wall time per phase: train, encode, collisions, write
 
@@ -165,7 +172,8 @@ def assign_items(
         item_ids = base.item_ids + list(item_ids)
         domains = base.domains + list(domains)
         codes = np.concatenate([base.codes, codes])
-    catalog = ItemCatalog(item_ids, domains, codes, codebooks.codebook_size)
+    catalog = ItemCatalog(item_ids, domains, codes, codebooks.codebook_size,
+                          shared_codes=base is not None and base.shared_codes)
     return AssignedItems(catalog, encoded, collisions, seconds)
 
 
@@ -206,9 +214,11 @@ def _statistics(assigned: AssignedItems, codebook_size: int) -> dict:
     }
 
 
-def _write_outputs(out_dir: str, overwrite: bool, codebooks: RQCodebooks, catalog: ItemCatalog, manifest: dict):
+def _write_outputs(out_dir: str, overwrite: bool, codebooks: Optional[RQCodebooks], catalog: ItemCatalog,
+                   manifest: dict):
     with atomic_directory(out_dir, overwrite) as tmp:
-        codebooks.save(os.path.join(tmp, CODEBOOKS_FILE), metadata={"format": FORMAT})
+        if codebooks is not None:
+            codebooks.save(os.path.join(tmp, CODEBOOKS_FILE), metadata={"format": FORMAT})
         catalog.save(tmp)
         with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -228,46 +238,60 @@ def _inputs_manifest(inputs: CatalogInputs, source: EmbeddingSource, encoded: En
     }
 
 
-def _manifest(codebooks: RQCodebooks, catalog: ItemCatalog, training: dict, inputs: dict, stats: dict) -> dict:
+def _manifest(codebooks: Optional[RQCodebooks], catalog: ItemCatalog, training: dict, inputs: dict,
+              stats: dict) -> dict:
+    files = {"codebooks": CODEBOOKS_FILE, "catalog": "catalog.parquet", "reverse_map": "codes_to_item.parquet",
+             "manifest": MANIFEST_FILE}
+    if codebooks is None:
+        del files["codebooks"]
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "levels": codebooks.levels,
-        "codebook_size": codebooks.codebook_size,
-        "dim": codebooks.dim,
+        "levels": catalog.levels,
+        "codebook_size": catalog.codebook_size,
+        "dim": None if codebooks is None else codebooks.dim,
         "num_items": len(catalog),
         "items_per_domain": dict(sorted(Counter(catalog.domains).items())),
+        "shared_codes": {"kept": catalog.shared_codes, "tuples": catalog.shared_tuples,
+                         "items": catalog.items_on_shared_tuples},
         "training": training,
         "inputs": inputs,
         "statistics": stats,
-        "files": {"codebooks": CODEBOOKS_FILE, "catalog": "catalog.parquet", "reverse_map": "codes_to_item.parquet",
-                  "manifest": MANIFEST_FILE},
+        "files": files,
     }
 
 
 def build_itemic_tokenizer(
-    inputs: CatalogInputs, config: RQKMeansConfig, out_dir: str, overwrite: bool = False
+    inputs: CatalogInputs, config: RQKMeansConfig, out_dir: str, overwrite: bool = False,
+    codebooks_path: Optional[str] = None,
 ) -> BuildResult:
-    """Train codebooks on the items of ``inputs``, assign every item a unique code tuple, write ``out_dir``."""
+    """Train codebooks on the items of ``inputs`` (or take them from ``codebooks_path``: no training, and
+    ``config``'s levels / codebook size are those of the file), assign every item a unique code tuple, write
+    ``out_dir``."""
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass overwrite to replace it)")
     source, item_ids, domains = _read_inputs(inputs)
-    log.info("building itemic tokenizer: %d items x %d dims (%s), %d levels x %d codes",
-             source.num_items, source.dim, source.dtype, config.levels, config.codebook_size)
     start = time.time()
-    train_x = sample_training_rows(source, config)
-    codebooks = train_rq_kmeans(train_x, config)
+    if codebooks_path is not None:
+        codebooks = RQCodebooks.load(codebooks_path)
+        training = {"imported_codebooks": os.path.abspath(codebooks_path), "sha256": file_sha256(codebooks_path)}
+    else:
+        log.info("building itemic tokenizer: %d items x %d dims (%s), %d levels x %d codes",
+                 source.num_items, source.dim, source.dtype, config.levels, config.codebook_size)
+        train_x = sample_training_rows(source, config)
+        codebooks = train_rq_kmeans(train_x, config)
+        training = {"seed": config.seed, "niter": config.niter, "train_sample_size": len(train_x),
+                    "sample": "numpy default_rng(seed).choice without replacement, sorted; faiss seed = seed + level"}
+        del train_x
     train_seconds = time.time() - start
     assigned = assign_items(codebooks, source, item_ids, domains, chunk_size=config.chunk_size)
-    training = {"seed": config.seed, "niter": config.niter, "train_sample_size": len(train_x),
-                "sample": "numpy default_rng(seed).choice without replacement, sorted; faiss seed = seed + level"}
-    del train_x
     manifest = _manifest(codebooks, assigned.catalog, training,
                          _inputs_manifest(inputs, source, assigned.encoded),
                          _statistics(assigned, config.codebook_size))
     start = time.time()
     _write_outputs(out_dir, overwrite, codebooks, assigned.catalog, manifest)
-    seconds = {"train": train_seconds, **assigned.seconds, "write": time.time() - start}
+    seconds = {"train" if codebooks_path is None else "load": train_seconds, **assigned.seconds,
+               "write": time.time() - start}
     log.info("wrote %s: %d items, %d moved by collisions (%s)", out_dir, len(assigned.catalog),
              assigned.collisions.moved, ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return BuildResult(assigned.catalog, codebooks, manifest, seconds)
@@ -304,3 +328,68 @@ def extend_itemic_tokenizer(
     start = time.time()
     _write_outputs(out_dir, overwrite, codebooks, assigned.catalog, manifest)
     return BuildResult(assigned.catalog, codebooks, manifest, {**assigned.seconds, "write": time.time() - start})
+
+
+@dataclass
+class CodesInputs:
+    """Items whose codes are given (OpenOneRec's ``pid2sid`` / codes parquet), not computed."""
+
+    codes: str  # parquet: an id column and a list-of-integers codes column
+    id_column: str = "pid"
+    codes_column: Optional[str] = None  # default: "sid" or "codes", whichever the file has
+    domain: Optional[str] = None  # every item in this domain ...
+    domain_column: Optional[str] = None  # ... or each item's domain from this column
+
+
+def catalog_from_codes(
+    inputs: CodesInputs, out_dir: str, codebook_size: Optional[int] = None, codebooks_path: Optional[str] = None,
+    resolve_shared: bool = False, embeddings: Optional[str] = None, embeddings_key: Optional[str] = None,
+    overwrite: bool = False,
+) -> BuildResult:
+    """A catalog with the given codes. Tuples held by several items are kept (``shared_codes``: recorded and
+    counted) unless ``resolve_shared``: then every item after a tuple's first holder moves to the nearest free
+    tuple, as the collision resolution does for trained codes — with the codebooks and the items' embeddings (rows
+    in the order of the codes file). The codebook size comes from the codebooks when given."""
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists (pass overwrite to replace it)")
+    if (inputs.domain is None) == (inputs.domain_column is None):
+        raise ValueError("give exactly one of a domain for all items or a domain column of the codes file")
+    if inputs.domain is not None and not is_domain_name(inputs.domain):
+        raise ValueError(f"domain {inputs.domain!r} is not a lower-case identifier")
+    codebooks = RQCodebooks.load(codebooks_path) if codebooks_path else None
+    size = codebooks.codebook_size if codebooks is not None else codebook_size
+    if size is None:
+        raise ValueError("the codebook size is unknown: pass the codebooks or a codebook size")
+    given = read_item_codes(inputs.codes, size, inputs.id_column, inputs.codes_column, inputs.domain_column)
+    if codebooks is not None and given.codes.shape[1] != codebooks.levels:
+        raise ValueError(f"{inputs.codes}: items have {given.codes.shape[1]} codes, {codebooks_path} has "
+                         f"{codebooks.levels} levels")
+    domains = given.domains if given.domains is not None else [inputs.domain] * len(given.ids)
+    codes, report, start = given.codes, None, time.time()
+    if resolve_shared:
+        if codebooks is None or embeddings is None:
+            raise ValueError("resolving shared codes needs the codebooks and the items' embeddings")
+        source = open_embeddings(embeddings, embeddings_key)
+        if source.num_items != len(given.ids):
+            raise ValueError(f"length mismatch: {inputs.codes} has {len(given.ids)} items, {embeddings} has "
+                             f"{source.num_items} embeddings")
+        codes, report = resolve_collisions(codes, codebooks, source.take)
+    catalog = ItemCatalog(given.ids, domains, codes, size, shared_codes=not resolve_shared)
+    seconds = {"collisions": time.time() - start}
+    stats = {"levels": [{"level": lvl, "letter": LEVEL_LETTERS[lvl], **used}
+                        for lvl, used in enumerate(code_usage(catalog.codes, size))]}
+    if report is not None:
+        stats["collisions"] = report.to_dict()
+    inputs_manifest = {"codes": {"path": os.path.abspath(inputs.codes), "sha256": file_sha256(inputs.codes),
+                                 "id_column": inputs.id_column, "codes_column": inputs.codes_column,
+                                 "domain_column": inputs.domain_column, "domain": inputs.domain}}
+    training = {"given_codes": os.path.abspath(inputs.codes)}
+    if codebooks_path:
+        training.update(imported_codebooks=os.path.abspath(codebooks_path), sha256=file_sha256(codebooks_path))
+    manifest = _manifest(codebooks, catalog, training, inputs_manifest, stats)
+    start = time.time()
+    _write_outputs(out_dir, overwrite, codebooks, catalog, manifest)
+    seconds["write"] = time.time() - start
+    log.info("wrote %s: %d items with given codes, %d tuples shared by %d items (%s)", out_dir, len(catalog),
+             catalog.shared_tuples, catalog.items_on_shared_tuples, "resolved" if resolve_shared else "kept")
+    return BuildResult(catalog, codebooks, manifest, seconds)

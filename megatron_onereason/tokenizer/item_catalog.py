@@ -9,7 +9,10 @@ A catalog directory (written by :mod:`megatron_onereason.tokenizer.catalog_build
 
 Code tuples are unique across the whole catalog, not just per domain, so a tuple alone names one item; the domain
 an itemic pattern's begin token names must still match that item's domain (a scheme whose begin token is shared by
-all domains names none). A catalog is independent of how items are written: the text helpers take the
+all domains names none). A catalog built from given codes may keep *shared* tuples (OpenOneRec's codes put several
+items on one tuple): it is then created with ``shared_codes=True`` (recorded in ``manifest.json``), a tuple names
+the list :meth:`ItemCatalog.item_ids_for`, and :meth:`ItemCatalog.item_id_for` refuses a shared tuple rather than
+pick one of its items. A catalog is independent of how items are written: the text helpers take the
 :class:`~megatron_onereason.tokenizer.itemic_tokens.ItemicScheme` of the model at hand.
 """
 from __future__ import annotations
@@ -35,10 +38,15 @@ class UnknownItemError(KeyError):
         return str(self.args[0])
 
 
-class ItemCatalog:
-    """Items with their domain and unique codes [n, levels]; lookups both ways."""
+class SharedCodesError(UnknownItemError):
+    """A code tuple that names several items, asked for one item."""
 
-    def __init__(self, item_ids: Sequence[str], domains: Sequence[str], codes: np.ndarray, codebook_size: int):
+
+class ItemCatalog:
+    """Items with their domain and codes [n, levels] (unique unless ``shared_codes``); lookups both ways."""
+
+    def __init__(self, item_ids: Sequence[str], domains: Sequence[str], codes: np.ndarray, codebook_size: int,
+                 shared_codes: bool = False):
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[0] != len(item_ids) or len(domains) != len(item_ids):
             raise ValueError(
@@ -56,9 +64,15 @@ class ItemCatalog:
         self.keys = pack_codes(self.codes, self.codebook_size)
         self._key_order = np.argsort(self.keys, kind="stable")
         sorted_keys = self.keys[self._key_order]
-        if len(sorted_keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any():
-            dup = int((sorted_keys[1:] == sorted_keys[:-1]).sum())
-            raise ValueError(f"catalog has {dup} items sharing a code tuple with an earlier item")
+        repeats = sorted_keys[1:] == sorted_keys[:-1] if len(sorted_keys) > 1 else np.zeros(0, dtype=bool)
+        if repeats.any() and not shared_codes:
+            raise ValueError(f"catalog has {int(repeats.sum())} items sharing a code tuple with an earlier item "
+                             "(keep them with shared codes, or resolve them with the collision resolution)")
+        self.shared_codes = bool(shared_codes)
+        first = np.concatenate([[True], ~repeats]) if len(sorted_keys) else np.zeros(0, dtype=bool)
+        groups = np.diff(np.flatnonzero(np.concatenate([first, [True]])))  # items per distinct tuple
+        self.shared_tuples = int((groups > 1).sum())  # tuples held by more than one item
+        self.items_on_shared_tuples = int(groups[groups > 1].sum())
         self._sorted_keys = sorted_keys
         self._row_by_id: Optional[Dict[str, int]] = None  # built on first use: 10M ids cost ~1 GB as a dict
 
@@ -85,25 +99,32 @@ class ItemCatalog:
     def domain_for(self, item_id: str) -> str:
         return self.domains[self._row_of(item_id)]
 
-    def row_for_codes(self, codes: Sequence[int]) -> Optional[int]:
-        """Catalog row holding exactly ``codes``, or None."""
+    def rows_for_codes(self, codes: Sequence[int]) -> List[int]:
+        """Catalog rows holding exactly ``codes``, in input order (several only with shared codes)."""
         if len(codes) != self.levels or not all(0 <= int(c) < self.codebook_size for c in codes):
-            return None
+            return []
         key = int(pack_codes(np.asarray([codes]), self.codebook_size)[0])
-        i = int(np.searchsorted(self._sorted_keys, key))
-        if i < len(self._sorted_keys) and int(self._sorted_keys[i]) == key:
-            return int(self._key_order[i])
-        return None
+        lo, hi = np.searchsorted(self._sorted_keys, [key, key + 1])
+        return [int(r) for r in self._key_order[lo:hi]]
+
+    def item_ids_for(self, domain: Optional[str], codes: Sequence[int]) -> List[str]:
+        """Every item holding ``codes`` (of ``domain``, when given), in input order; [] when none does."""
+        return [self.item_ids[r] for r in self.rows_for_codes(codes) if domain is None or self.domains[r] == domain]
 
     def item_id_for(self, domain: Optional[str], codes: Sequence[int]) -> str:
-        """The item holding ``codes``; ``domain`` (None: not known, as with a shared begin token) must be its own."""
-        row = self.row_for_codes(codes)
-        if row is None:
+        """The item holding ``codes``; ``domain`` (None: not known, as with a shared begin token) must be its own.
+        A tuple shared by several items raises :class:`SharedCodesError` (use :meth:`item_ids_for`)."""
+        rows = self.rows_for_codes(codes)
+        if not rows:
             raise UnknownItemError(f"no catalog item has codes {tuple(int(c) for c in codes)}")
-        if domain is not None and self.domains[row] != domain:
-            raise UnknownItemError(f"codes {tuple(int(c) for c in codes)} belong to item {self.item_ids[row]!r} of "
-                                   f"domain {self.domains[row]!r}, not {domain!r}")
-        return self.item_ids[row]
+        if domain is not None and all(self.domains[r] != domain for r in rows):
+            raise UnknownItemError(f"codes {tuple(int(c) for c in codes)} belong to item {self.item_ids[rows[0]]!r} "
+                                   f"of domain {self.domains[rows[0]]!r}, not {domain!r}")
+        ids = self.item_ids_for(domain, codes)
+        if len(ids) > 1:
+            raise SharedCodesError(f"codes {tuple(int(c) for c in codes)} name {len(ids)} items {ids[:5]}; use "
+                                   "item_ids_for")
+        return ids[0]
 
     # itemic text <-> item id
     def item_text(self, item_id: str, scheme: ItemicScheme) -> str:
@@ -152,6 +173,7 @@ class ItemCatalog:
         with open(manifest_path) as f:
             manifest = json.load(f)
         levels, size = int(manifest["levels"]), int(manifest["codebook_size"])
+        shared = bool(manifest.get("shared_codes", {}).get("kept", False))
         table = pq.read_table(path)
         letters = list(LEVEL_LETTERS[:levels])
         missing = [c for c in ["item_id", "domain"] + letters if c not in table.column_names]
@@ -159,7 +181,7 @@ class ItemCatalog:
             raise ValueError(f"{path}: missing column(s) {missing} (has {table.column_names})")
         codes = np.stack([table.column(c).to_numpy() for c in letters], axis=1) if len(table) else np.zeros((0, levels))
         try:
-            return cls(table.column("item_id").to_pylist(), table.column("domain").to_pylist(), codes, size)
+            return cls(table.column("item_id").to_pylist(), table.column("domain").to_pylist(), codes, size, shared)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 

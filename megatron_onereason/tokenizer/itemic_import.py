@@ -14,12 +14,14 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections import defaultdict
-from typing import Dict, List, Mapping, Optional, Set
+from typing import Callable, Dict, List, Mapping, Set
 
 from megatron_onereason.checkpoint.hf_io import link_or_copy
 from megatron_onereason.fileio import atomic_directory
 from megatron_onereason.tokenizer.itemic_tokens import (
+    CODE_LIKE_RE,
     CODES_FIRST,
     ITEMIC_JSON,
     LEVEL_LETTERS,
@@ -31,20 +33,25 @@ from megatron_onereason.tokenizer.itemic_tokens import (
     preset,
 )
 
-_CODE_LIKE = re.compile(r"<(?P<prefix>(?:[A-Za-z0-9]+_)*)(?P<letter>[a-h])_(?P<code>0|[1-9]\d*)>\Z")
 _MARKER = re.compile(r"<\|(?P<name>[a-z][a-z0-9_]*)_(?P<kind>begin|end)\|>\Z")
+
+
+def _code_like(token: str):
+    """The match of a whole code-like token (no leading zeros: the spelling of a real token), else None."""
+    m = CODE_LIKE_RE.fullmatch(token)
+    return m if m and (m["code"] == "0" or not m["code"].startswith("0")) else None
 
 
 def existing_itemic_tokens(vocab: Mapping[str, int]) -> List[str]:
     """Tokens of ``vocab`` (token -> id) that look like itemic code tokens, by id."""
-    return sorted((t for t in vocab if _CODE_LIKE.match(t)), key=vocab.__getitem__)
+    return sorted((t for t in vocab if _code_like(t)), key=vocab.__getitem__)
 
 
 def _code_families(vocab: Mapping[str, int]) -> Dict[str, Dict[str, Set[int]]]:
     """prefix -> letter -> codes, over every code-like token."""
     families: Dict[str, Dict[str, Set[int]]] = defaultdict(lambda: defaultdict(set))
     for token in vocab:
-        m = _CODE_LIKE.match(token)
+        m = _code_like(token)
         if m:
             families[m["prefix"]][m["letter"]].add(int(m["code"]))
     return families
@@ -74,7 +81,7 @@ def detect_scheme(vocab: Mapping[str, int], name: str = "auto", where: str = "to
     families = _code_families(vocab)
     if name != "auto":
         template = preset(name, domains=None if name == "openonerec" else ("x",))
-        prefix = _CODE_LIKE.match(template.code_for(0, 0))["prefix"]
+        prefix = _code_like(template.code_for(0, 0))["prefix"]
         if prefix not in families:
             raise ValueError(f"{where}: no code tokens of scheme {name!r} (like {template.code_for(0, 0)!r}) in the "
                              f"tokenizer" + (f"; it has {_describe(families)}" if families else ""))
@@ -183,9 +190,16 @@ def _link_tree(src: str, dst: str) -> None:
             link_or_copy(path, os.path.join(dst, name))
 
 
-def describe(vocab: ItemicVocab, out_dir: Optional[str] = None) -> Dict:
-    """The one-screen summary the import and extension tools print."""
+def run_tool(action: Callable[[], ItemicVocab], out_dir: str) -> int:
+    """A vocabulary tool's main: run ``action``, print the new vocabulary's summary as JSON (exit status 0), or
+    one ``error:`` line for bad input (status 1, no traceback)."""
+    try:
+        vocab = action()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     d = vocab.to_dict()
-    head = {"out_dir": out_dir} if out_dir else {}
-    return {**head, "scheme": d["scheme"], "num_itemic_tokens": d["num_itemic_tokens"], "id_ranges": d["id_ranges"],
-            "begin_token_ids": d["begin_token_ids"], "end_token_ids": d["end_token_ids"]}
+    summary = {"out_dir": out_dir, **{k: d[k] for k in ("scheme", "num_itemic_tokens", "id_ranges", "begin_token_ids",
+                                                        "end_token_ids")}}
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -47,6 +47,9 @@ ITEMIC_JSON = "itemic_tokens.json"
 FORMAT_VERSION = 2
 MARKERS_FIRST, CODES_FIRST = "markers_first", "codes_first"  # the order in which a scheme's tokens are added
 _DOMAIN_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+# A token that looks itemic in any scheme: a code token (<a_12>, <s_b_7>, <item_c_3>) or a begin token (<|x_begin|>).
+CODE_LIKE_RE = re.compile(r"<(?P<prefix>(?:[A-Za-z0-9]+_)*)(?P<letter>[a-h])_(?P<code>\d+)>")
+ITEMIC_LIKE_RE = re.compile(CODE_LIKE_RE.pattern + r"|<\|[a-z][a-z0-9_]*_begin\|>")
 _FIELD_RES = {"letter": r"(?P<{p}letter>[a-h])", "code": r"(?P<{p}code>\d+)",
               "domain": r"(?P<{p}domain>[a-z][a-z0-9_]*)"}
 
@@ -214,13 +217,13 @@ class ItemicScheme:
         return None if self.end_token is None else re.compile(_template_re(self.end_token))
 
     @cached_property
-    def _any_token_re(self) -> "re.Pattern":
-        """Any itemic token: groups ``bdomain`` (begin), ``edomain`` (end), ``cletter``/``ccode`` (code)."""
-        parts = [f"(?P<begin>{_template_re(self.begin_token, 'b')})",
-                 f"(?P<code>{_template_re(self.code_token, 'c')})"]
-        if self.end_token is not None:
-            parts.append(f"(?P<end>{_template_re(self.end_token, 'e')})")
-        return re.compile("|".join(parts))
+    def _item_re(self) -> "re.Pattern":
+        """One complete pattern, end token included (a per-domain end must repeat the begin token's domain)."""
+        domain = _FIELD_RES["domain"].format(p="")
+        codes = "".join(_template_re(self.code_token.replace("{letter}", letter)).replace("(?P<code>", "(?:")
+                        for letter in LEVEL_LETTERS[:self.levels])
+        end = "" if self.end_token is None else _template_re(self.end_token).replace(domain, "(?P=domain)")
+        return re.compile(_template_re(self.begin_token) + codes + end)
 
     @cached_property
     def loose_item_re(self) -> "re.Pattern":
@@ -279,19 +282,25 @@ class ItemicScheme:
         """
         if "<" not in text:
             return 0
-        self.find_items(text)
-        found = [m.groupdict() for m in self._any_token_re.finditer(text)]
-        for g in {tuple(sorted((k, v) for k, v in g.items() if v is not None)) for g in found}:
-            g = dict(g)
-            if "code" in g:
-                level = LEVEL_LETTERS.index(g["cletter"])
-                if level >= self.levels:
-                    raise ItemicPatternError(f"code token {g['code']!r}: level {g['cletter']} outside the scheme's "
-                                             f"{self.levels} levels")
-                self.code_for(level, int(g["ccode"]))
-            elif "end" in g and not self.shared_begin and "edomain" in g:
-                self.begin_key(g["edomain"])
-        return len(found)
+        begins = self._begin_re.findall(text)
+        if len(self._item_re.findall(text)) != len(begins):
+            self.find_items(text)  # some begin token starts no complete pattern: raises, naming the offset
+        if not self.shared_begin:
+            for domain in set(begins):
+                self.begin_key(domain)
+        codes = self._code_re.findall(text)  # (letter, code) pairs, inside patterns or bare
+        for letter, code in set(codes):
+            level = LEVEL_LETTERS.index(letter)
+            if level >= self.levels:
+                raise ItemicPatternError(f"code token {self.code_token.format(letter=letter, code=code)!r}: level "
+                                         f"{letter} outside the scheme's {self.levels} levels")
+            if int(code) >= self.codebook_size:
+                self.code_for(level, int(code))  # raises, naming the code
+        ends = self._end_re.findall(text) if self._end_re is not None else []
+        if "{domain}" in (self.end_token or ""):
+            for domain in set(ends):
+                self.begin_key(domain)
+        return len(begins) + len(codes) + len(ends)
 
     # ------------------------------------------------------------------------------------------ files
     def to_dict(self) -> Dict:
@@ -303,7 +312,10 @@ class ItemicScheme:
     def from_dict(cls, d: Union[str, Mapping], where: str = "itemic scheme") -> "ItemicScheme":
         """A scheme from its :meth:`to_dict` form, or from a preset name (a string)."""
         if isinstance(d, str):
-            return preset(d)
+            try:
+                return preset(d)
+            except ValueError as e:
+                raise ValueError(f"{where}: field 'scheme': {e}") from None
         if not isinstance(d, Mapping):
             raise ValueError(f"{where}: 'scheme' must be a preset name or an object, got {type(d).__name__}")
         known = {"name", "code_token", "begin_token", "end_token", "levels", "codebook_size", "domains", "token_order"}
@@ -477,9 +489,12 @@ class ItemicVocab:
         """What an id is in the scheme, or None for a non-itemic token."""
         return self._token_of_id.get(int(token_id))
 
-    def decode_item(self, token_ids: Sequence[int]) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
-        """``(domain, codes)`` when ``token_ids`` is exactly one complete item (end token included), else None."""
-        if len(token_ids) != self.scheme.item_length:
+    def decode_item(self, token_ids: Sequence[int],
+                    require_end: bool = True) -> Optional[Tuple[Optional[str], Tuple[int, ...]]]:
+        """``(domain, codes)`` when ``token_ids`` is exactly one complete item (end token included, unless
+        ``require_end`` is False and the tokens stop after the last code), else None."""
+        with_end = self.scheme.end_token is not None and (require_end or len(token_ids) == self.scheme.item_length)
+        if len(token_ids) != self.levels + 1 + with_end:
             return None
         head = self.token(token_ids[0])
         if head is None or head.kind != "begin":
@@ -490,7 +505,7 @@ class ItemicVocab:
             if tok is None or tok.kind != "code" or tok.level != level:
                 return None
             codes.append(tok.code)
-        if self.end_ids and int(token_ids[-1]) != self.end_ids[head.domain]:
+        if with_end and int(token_ids[-1]) != self.end_ids[head.domain]:
             return None
         return head.domain, tuple(codes)
 

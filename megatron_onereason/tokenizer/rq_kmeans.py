@@ -120,14 +120,47 @@ class RQCodebooks:
 
     @classmethod
     def load(cls, path: str) -> "RQCodebooks":
-        from safetensors.numpy import load_file
+        """This project's ``codebooks.safetensors`` (``level_{l}``), or OpenOneRec's ``model.pt``: the state dict of
+        their ``ResKmeans`` (``centroids.{l}``, possibly under ``model`` / ``state_dict``), read with
+        ``weights_only`` (a pickled module object is refused)."""
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
 
-        tensors = load_file(path)
+            tensors, prefix = load_file(path), "level_"
+        else:
+            tensors, prefix = _torch_state(path), "centroids."
         levels = len(tensors)
-        names = [f"level_{i}" for i in range(levels)]
-        if sorted(tensors) != sorted(names):
-            raise ValueError(f"{path}: expected tensors {names}, found {sorted(tensors)}")
-        return cls([tensors[name] for name in names])
+        names = [f"{prefix}{i}" for i in range(levels)]
+        if levels == 0 or sorted(tensors) != sorted(names):
+            raise ValueError(f"{path}: expected tensors {prefix}0 .. {prefix}{{L-1}}, found {sorted(tensors)[:8]}")
+        centroids = [np.asarray(tensors[name], dtype=np.float32) for name in names]
+        for name, c in zip(names, centroids):
+            if c.ndim != 2 or not np.isfinite(c).all():
+                raise ValueError(f"{path}: {name} must be a finite [codebook_size, dim] matrix, got shape {c.shape}")
+        try:
+            return cls(centroids)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _torch_state(path: str) -> Dict[str, np.ndarray]:
+    """The ``centroids.*`` tensors of a torch checkpoint as float32 numpy arrays."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable state dict of codebooks ({first}); save the ResKmeans state dict "
+                         "(torch.save(model.state_dict(), path))") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict of codebooks")
+    return {k: v.float().numpy() for k, v in state.items() if k.startswith("centroids.") and hasattr(v, "numpy")}
 
 
 def sample_training_rows(source: EmbeddingSource, config: RQKMeansConfig) -> np.ndarray:

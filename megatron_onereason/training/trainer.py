@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from megatron_onereason.metrics_log import MetricsLogger, format_eta
-from megatron_onereason.model.forward import packed_seq_params
+from megatron_onereason.model.packed_attention import document_params
 from megatron_onereason.training import checkpointing
 from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
@@ -61,7 +61,7 @@ def _forward_step(itemic_ranges, num_sources, data_iterator, model):
     dev = device()
     tokens = batch["tokens"].to(dev)[None]
     output = model(tokens, batch["position_ids"].to(dev)[None], None, labels=batch["labels"].to(dev)[None],
-                   packed_seq_params=packed_seq_params(batch["cu_seqlens"].to(dev)))
+                   packed_seq_params=document_params(batch["cu_seqlens"], dev))
 
     def loss_func(per_token_loss):
         mask = batch["loss_mask"].to(dev)

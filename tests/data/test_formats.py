@@ -153,7 +153,7 @@ def test_chat_non_thinking_has_empty_think_block_with_loss(encoder, hf_tok):
     ({"messages": [{"role": "system", "content": "/think"}, {"role": "user", "content": "x"},
                    {"role": "assistant", "content": "y"}]}, "mode_switch", "/think"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<think>r</think>y"}]},
-     "schema", "reasoning"),
+     "schema", "reasoning"),  # the strict format wants it in 'reasoning'; openonerec / auto split it off
     ({"messages": [{"role": "user", "content": "x"}]}, "no_target", "no assistant"),
     ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}, "schema", "role"),
     ({"messages": [{"role": "user", "content": "x", "reasoning": "r"}, {"role": "assistant", "content": "y"}]},
@@ -164,11 +164,12 @@ def test_chat_non_thinking_has_empty_think_block_with_loss(encoder, hf_tok):
     ({"segments": [{"text": "x", "loss": "yes"}]}, "schema", "boolean"),
     ({"segments": [{"text": "x", "loss": True}], "messages": []}, "schema", "exactly one"),
     ({"text": "x"}, "schema", "exactly one"),
+    ({"segments": [{"text": "x"}]}, "schema", "boolean 'loss'$"),
     ({"segments": [{"text": "x", "loss": True}], "source": 3}, "schema", "'source' must be a string"),
 ])
 def test_invalid_samples(record, reason, match):
     with pytest.raises(SampleError, match=match) as e:
-        parse_sample(record)
+        parse_sample(record, FormatConfig(input_format="onereason"))
     assert e.value.reason == reason
 
 
@@ -206,8 +207,22 @@ def test_tokenizer_without_itemic_tokens_is_caught(tmp_path, tokenizers_3x32):
     shutil.copy(f"{tokenizers_3x32['extended']}/{ITEMIC_JSON}", fake / ITEMIC_JSON)
     with pytest.raises(ValueError, match=r"fake/itemic_tokens.json: lacks 101 of the 101 tokens"):
         SampleEncoder(str(fake))
-    with pytest.raises(FileNotFoundError, match="itemic"):
-        SampleEncoder(tokenizers_3x32["base"])
+
+
+def test_tokenizer_without_itemic_vocabulary_encodes_text_and_refuses_items_per_record(hf_tok, tokenizers_3x32):
+    """A plain Qwen3 tokenizer: text records encode as with HF; a record writing any scheme's item is refused alone."""
+    base = AutoTokenizer.from_pretrained(tokenizers_3x32["base"])
+    encoder = SampleEncoder(tokenizers_3x32["base"])
+    texts = ["Plain text, no items.", "see <|video_begin|><a_1><b_2><c_3>", "see <s_a_5>", "<|sid_begin|> x",
+             "a <tool_call> and <|box_end|> are not items"]
+    out = encoder.encode([parse_sample({"text": t}) for t in texts])
+    for text, got in zip(texts, out):
+        if isinstance(got, SampleError):
+            assert got.reason == "itemic" and "has no itemic vocabulary" in str(got), text
+        else:
+            assert got.tokens.tolist() == base.encode(text, add_special_tokens=False) + [encoder.eod_id]
+            assert got.lossmask.all() and got.itemic_tokens == 0
+    assert [isinstance(o, SampleError) for o in out] == [False, True, True, True, False]
 
 
 # ------------------------------------------------------------------------------------------ input files

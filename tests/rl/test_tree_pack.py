@@ -45,9 +45,11 @@ def test_tree_is_shorter_than_materialised_rollouts():
     assert pack.tokens.numel() == 20 + 100 + 8 * 5  # the trace once, not 8 times: 160 vs 8 × 124 = 992
 
 
-def test_padding_attends_only_to_itself_and_bad_input_is_refused():
-    pack = pack_trees([TreeSequence([1, 2], [3], [[4], [5]])], length=12)
-    assert pack.allowed[-1].sum() == 1 and pack.allowed[-1, -1]
+def test_padding_is_its_own_causal_segment_and_bad_input_is_refused():
+    pack = pack_trees([TreeSequence([1, 2], [3], [[4], [5]])], length=12)  # 3 + 2 × 2 positions, then 5 of padding
+    assert pack.allowed[7:, :7].sum() == 0 and pack.allowed[:7, 7:].sum() == 0
+    assert torch.equal(pack.allowed[7:, 7:], torch.ones(5, 5, dtype=torch.bool).tril())
+    assert pack.labels[7:].sum() == 0 and pack.tokens[7:].sum() == 0
     with pytest.raises(ValueError, match="same K"):
         pack_trees([TreeSequence([1], [], [[2]]), TreeSequence([1], [], [[2], [3]])])
     with pytest.raises(ValueError, match="more than length"):

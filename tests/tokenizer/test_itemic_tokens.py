@@ -21,17 +21,13 @@ from megatron_onereason.tokenizer.itemic_tokens import (
     preset,
 )
 
-FIXTURE = "/work/shared/fixtures/recif/ad_test_onerec1.7b_100.json"
 SID = re.compile(r"<\|sid_begin\|><s_a_(\d+)><s_b_(\d+)><s_c_(\d+)><\|sid_end\|>")  # OpenOneRec's item notation
 CODES_ONLY = re.compile(r"<s_a_(\d+)><s_b_(\d+)><s_c_(\d+)>")  # what OpenOneRec's scorer extracts
 
 
 @pytest.fixture(scope="module")
-def recif_samples():
-    if not os.path.exists(FIXTURE):
-        pytest.skip(f"{FIXTURE} not present")
-    with open(FIXTURE) as f:
-        return list(json.load(f)["samples"].values())
+def recif_samples(recif_fixture):
+    return [s for _, s in recif_fixture]
 
 
 # ------------------------------------------------------------------------------------------ strings
@@ -187,6 +183,10 @@ def test_ids_are_looked_up_not_computed(name):
     key = None if scheme.shared_begin else domain
     assert vocab.decode_item(want) == (key, codes)
     assert vocab.decode_item(want[:-1]) is None and vocab.decode_item(want[::-1]) is None
+    codes_only = want[:1 + len(codes)]  # a generation that stops at the last code (OpenOneRec's RecIF decoding)
+    assert vocab.decode_item(codes_only, require_end=False) == (key, codes)
+    assert vocab.decode_item(want, require_end=False) == (key, codes)
+    assert vocab.decode_item(codes_only[:-1], require_end=False) is None
     ids = np.arange(0, 100 + 3 * len(table) + 10)
     oracle = np.isin(ids, list(table.values()))
     assert (vocab.itemic_mask(ids) == oracle).all()
@@ -260,6 +260,10 @@ def test_hand_written_scheme_name_next_to_an_openonerec_tokenizer(openonerec_hf_
     with open(d / ITEMIC_JSON, "w") as f:  # the wrong scheme for this tokenizer: its tokens are missing
         json.dump({"scheme": "onereason_report"}, f)
     with pytest.raises(ValueError, match=r"itemic_tokens.json: lacks .* \(first missing: '<\|video_begin\|>'\)"):
+        ItemicVocab.load(str(d))
+    with open(d / ITEMIC_JSON, "w") as f:
+        json.dump({"scheme": "sid_v2"}, f)
+    with pytest.raises(ValueError, match=r"oor/itemic_tokens.json: field 'scheme': unknown itemic scheme 'sid_v2'"):
         ItemicVocab.load(str(d))
     with open(d / ITEMIC_JSON, "w") as f:
         f.write("{not json")
