@@ -95,10 +95,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                          "(default: RecIF 1000, synthetic 256)")
     p.add_argument("--temperature", type=float, help="reasoning temperature, 0: greedy (default: RecIF 0.6, "
                                                      "synthetic 0)")
-    p.add_argument("--item-temperature", type=float, default=1.0, help="item sampling temperature (--strategy sample)")
     p.add_argument("--batch-size", type=int, default=8, help="instances per generation call")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N instances only (0: all)")
-    p.add_argument("--cot-progression", action="store_true", help="also compute ℓ_t along CoT segments (eq. 23)")
     p.add_argument("--constrain-reasoning", action="store_true",
                    help="also constrain itemic patterns inside the CoT to catalog items (γ_legal is then 1 by "
                         "construction; by default the CoT is free, as in OpenOneRec, and γ_legal measures the model)")
