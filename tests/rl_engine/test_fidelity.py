@@ -30,7 +30,7 @@ def task(tmp_path_factory, tiny_recommender):
     mcore = str(root / "mcore")
     subprocess.run([sys.executable, "checkpoints_convert/hf_to_mcore.py", "--hf-dir", rec.model_dir, "--out-dir",
                     mcore, "--tp", "2"], cwd=REPO, check=True, capture_output=True)
-    return [f"actor.model.load={mcore}", f"rollout.model_dir={rec.model_dir}", "rollout.backend=hf",
+    return [f"actor.model.load={mcore}", f"rollout.model_dir={rec.model_dir}", "rollout.backend=hf", "rollout.engine_args={}",
             f"data.catalog={rec.catalog_dir}", f"data.benchmark={root / 'bench.jsonl'}", "eval_interval=null"]
 
 
