@@ -209,6 +209,11 @@ def validate_method_settings(cfg: RLConfig) -> None:
     if cfg.algorithm == "grpo" and g.reward in ("rollout-beam", "beam-prefix") and r.backend != "hf":
         raise ValueError(f"grpo.reward={g.reward} needs beam search in stage 2 (OneRec-Think eq. 7), which the "
                          f"{r.backend} rollout backend does not run: set rollout.backend=hf")
+    scorers = [role for role, on in (("teachers", cfg.algorithm == "mopd"), ("reference", g.kl_coef > 0))
+               if on and getattr(cfg, role).backend == "vllm"]
+    if r.sampling == "constrained" and scorers:
+        raise ValueError(f"{scorers[0]}.backend=vllm scores raw log-probs only, rollout.sampling=constrained needs "
+                         f"them renormalised over the catalog trie: set {scorers[0]}.backend=hf")
     if cfg.algorithm == "mopd" and "evolution" in d.tasks:
         raise ValueError("algorithm=mopd routes each prompt to its domain's teacher; R2 evolution prompts have no "
                          "domain: use data.tasks=[rec]")

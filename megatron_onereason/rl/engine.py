@@ -524,6 +524,8 @@ class RLEngine:
         teacher_lp: Dict[int, tuple] = {}
         student_lp: Dict[int, tuple] = {}
         for teacher, members in route_to_teachers(teacher_of, {p: p for p in self.teachers}).items():
+            # Student and teacher score the sampled tokens under the rollout's sampling distribution (item tokens
+            # renormalised over the trie when constrained, rl/sampling.py), so eq. 16 compares like with like.
             packs = self._packs(trees, members.tolist(), instances)
             plain = teacher == m.general_teacher  # no itemic vocabulary: it reads itemic ids as padding
             scored, trees_of = self._scoring_args(trees, packs)

@@ -32,12 +32,20 @@ log = logging.getLogger("megatron_onereason.rl")
 
 
 def hf_tree_logprobs(model, pack: TreePack) -> torch.Tensor:
-    """Per-position log-probs ``[S]`` of ``pack.labels`` under a HF causal LM (tree mask, explicit positions)."""
+    """Per-position log-probs ``[S]`` of ``pack.labels`` under a HF causal LM (tree mask, explicit positions); at
+    ``pack.item_allowed`` positions renormalised over the allowed ids, as the actor scores them (rl/sampling.py)."""
+    from megatron_onereason.rl.sampling import renormalised_logprobs, vocab_parallel_allowed_log_mass
+
     dev = next(model.parameters()).device
     with torch.no_grad():
         logits = model(pack.tokens[None].to(dev), attention_mask=pack.allowed[None, None].to(dev),
                        position_ids=pack.position_ids[None].to(dev)).logits[0].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, pack.labels[:, None].to(dev))[:, 0].cpu()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, pack.labels[:, None].to(dev))[:, 0].cpu()
+    if pack.item_allowed is not None:
+        positions, ids = pack.item_allowed
+        mass = vocab_parallel_allowed_log_mass(logits[positions.to(dev)], ids.to(dev)).cpu()
+        logp[positions] = renormalised_logprobs(logp[positions], mass)
+    return logp
 
 
 # ------------------------------------------------------------------------------------------------ placement
@@ -262,6 +270,9 @@ class InferenceWorker:
         decoding from the prefix cache), placed at the pack's positions."""
         if self.kind != "vllm":  # hf, plain
             return [hf_tree_logprobs(self.backend.model, p) for p in packs]
+        if any(p.item_allowed is not None for p in packs):
+            raise ValueError("vLLM given-token scoring has no renormalised (constrained) log-probs: set "
+                             "teachers.backend=hf / reference.backend=hf, or rollout.sampling=unconstrained")
         return [pack_logprobs_from_scores(p, self.backend.score(t)) for p, t in zip(packs, trees)]
 
     # -------------------------------------------------------------------------------------------- weights

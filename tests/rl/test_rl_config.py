@@ -71,6 +71,13 @@ def test_rollout_beam_needs_a_backend_that_runs_beam_search():
     assert config("grpo.reward=rollout-beam", "rollout.backend=hf").grpo.reward == "rollout-beam"
 
 
+def test_constrained_sampling_needs_scorers_that_renormalise():
+    with pytest.raises(ConfigError, match="teachers.backend=vllm scores raw log-probs only.*set teachers.backend=hf"):
+        config("algorithm=mopd", "mopd.teachers={video: /t}", "teachers.backend=vllm", "rollout.num_items=1")
+    assert config("algorithm=mopd", "mopd.teachers={video: /t}", "teachers.backend=vllm", "rollout.num_items=1",
+                  "rollout.sampling=unconstrained").teachers.backend == "vllm"
+
+
 def test_a_config_extends_a_base_file(tmp_path):
     """Ablation configs state only what they change: ``extends`` merges them over their base, section by section."""
     (tmp_path / "base").mkdir()

@@ -201,14 +201,19 @@ def test_mopd_moves_the_student_toward_its_teacher(task, vllm_rollout):
     fixed = {}
 
     def gap(engine):
-        if "pack" not in fixed:
-            outputs = engine.generate(engine.train_set[:2], engine._params(999, num_items=1))
-            fixed["trees"] = [t.tree for t in rollout_trees(outputs)]
-            fixed["pack"] = pack_trees(fixed["trees"], 512)
-        pack = fixed["pack"]
-        student = engine.actor.logprobs([pack])[0]
-        teacher = ray.get(engine.teachers[task["teacher"]].tree_logprobs.remote([pack], [fixed["trees"]]))[0]
-        scored = torch.cat([pack.trace_index[pack.trace_mask], pack.child_index[pack.child_mask]])
+        if "packs" not in fixed:
+            instances = engine.train_set[:2]
+            trees = rollout_trees(engine.generate(instances, engine._params(999, num_items=1)))
+            # Scored as MOPD scores them: item tokens under the rollout's (trie-constrained) sampling distribution.
+            fixed["packs"] = engine._packs(trees, list(range(len(trees))), instances)
+            fixed["trees"] = [[trees[i].tree for i in members] for _, members in fixed["packs"]]
+        packs = [p for p, _ in fixed["packs"]]
+        assert all(p.item_allowed is not None for p in packs)
+        student = torch.cat(engine.actor.logprobs(packs))
+        teacher = torch.cat(ray.get(engine.teachers[task["teacher"]].tree_logprobs.remote(packs, fixed["trees"])))
+        offsets = np.cumsum([0] + [p.tokens.numel() for p in packs])
+        scored = torch.cat([torch.cat([p.trace_index[p.trace_mask], p.child_index[p.child_mask]]) + int(o)
+                            for p, o in zip(packs, offsets)])
         return {"gap": float((student - teacher)[scored].abs().mean()),
                 "agreement": fixed_rollout_agreement(engine, num_items=1)}
 
@@ -217,7 +222,8 @@ def test_mopd_moves_the_student_toward_its_teacher(task, vllm_rollout):
                                                       "data.prompts_per_step": 8})
     history, before, after, _ = run_engine(cfg, gap, [vllm_rollout])
     assert after["agreement"] < 1e-4  # both pipeline stages' weights reached vLLM
-    # Mean |log π_student − log π_teacher| on fixed tokens (sampled once from the initial student).
+    # Mean |log π_student − log π_teacher| on fixed tokens (sampled once from the initial student), under the
+    # sampling distribution both are trained and scored with.
     assert after["gap"] < 0.9 * before["gap"], (before, after)
     assert all(0 < r["ig_kept_share"] <= 1 for r in history)
 
