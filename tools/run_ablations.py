@@ -41,8 +41,9 @@ def variant_configs(names: Sequence[str], configs_dir: str, overrides: Sequence[
         if not os.path.isfile(path):
             known = sorted(f[:-5] for f in os.listdir(configs_dir) if f.endswith(".yaml"))
             raise ValueError(f"no ablation config {path} (known: {known})")
-        out[name] = load_config(RLConfig, path, [*overrides, f"steps={steps}", f"seed={seed}", "eval_interval=null",
-                                                 "save=null"])
+        # eval_interval: a vLLM rollout gets its HF evaluator (beam-search Recall@K) only when evaluation is on.
+        out[name] = load_config(RLConfig, path, [*overrides, f"steps={steps}", f"seed={seed}",
+                                                 f"eval_interval={steps}", "save=null"])
     return out
 
 

@@ -640,7 +640,9 @@ class RLEngine:
         evaluator, synced to the current policy first, when the rollout engines are vLLM)."""
         instances = list(instances or self.eval_set or self.train_set)
         k = self.cfg.eval_k
-        params = self._params(0, num_items=k, num_traces=1, item_strategy="beam", temperature=0.0)
+        # Items always from the catalog trie, whatever rollout.sampling: Recall@K ranks catalog items (§6.1 evaluates
+        # with constrained beam search), so the unconstrained ablation is compared on the same metric.
+        params = self._params(0, num_items=k, num_traces=1, item_strategy="beam", temperature=0.0, constrained=True)
         workers = None
         if self.evaluator is not None:
             if self._evaluator_step != self.step:
