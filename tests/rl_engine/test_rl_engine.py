@@ -229,10 +229,12 @@ def test_mopd_moves_the_student_toward_its_teacher(task, vllm_rollout):
 
 
 def test_rft_keeps_only_verified_hits_in_chat_format(local_ray, task, tmp_path):
-    """RFT teachers generate with the rollout settings: here the HF backend (the oracle path of the engine)."""
+    """RFT teachers generate with the rollout settings: here the HF backend (the oracle path of the engine). The
+    4-token think budget force-closes every CoT, so that filter (tested in tests/rl/test_rl_rft.py) is off here."""
     out = str(tmp_path / "rft.jsonl")
     cfg = config(task, algorithm="rft", rft_output=out, **{"mopd.teachers": {"video": task["rec"].model_dir},
-                                                           "rollout.backend": "hf", "rollout.engine_args": {}})
+                                                           "rollout.backend": "hf", "rollout.engine_args": {},
+                                                           "rft.drop_force_closed": False})
     history, *_ = run_engine(cfg)
     stats = history[0]
     catalog = ItemCatalog.load(task["rec"].catalog_dir)
