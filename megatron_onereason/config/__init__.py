@@ -2,10 +2,15 @@
 
 Unknown keys and values of the wrong type are errors naming the key and the file, so a typo in a 500-node job's
 config fails at start-up instead of being ignored.
+
+A YAML file may name a base file with ``extends: base.yaml`` (a path relative to the file): the base's settings
+apply first and the file's own override them key by key, sections merging recursively (lists are replaced whole).
+Bases may extend further bases.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
@@ -115,14 +120,36 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     return data
 
 
+def _merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml_config(path: str, _chain: Sequence[str] = ()) -> Dict[str, Any]:
+    """The mapping of a YAML config file, with its ``extends`` chain merged in (module docstring)."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be a path to a YAML file, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    chain = [*_chain, os.path.normpath(path)]
+    if base_path in chain:
+        raise ConfigError(f"{path}: extends {base!r} makes a cycle ({' -> '.join(chain + [base_path])})")
+    return _merge(read_yaml_config(base_path, chain), data)
+
+
 def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
-    data: Dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    data = read_yaml_config(path) if path is not None else {}
     return from_dict(cls, apply_overrides(data, overrides), where=path or "config")

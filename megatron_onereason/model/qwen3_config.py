@@ -145,7 +145,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int = 1, divisible_
 QWEN3_VOCAB = 151936
 _PRESETS: Dict[str, Qwen3Config] = {
     # A tiny model for CPU tests and the embedded demo: GQA (4 heads, 2 groups), 4 layers so PP=2 and TP=2 work.
-    "tiny": Qwen3Config(4, 64, 192, 4, 2, 16, 1024, tie_word_embeddings=True, max_position_embeddings=8192),
+    "tiny": Qwen3Config(4, 64, 192, 4, 2, 64, 1024, tie_word_embeddings=True, max_position_embeddings=8192),
     # Released Qwen3 shapes (huggingface.co/Qwen/Qwen3-*/config.json).
     "0.6b": Qwen3Config(28, 1024, 3072, 16, 8, 128, QWEN3_VOCAB, tie_word_embeddings=True),
     "1.7b": Qwen3Config(28, 2048, 6144, 16, 8, 128, QWEN3_VOCAB, tie_word_embeddings=True),

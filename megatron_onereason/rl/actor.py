@@ -7,14 +7,20 @@ megatron's pipeline schedules, DDP and optimizer) and adds:
 * ``logprobs``: per-position log-probs of tree packs (each trace forwarded once, see :mod:`.tree_pack`);
 * ``train_grpo`` / ``train_mopd``: one optimizer step per mini-batch with the shared-prefix GRPO loss (eqs. 10–13)
   or the MOPD loss (eq. 18), normalised per token over the whole mini-batch;
-* ``full_weights``: this pipeline stage's weights gathered over TP (megatron names, global layer numbers), for
-  the weight sync to the rollout engine, which converts them with the converter's mapping.
+* ``send_weights``: this pipeline stage's weights gathered over TP, converted to HF names by the converter's
+  mapping and broadcast by the stage leader to the inference engines (:mod:`megatron_onereason.rl.weight_sync`).
+
+With DP > 1 each DP rank gets its own share of the tree packs; losses are sums over tokens (GRPO) or trajectories
+(MOPD) and megatron divides the gradients by the count over all DP ranks (``calculate_per_token_loss``), so the
+step is the global-batch mean whatever the DP size.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,6 +60,9 @@ class GRPOMicroBatch:
     sample_weight: torch.Tensor
     trace_ref_logp: Optional[torch.Tensor] = None
     child_ref_logp: Optional[torch.Tensor] = None
+    # Truncated importance weights π_old/μ of the behaviour-policy correction (rl/losses.py); None: all 1.
+    trace_is_weights: Optional[torch.Tensor] = None
+    child_is_weights: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -64,6 +73,16 @@ class MOPDMicroBatch:
     mask: torch.Tensor
     advantages: torch.Tensor
     rollout_logp: torch.Tensor
+
+
+def without_loss(mb):
+    """A copy of micro-batch ``mb`` that trains nothing (all masks off): padding for a DP rank without work."""
+    if isinstance(mb, GRPOMicroBatch):
+        return dataclasses.replace(mb, trace_mask=torch.zeros_like(mb.trace_mask),
+                                   child_mask=torch.zeros_like(mb.child_mask))
+    if isinstance(mb, MOPDMicroBatch):
+        return dataclasses.replace(mb, mask=torch.zeros_like(mb.mask))
+    raise TypeError(f"not a micro-batch: {type(mb).__name__}")
 
 
 class MegatronActor:
@@ -81,16 +100,40 @@ class MegatronActor:
         install_grad_hooks(self.state, p)
         self.cfg = self.state.info.config
         self.ps = parallel_state
+        self.channels: Dict[str, object] = {}  # receiving role -> weight-sync channel (stage leaders only)
+        self._pending_channels: Dict[str, tuple] = {}
 
     # ------------------------------------------------------------------------------------------- forward passes
     def _forward_step(self, loss_fn, data_iterator, model):
         mb = next(data_iterator)
         pack = mb.pack if hasattr(mb, "pack") else mb
         dev = device()
+        chunk = model.module if hasattr(model, "module") else model
+        renormalise = pack.item_allowed is not None and getattr(chunk, "post_process", True)
         # The tree structure (RoPE positions, tree attention) travels as packed_seq_params; no S × S mask.
         output = model(pack.tokens.to(dev)[None], pack.position_ids.to(dev)[None], None,
-                       labels=pack.labels.to(dev)[None], packed_seq_params=pack.layout.params(dev))
+                       labels=None if renormalise else pack.labels.to(dev)[None],
+                       packed_seq_params=pack.layout.params(dev))
+        if renormalise:  # logits [1, S, V/TP] -> per-token loss under the constrained distribution
+            output = self._constrained_nll(chunk, output, pack.labels.to(dev)[None], pack.item_allowed)
         return output, partial(loss_fn, mb)
+
+    def _constrained_nll(self, chunk, logits, labels, item_allowed):
+        """``−log μ`` per position ``[1, S]``: the plain cross entropy, renormalised over the allowed tokens at the
+        constrained positions (``rl/sampling.py``: ``log μ = log π − log Σ_{a∈A} π(a)``), vocabulary-parallel."""
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+        from megatron_onereason.rl.sampling import vocab_parallel_allowed_log_mass
+
+        positions, ids = (t.to(logits.device) for t in item_allowed)
+        v_local = logits.shape[-1]
+        tp = self.ps.get_tensor_model_parallel_world_size()
+        log_mass = vocab_parallel_allowed_log_mass(
+            logits[0, positions].float(), ids, self.ps.get_tensor_model_parallel_rank() * v_local,
+            self.ps.get_tensor_model_parallel_group() if tp > 1 else None,
+            reduce_from_tensor_model_parallel_region if tp > 1 else None)
+        nll = chunk.compute_language_model_loss(labels, logits.transpose(0, 1))  # [1, S]
+        return nll.index_add(1, positions, log_mass[None].to(nll.dtype))
 
     def _run(self, micro_batches: Sequence, loss_fn, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -138,6 +181,7 @@ class MegatronActor:
             totals = torch.stack([x["metrics"] for x in losses]).sum(0)
             torch.distributed.all_reduce(totals, group=self.ps.get_data_parallel_group())
             n = max(totals[0].item(), 1.0)
+            metrics["count"] = totals[0].item()  # tokens (GRPO) / trajectories (MOPD): the mini-batch's weight
             metrics["loss"] = totals[1].item() / n
             metrics.update({k: totals[2 + i].item() / n for i, k in enumerate(keys)})
         return metrics
@@ -156,7 +200,9 @@ class MegatronActor:
                 agg="token-mean", loss_normalizer=1.0,
                 trace_ref_logp=None if mb.trace_ref_logp is None else mb.trace_ref_logp.to(dev),
                 child_ref_logp=None if mb.child_ref_logp is None else mb.child_ref_logp.to(dev),
-                kl_coef=kl_coef, kl_estimator=kl_estimator)
+                kl_coef=kl_coef, kl_estimator=kl_estimator,
+                trace_is_weights=None if mb.trace_is_weights is None else mb.trace_is_weights.to(dev),
+                child_is_weights=None if mb.child_is_weights is None else mb.child_is_weights.to(dev))
             k = mb.advantages.shape[1]
             # Tokens of the materialised N×K rollouts: each trace token counts once per child.
             n = (k * mb.trace_mask.sum() + mb.child_mask.sum()).to(dev)
@@ -178,7 +224,7 @@ class MegatronActor:
             weights = truncated_is_weights(logp.detach(), mb.rollout_logp.to(dev), is_low, is_high, mask=mask)
             # Sum of per-trajectory means; megatron divides by the trajectories of the whole mini-batch.
             loss, m = mopd_loss(logp, mb.advantages.to(dev), weights, mask, loss_normalizer=1.0)
-            n = torch.tensor(mask.shape[0], device=dev)
+            n = mask.any(-1).sum()  # trajectories with a trained token (none in a DP rank's padding micro-batch)
             report = torch.stack([n.double(), loss.detach().double()] +
                                  [n.double() * m[key].detach().double() for key in MOPD_METRICS])
             return loss, n.to(torch.int), {"metrics": report}
@@ -186,21 +232,28 @@ class MegatronActor:
         return self._step(micro_batches, loss_fn, MOPD_METRICS)
 
     # ------------------------------------------------------------------------------------------- weights
-    def full_weights(self) -> Dict[str, torch.Tensor]:
-        """This pipeline stage's weights gathered over TP, under megatron names with global layer numbers (on TP
-        rank 0 and DP rank 0 only; empty elsewhere). Receivers convert them with the converter's mapping
-        (:func:`megatron_onereason.generation.weights.hf_named_tensors`)."""
+    def topology(self) -> Dict[str, int]:
+        return {"dp": self.ps.get_data_parallel_rank(), "tp": self.ps.get_tensor_model_parallel_rank(),
+                "pp": self.ps.get_pipeline_model_parallel_rank()}
+
+    def _is_stage_leader(self) -> bool:
+        """The rank that sends its pipeline stage's weights: TP rank 0 of DP replica 0."""
+        return self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_data_parallel_rank() == 0
+
+    def _stage_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """This pipeline stage's weights gathered over TP, one tensor at a time, under megatron names with global
+        layer numbers. Every TP rank of the stage must iterate (the gathers are collective); only the stage
+        leader gets the tensors."""
         tp_group = self.ps.get_tensor_model_parallel_group()
         tp = self.ps.get_tensor_model_parallel_world_size()
-        keep = self.ps.get_tensor_model_parallel_rank() == 0 and self.ps.get_data_parallel_rank() == 0
-        out: Dict[str, torch.Tensor] = {}
+        leader = self._is_stage_leader()
         for chunk in self.state.chunks:
             for name, param in chunk.named_parameters():
                 shards = [param.detach()]
                 if getattr(param, "tensor_model_parallel", False) and tp > 1:
                     shards = [torch.empty_like(param) for _ in range(tp)]
                     torch.distributed.all_gather(shards, param.detach().contiguous(), group=tp_group)
-                if not keep:
+                if not leader:
                     continue
                 if name.startswith(LAYER_PREFIX):
                     local, suffix = name[len(LAYER_PREFIX):].split(".", 1)
@@ -212,10 +265,45 @@ class MegatronActor:
                     full = torch.cat(shards, dim=getattr(param, "partition_dim", 0))
                 if name == OUTPUT_LAYER and self.cfg.tie_word_embeddings:
                     continue  # the last stage's copy of the tied embedding
-                out[name] = full.cpu()
-        return out
+                yield name, full
+
+    def serve_weight_channel(self, role: str, world_size: int, backend: str):
+        """Stage leaders start the store of their channel to ``role``; returns its spec (``None`` elsewhere)."""
+        from megatron_onereason.rl.weight_sync import serve_channel
+
+        if not self._is_stage_leader():
+            return None
+        spec, store = serve_channel(f"{role}/pp{self.ps.get_pipeline_model_parallel_rank()}", world_size, backend)
+        self._pending_channels[role] = (spec, store)
+        return spec
+
+    def join_weight_channel(self, role: str) -> None:
+        from megatron_onereason.rl.weight_sync import join_channel
+
+        if role in self._pending_channels:
+            spec, store = self._pending_channels.pop(role)
+            self.channels[role] = join_channel(spec, 0, store)
+
+    def send_weights(self, role: str, bucket_bytes: int):
+        """Broadcast this stage's weights, converted to HF names by the converter's mapping, to ``role``'s
+        receivers (stage leaders return the :class:`~megatron_onereason.rl.weight_sync.SyncStats`)."""
+        from megatron_onereason.generation.weights import hf_named_tensors
+        from megatron_onereason.rl.weight_sync import send_weights
+
+        if self.ps.get_data_parallel_rank() != 0:
+            return None  # DP replicas hold the same weights: replica 0 sends
+        weights = self._stage_weights()
+        if not self._is_stage_leader():
+            collections.deque(weights, maxlen=0)  # take part in the TP gathers
+            return None
+        hf = ((hf_name, t) for _, hf_name, t in hf_named_tensors(weights, self.cfg))
+        return send_weights(self.channels[role], hf, bucket_bytes)
 
     # ------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_iteration(self) -> int:
+        """The iteration :meth:`save` writes now (optimizer steps taken)."""
+        return self.state.iteration
+
     def save(self, root: str, consumed: int = 0) -> None:
         from megatron_onereason.training.checkpointing import save_checkpoint
 

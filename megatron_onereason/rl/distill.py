@@ -3,20 +3,27 @@ OpenOneRec's general-domain on-policy distillation (OpenOneRec §5.2, eqs. 6–7
 
 Token tensors are ``[B, T]`` with a response ``mask`` as in :mod:`megatron_onereason.rl.losses`; log-probs are
 those of the token the student sampled, so a teacher only scores single points (no full distributions).
+
+General-domain distillation (OpenOneRec §5.2): prompts come *only* from a general-domain source
+(:func:`load_general_prompts`, ``data.general_prompts``) and go to the original Qwen3 (``mopd.general_teacher``,
+no itemic vocabulary: :func:`load_plain_teacher`). The itemic penalty and truncation apply to those rollouts only
+(:func:`general_itemic_penalty`); recommendation prompts go to their domain teachers untouched.
 """
 from __future__ import annotations
 
-from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
+import os
+from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from megatron_onereason.rl.losses import (
     aggregate_token_losses,
     check_token_tensor,
+    importance_weights,
     masked_mean,
     token_mask,
 )
-from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
+from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme, ItemicVocab
 
 
 def mopd_advantages(
@@ -51,18 +58,11 @@ def truncated_is_weights(
 ) -> torch.Tensor:
     """Eq. 17: ``w_t = sg[π_θ/μ_θ]`` where ``low ≤ π_θ/μ_θ ≤ high``, else exactly 0.
 
-    ``train_logp`` is π_θ from the training engine, ``rollout_logp`` is μ_θ from the inference engine. Without a
+    ``train_logp`` is π_θ from the training engine, ``rollout_logp`` is μ_θ from the inference engine (the
+    behaviour policy). :func:`megatron_onereason.rl.losses.importance_weights` with ``mode="mask"``. Without a
     ``mask`` every position must be finite; with one, positions off the mask get weight 0 and are not checked.
     """
-    if not 0.0 <= low <= high:
-        raise ValueError(f"need 0 <= low <= high, got low={low}, high={high}")
-    shape = train_logp.shape
-    mask = torch.ones(shape, dtype=torch.bool) if mask is None else token_mask("mask", mask, shape)
-    check_token_tensor("train_logp", train_logp, shape, mask)
-    check_token_tensor("rollout_logp", rollout_logp, shape, mask)
-    zero = torch.zeros((), dtype=train_logp.dtype)
-    ratio = (torch.where(mask, train_logp.detach(), zero) - torch.where(mask, rollout_logp.detach(), zero)).exp()
-    return torch.where(mask & (ratio >= low) & (ratio <= high), ratio, zero)
+    return importance_weights(train_logp, rollout_logp, mask, low, high, mode="mask")[0]
 
 
 def mopd_loss(
@@ -173,3 +173,107 @@ def itemic_penalty(
     # Number of itemic tokens strictly before t: zero means t is at or before the first itemic token.
     before = is_itemic.long().cumsum(-1) - is_itemic.long()
     return penalised, before == 0
+
+
+def general_itemic_penalty(
+    teacher_logp: torch.Tensor,
+    token_is_itemic: torch.Tensor,
+    is_general: torch.Tensor,
+    penalty: float = -1e9,
+    truncate: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`itemic_penalty` on the rows whose prompt is general-domain (``is_general`` ``[B]`` bool), nothing on
+    the others: a recommendation rollout cites items by design and its domain teacher scores them.
+
+    Returns ``(teacher_logp, keep_mask)`` ``[B, T]`` (keep_mask all True on recommendation rows).
+    """
+    is_itemic = token_mask("token_is_itemic", token_is_itemic, teacher_logp.shape)
+    general = token_mask("is_general", is_general, teacher_logp.shape[:1])
+    return itemic_penalty(teacher_logp, is_itemic & general[:, None], penalty, truncate)
+
+
+def teacher_input_ids(token_ids: torch.Tensor, token_is_itemic: torch.Tensor, fill_id: int) -> torch.Tensor:
+    """The student's token ids as a teacher without itemic vocabulary may read them: itemic ids become ``fill_id``.
+
+    The original Qwen3 has no rows for itemic tokens (the extension may reuse its embedding *padding* rows, which
+    are untrained). Replacing them changes no score that is used: the score of an itemic *label* is the penalty,
+    and positions after the first itemic token are truncated (:func:`itemic_penalty`).
+    """
+    is_itemic = token_mask("token_is_itemic", token_is_itemic, token_ids.shape)
+    return torch.where(is_itemic, torch.full_like(token_ids, int(fill_id)), token_ids)
+
+
+def check_teacher_vocabulary(student_vocab: Mapping[str, int], teacher_vocab: Mapping[str, int],
+                             student_vocab_obj: ItemicVocab, teacher_dir: str = "teacher") -> None:
+    """A plain teacher must read every non-itemic token of the student under the same id.
+
+    ``student_vocab`` / ``teacher_vocab``: token → id (``tokenizer.get_vocab()``). Raises ValueError naming the
+    first disagreement: a token with another id in the teacher, or a non-itemic student token the teacher lacks.
+    """
+    for token, i in teacher_vocab.items():
+        j = student_vocab.get(token)
+        if j is not None and j != i:
+            raise ValueError(f"{teacher_dir}: token {token!r} has id {i} in the teacher and {j} in the student: the "
+                             "teacher must be the student's base model (the same tokenizer before the extension)")
+    teacher_ids = set(teacher_vocab.values())
+    for token, i in student_vocab.items():
+        if i not in teacher_ids and not student_vocab_obj.is_itemic(i):
+            raise ValueError(f"{teacher_dir}: the teacher lacks the student's non-itemic token {token!r} (id {i}); "
+                             "it could not score a rollout that uses it")
+
+
+def load_plain_teacher(model_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A scoring-only Hugging Face causal LM — the original Qwen3 of OpenOneRec §5.2 — with no itemic vocabulary
+    (no ``itemic_tokens.json``) and no catalog: it only scores given tokens (``hf_tree_logprobs``)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir}: no config.json: not a Hugging Face model directory (mopd.general_teacher)")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+class GeneralPrompts(NamedTuple):
+    prompts: List[List[Dict[str, str]]]  # chat messages up to and including the last user message
+    skipped: Dict[str, int]  # reason -> records skipped
+
+
+GENERAL_SKIP_REASONS = ("no_user_message", "itemic_tokens")
+
+
+def load_general_prompts(path: str, scheme: ItemicScheme) -> GeneralPrompts:
+    """General-domain prompts for MOPD (``data.general_prompts``): chat JSONL or parquet, one
+    ``{"messages": [{"role": "system|user|assistant", "content": str}, ...]}`` per record — the SFT format, so an
+    SFT general dataset serves as is: the messages after the last user message (its answer) are dropped.
+
+    Skipped and counted: records with no user message, and prompts that write itemic patterns (the general teacher
+    cannot read them; OpenOneRec samples these prompts from general-domain data only). Malformed records are
+    errors naming ``path:line``.
+    """
+    from megatron_onereason.data.formats import SampleError, iter_input, parse_json_line
+
+    prompts: List[List[Dict[str, str]]] = []
+    skipped = dict.fromkeys(GENERAL_SKIP_REASONS, 0)
+    for lineno, raw in iter_input(path):
+        if isinstance(raw, bytes) and not raw.strip():
+            continue
+        try:
+            record = parse_json_line(raw) if isinstance(raw, bytes) else raw
+            messages = record.get("messages")
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                    and isinstance(m.get("content"), str) for m in messages):
+                raise ValueError("'messages' must be a list of {role: system|user|assistant, content: str}")
+        except (SampleError, ValueError) as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            skipped["no_user_message"] += 1
+            continue
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:users[-1] + 1]]
+        if any(scheme.loose_item_re.search(m["content"]) for m in prompt):
+            skipped["itemic_tokens"] += 1
+            continue
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no usable general-domain prompt (skipped: {skipped})")
+    return GeneralPrompts(prompts, skipped)

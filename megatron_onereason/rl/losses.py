@@ -1,5 +1,20 @@
 """Policy losses for recommendation-oriented GRPO (OneReason §6.1, eqs. 10–13) and RFT (§6.2, eq. 15).
 
+Behaviour-policy correction (decoupled PPO, Hilton et al. 2021; verl's rollout correction, slime's and NeMo-RL's
+TIS). Three policies take part in a GRPO update: μ, the rollout engine's sampling distribution (its temperature,
+its constraint, its numerics: what actually drew the tokens); π_old, the actor's policy before this rollout batch's
+first optimizer step (recomputed by the actor); π_θ, the policy being optimised. Per token
+
+    ρ_t = π_old(o_t) / μ(o_t),   w_t = clip(ρ_t, C_low, C_high)          (truncated IS weight, stop-gradient)
+    r_t = π_θ(o_t) / π_old(o_t)                                           (eq. 10)
+    ℓ_t = w_t · max(−Â r_t, −Â clip(r_t, 1 − ε⁻(t), 1 + ε⁺(t)))            (eqs. 11–12, stage-wise)
+
+so the clipping of eqs. 11–12 bounds the policy's move from π_old — it acts once a rollout batch is split into
+several mini-batches (optimizer steps), as with ``actor.mini_batches > 1`` — while w_t corrects for tokens having
+been drawn from μ rather than π_old. ``old_logp = rollout log-probs`` with no weights is the two-policy "bypass"
+form (π_old = μ). :func:`importance_weights` computes w_t; ``mode="mask"`` is eq. 17's MOPD weight (0 outside
+the band instead of clamped to it).
+
 Token tensors are ``[B, T]``: ``logp[b, t]`` is the float log-probability of the sampled token ``t`` of sequence
 ``b`` and ``response_mask`` (bool or 0/1) selects the tokens that are trained. Values outside the mask are never
 used, so padding may hold anything (0, -inf, NaN); inside the mask NaN/inf is an error.
@@ -25,6 +40,7 @@ import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_ESTIMATORS = ("k1", "k3")
+IS_MODES = ("truncate", "mask")
 # exp() of a log-ratio beyond this overflows float32 long before it means anything (verl clamps the same way).
 _MAX_LOG_RATIO = 20.0
 
@@ -100,6 +116,43 @@ def hit_sample_weights(hit: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.where(token_mask("hit", hit, hit.shape), 1.0, float(beta)).float()
 
 
+def importance_weights(
+    target_logp: torch.Tensor,
+    behaviour_logp: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    low: float = 0.0,
+    high: float = 2.0,
+    mode: str = "truncate",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token importance weights ``w_t`` of samples drawn from μ (``behaviour_logp``) for the target policy
+    (``target_logp``): ``ρ_t = exp(target − behaviour)``.
+
+    ``mode="truncate"`` (TIS): ``w_t = clamp(ρ_t, low, high)`` — with ``target = π_old`` and ``behaviour`` the
+    rollout engine's log-probs this is the GRPO correction of the module docstring (verl ``rollout_is=token``,
+    slime ``--use-tis`` with ``tis_clip_low``/``tis_clip``). ``mode="mask"``: ``w_t = ρ_t`` inside
+    ``[low, high]``, exactly 0 outside (eq. 17, with ``target = π_θ``).
+
+    Returns ``(w, ρ)`` ``[*B, T]``, both detached and 0 off ``mask`` (positions off the mask are not checked and
+    may hold anything). The log-ratio is clamped to ±20 before ``exp`` so ``ρ`` stays finite.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"importance-weight mode must be one of {IS_MODES}, got {mode!r}")
+    if not 0.0 <= low <= high < math.inf:
+        raise ValueError(f"need 0 <= low <= high < inf for the importance-weight band, got low={low}, high={high}")
+    shape = target_logp.shape
+    mask = torch.ones(shape, dtype=torch.bool) if mask is None else token_mask("mask", mask, shape)
+    check_token_tensor("target_logp", target_logp, shape, mask)
+    check_token_tensor("behaviour_logp", behaviour_logp, shape, mask)
+    zero = torch.zeros((), dtype=target_logp.dtype)
+    log_ratio = torch.where(mask, target_logp.detach() - behaviour_logp.detach().to(target_logp.dtype), zero)
+    ratio = torch.where(mask, log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp(), zero)
+    if mode == "truncate":
+        weights = torch.where(mask, ratio.clamp(low, high), zero)
+    else:
+        weights = torch.where(mask & (ratio >= low) & (ratio <= high), ratio, zero)
+    return weights, ratio
+
+
 def _check_clip(name: str, clip: Tuple[float, float]) -> None:
     low, high = clip
     if not (0.0 <= low < 1.0 and high >= 0.0):
@@ -120,16 +173,18 @@ def grpo_policy_loss(
     ref_logp: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    is_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Stage-wise clipped GRPO loss, eqs. 10–13.
+    """Stage-wise clipped GRPO loss, eqs. 10–13, with the behaviour-policy correction of the module docstring.
 
     Per response token: ``r_t = exp(logp − old_logp)`` (eq. 10); the clip range ``(ε⁻, ε⁺)`` is ``clip_item`` where
     ``item_mask`` is set and ``clip_cot`` elsewhere (eqs. 11–12); the token loss is the PPO pessimistic surrogate
-    ``max(−A r_t, −A clip(r_t, 1 − ε⁻, 1 + ε⁺))``, multiplied by the rollout's weight ``w`` (eq. 13) and, when
-    ``ref_logp`` is given, plus ``kl_coef · KL_t`` (not weighted: ``w`` scales the policy-gradient term only).
+    ``max(−A r_t, −A clip(r_t, 1 − ε⁻, 1 + ε⁺))``, multiplied by the token's importance weight ``is_weights``
+    (:func:`importance_weights`; none = 1) and the rollout's weight ``w`` (eq. 13) and, when ``ref_logp`` is given,
+    plus ``kl_coef · KL_t`` (not weighted: the weights scale the policy-gradient term only).
 
-    Shapes: logp, old_logp, response_mask, item_mask, ref_logp ``[B, T]``; advantages ``[B]`` (one per rollout)
-    or ``[B, T]``; sample_weight ``[B]``. Gradients flow through ``logp`` only. Metrics (detached, over this
+    Shapes: logp, old_logp, response_mask, item_mask, ref_logp, is_weights ``[B, T]``; advantages ``[B]`` (one per
+    rollout) or ``[B, T]``; sample_weight ``[B]``. Gradients flow through ``logp`` only. Metrics (detached, over this
     micro-batch's response tokens): ``pg_loss``, ``kl_ref``, ``clipfrac``, ``clipfrac_cot``, ``clipfrac_item``
     (share of tokens where the clipped branch is taken), ``approx_kl`` (k3 estimate of KL(π_old ‖ π_θ)),
     ``ratio_mean/min/max``.
@@ -155,6 +210,10 @@ def grpo_policy_loss(
             raise ValueError("sample_weight must be finite and non-negative")
     _check_clip("clip_cot", clip_cot)
     _check_clip("clip_item", clip_item)
+    if is_weights is not None:
+        check_token_tensor("is_weights", is_weights, shape, mask)
+        if (is_weights.detach()[mask] < 0).any():
+            raise ValueError("is_weights must be non-negative")
 
     zero = torch.zeros((), dtype=logp.dtype)
     logp = torch.where(mask, logp, zero)  # padding may be NaN: keep it out of values and gradients
@@ -171,6 +230,8 @@ def grpo_policy_loss(
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * torch.clamp(ratio, low, high)
     pg = torch.maximum(pg_unclipped, pg_clipped)
+    if is_weights is not None:
+        pg = pg * torch.where(mask, is_weights.detach().to(logp.dtype), zero)
     if sample_weight is not None:
         pg = pg * sample_weight.detach().to(logp.dtype)[:, None]
     pg_loss = aggregate_token_losses(pg, mask, agg, loss_normalizer)
@@ -214,6 +275,8 @@ def shared_prefix_policy_loss(
     child_ref_logp: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    trace_is_weights: Optional[torch.Tensor] = None,
+    child_is_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Eqs. 10–13 for the two-stage rollout with each reasoning trace forwarded once.
 
@@ -223,7 +286,8 @@ def shared_prefix_policy_loss(
     ``clip_item`` (eq. 12 by stage). The value and gradients equal :func:`grpo_policy_loss` on the N×K
     materialised sequences ``[trace_i; child_ij]``: every trace token appears once per child, with that child's
     advantage, weight and clipping, and counts once per child in the normaliser. Only the per-token scalars are
-    repeated K times (``N·K·(Tr + Tc)`` floats); the model forward is not.
+    repeated K times (``N·K·(Tr + Tc)`` floats); the model forward is not. ``trace_is_weights`` /
+    ``child_is_weights`` (both or neither) are the importance weights of :func:`grpo_policy_loss` in this layout.
     """
     if advantages.dim() != 2:
         raise ValueError(f"advantages must have shape [N, K], got {tuple(advantages.shape)}")
@@ -234,6 +298,8 @@ def shared_prefix_policy_loss(
         raise ValueError(f"child_logp must have shape [N={n}, K={k}, Tc], got {tuple(child_logp.shape)}")
     if (trace_ref_logp is None) != (child_ref_logp is None):
         raise ValueError("give both trace_ref_logp and child_ref_logp, or neither")
+    if (trace_is_weights is None) != (child_is_weights is None):
+        raise ValueError("give both trace_is_weights and child_is_weights, or neither")
     if sample_weight is not None and sample_weight.shape != (n, k):
         raise ValueError(f"sample_weight has shape {tuple(sample_weight.shape)}, expected {(n, k)}")
     t_trace, t_child = trace_logp.shape[1], child_logp.shape[2]
@@ -264,6 +330,8 @@ def shared_prefix_policy_loss(
         ref_logp=None if trace_ref_logp is None else materialise("ref_logp", trace_ref_logp, child_ref_logp),
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
+        is_weights=None if trace_is_weights is None else materialise("is_weights", trace_is_weights,
+                                                                     child_is_weights),
     )
 
 

@@ -1,4 +1,4 @@
-"""Outcome rewards for recommendation-oriented RL (OneReason §6.1, eqs. 7–9; OneRec-Think eq. 6).
+"""Outcome rewards for recommendation-oriented RL (OneReason §6.1, eqs. 7–9; OneRec-Think eqs. 6–7).
 
 An item is a row of ``L`` semantic-ID codes (``L = 3`` for ``<a_i><b_j><c_k>``); a plain item id is an item with
 ``L = 1``. Predicted codes may be negative to mark a completion that did not decode to a well-formed item: targets
@@ -13,7 +13,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-ACCURACY_REWARDS = ("rule", "beam-prefix", "beam-position")
+ACCURACY_REWARDS = ("rule", "prefix", "rollout-beam", "beam-prefix")
+# Trace-level rewards over a beam: the K completions of a trace must come from beam search (item_strategy="beam").
+BEAM_REWARDS = ("rollout-beam", "beam-prefix")
 
 
 def _target_sets(target_items: Sequence, num_users: int, levels: int) -> list:
@@ -82,12 +84,14 @@ def diversity_factor(first_codes: torch.Tensor) -> torch.Tensor:
     return (distinct - 1).clamp(min=0).float() / (k - 1)
 
 
-def rollout_beam_reward(beam_codes: torch.Tensor, target_items: Sequence, match: str = "prefix") -> torch.Tensor:
-    """OneRec-Think eq. 6: ``R = max_{ŝ ∈ B} Σ_l I(ŝ^l = s^l)`` — best code agreement within a beam of K items.
+def rollout_beam_reward(beam_codes: torch.Tensor, target_items: Sequence, match: str = "position") -> torch.Tensor:
+    """OneRec-Think eq. 6: ``R = max_{ŝ ∈ B} Σ_l I(ŝ^l = s^l)`` — best code agreement within the beam ``B`` of eq. 7
+    (the top-K items of beam search of width K after the trace).
 
-    beam_codes: LongTensor ``[U, *S, K, L]`` (a beam of K items per trace). Returns float32 ``[U, *S]`` in ``[0, L]``.
-    ``match="position"`` counts equal codes level by level (eq. 6 as written); ``match="prefix"`` counts only the
-    leading run of equal codes, since a deeper semantic-ID code means nothing under a different parent code.
+    beam_codes: LongTensor ``[U, *S, K, L]`` (a beam of K items per trace; −1 rows for beams that found fewer than K
+    items). Returns float32 ``[U, *S]`` in ``[0, L]``. ``match="position"`` counts equal codes level by level
+    (eq. 6 as written, reward ``"rollout-beam"``); ``match="prefix"`` counts only the leading run of equal codes
+    (the ``"beam-prefix"`` variant: a deeper semantic-ID code means nothing under a different parent code).
     With several targets (``|C_u^+| > 1``) the max also runs over the targets; an empty target set gives 0.
     """
     if match not in ("prefix", "position"):
@@ -119,9 +123,12 @@ def two_stage_rewards(
 ) -> TwoStageRewards:
     """Eq. 7: ``R_{u,i,j} = R_acc · R_div(CoT_{u,i})`` for U users × N traces × K item completions.
 
-    pred_codes: LongTensor ``[U, N, K, L]``. ``accuracy="rule"`` uses eq. 8 per completion. ``"beam-prefix"`` /
-    ``"beam-position"`` use OneRec-Think's Rollout-Beam reward (eq. 6 there) instead: the K completions of a trace
-    are its beam, and the trace-level reward is shared by its K completions. ``hit`` is always eq. 8.
+    pred_codes: LongTensor ``[U, N, K, L]``. ``accuracy="rule"`` uses eq. 8 per completion (K sampled items).
+    ``"prefix"`` grades each sampled completion by its own leading-code agreement with the closest target, ``0..L``
+    (OneRec-Think's eq. 6 with a beam of one item: a dense per-completion signal where exact hits are rare).
+    ``"rollout-beam"`` (OneRec-Think eq. 6 as written) and its ``"beam-prefix"`` variant (:func:`rollout_beam_reward`)
+    need the K completions of a trace to be its beam (eq. 7: beam search of width K); the trace-level reward is
+    shared by its K completions. ``hit`` is always eq. 8.
     """
     if accuracy not in ACCURACY_REWARDS:
         raise ValueError(f"accuracy must be one of {ACCURACY_REWARDS}, got {accuracy!r}")
@@ -132,8 +139,11 @@ def two_stage_rewards(
     hit = rule_reward(pred_codes, target_items)
     if accuracy == "rule":
         acc = hit
+    elif accuracy == "prefix":
+        acc = rollout_beam_reward(pred_codes[..., None, :], target_items, match="prefix")
     else:
-        acc = rollout_beam_reward(pred_codes, target_items, match=accuracy.split("-")[1])[..., None].expand(u, n, k)
+        match = "position" if accuracy == "rollout-beam" else "prefix"
+        acc = rollout_beam_reward(pred_codes, target_items, match=match)[..., None].expand(u, n, k)
     if diversity:
         div = diversity_factor(pred_codes[..., 0].reshape(u * n, k)).reshape(u, n)
     else:

@@ -7,7 +7,7 @@ domain) are masked out of the loss because the policy did not choose them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, NamedTuple, Sequence
 
 import torch
 
@@ -28,6 +28,8 @@ class RolloutTree:
     child_mask: torch.Tensor  # bool [K, Tc]
     trace_rollout_logp: torch.Tensor  # [Tr] raw-model log-probs reported by the rollout engine
     child_rollout_logp: torch.Tensor  # [K, Tc]
+    trace_behaviour_logp: torch.Tensor  # [Tr] log-probs under the sampling distribution μ (mask, temperature)
+    child_behaviour_logp: torch.Tensor  # [K, Tc]
 
 
 def rollout_trees(outputs: Sequence[PromptOutput]) -> List[RolloutTree]:
@@ -42,16 +44,26 @@ def rollout_trees(outputs: Sequence[PromptOutput]) -> List[RolloutTree]:
             t_child = max(len(c.token_ids) for c in trace.completions)
             child_mask = torch.zeros(k, t_child, dtype=torch.bool)
             child_logp = torch.zeros(k, t_child)
+            child_behaviour = torch.zeros(k, t_child)
             for j, c in enumerate(trace.completions):
                 child_mask[j, : len(c.token_ids)] = True
                 if forced_begin:
                     child_mask[j, 0] = False
                 child_logp[j, : len(c.token_ids)] = torch.tensor(c.model_logprobs, dtype=torch.float32)
+                child_behaviour[j, : len(c.token_ids)] = _behaviour(c.logprobs, len(c.token_ids), p)
             trees.append(RolloutTree(
                 p, i, TreeSequence(out.prompt.token_ids, trace.token_ids, [c.token_ids for c in trace.completions]),
                 torch.tensor(trace.sampled, dtype=torch.bool).reshape(-1),
-                child_mask, torch.tensor(trace.model_logprobs, dtype=torch.float32).reshape(-1), child_logp))
+                child_mask, torch.tensor(trace.model_logprobs, dtype=torch.float32).reshape(-1), child_logp,
+                _behaviour(trace.logprobs, len(trace.token_ids), p), child_behaviour))
     return trees
+
+
+def _behaviour(logprobs, length: int, prompt: int) -> torch.Tensor:
+    if logprobs is None or len(logprobs) != length:
+        raise ValueError(f"prompt {prompt}: the rollout backend reported no sampling-distribution log-probs "
+                         "(generation/outputs.py: logprobs); the behaviour-policy correction needs them")
+    return torch.tensor(logprobs, dtype=torch.float32).reshape(-1)
 
 
 def predicted_codes(outputs: Sequence[PromptOutput], catalog: ItemCatalog) -> torch.Tensor:
@@ -104,11 +116,19 @@ def tree_length(tree: TreeSequence) -> int:
     return len(tree.prompt) + len(tree.trace) + sum(len(c) + 1 for c in tree.children)
 
 
-def split_layout(rows: Sequence[RolloutTree], idx: Sequence[int]) -> Tuple[torch.Tensor, ...]:
-    """Padded ``trace_mask [n, Tr]``, ``child_mask [n, K, Tc]`` and rollout log-probs for trees ``idx``."""
+class Layout(NamedTuple):
+    """Trees in the ``[n, Tr]`` / ``[n, K, Tc]`` layout of the losses (padded with False / 0)."""
+
+    trace_mask: torch.Tensor
+    child_mask: torch.Tensor
+    trace_rollout_logp: torch.Tensor  # raw policy, as the rollout engine computed it
+    child_rollout_logp: torch.Tensor
+    trace_behaviour_logp: torch.Tensor  # μ: the sampling distribution
+    child_behaviour_logp: torch.Tensor
+
+
+def split_layout(rows: Sequence[RolloutTree], idx: Sequence[int]) -> Layout:
+    """Masks and both kinds of rollout log-probs of trees ``idx``, padded."""
     sel = [rows[i] for i in idx]
-    trace_mask = pad_stack([r.trace_mask for r in sel], False)
-    trace_logp = pad_stack([r.trace_rollout_logp for r in sel], 0.0)
-    child_mask = pad_stack([r.child_mask for r in sel], False)
-    child_logp = pad_stack([r.child_rollout_logp for r in sel], 0.0)
-    return trace_mask, child_mask, trace_logp, child_logp
+    return Layout(*(pad_stack([getattr(r, name) for r in sel], False if name.endswith("mask") else 0.0)
+                    for name in Layout._fields))

@@ -19,7 +19,7 @@ back to the ``[N, Tr]`` / ``[N, K, Tc]`` layout of :func:`megatron_onereason.rl.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,6 +40,9 @@ class TreePack:
     labels: torch.Tensor  # int64 [S]: the token whose log-prob position t gives (0 where none)
     trace_index: torch.Tensor  # int64 [N, Tr]: pack position predicting trace token j (-1 = padding)
     child_index: torch.Tensor  # int64 [N, K, Tc]: pack position predicting child token i (-1 = padding)
+    # Constrained sampling (rl/sampling.py): pack positions whose label was sampled from a renormalised
+    # distribution ([P]) and the allowed token ids there ([P, A], -1 padded); the actor scores them renormalised.
+    item_allowed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def position_ids(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from megatron_onereason.eval.cot_indicators import (
     history_validity,
     item_legality,
     likelihood_progression,
+    decoded_token_texts,
     segment_boundaries,
     target_log_likelihoods,
 )
@@ -64,6 +65,23 @@ def test_segment_boundaries_by_hand():
     assert segment_boundaries(["a", "b"]) == [2]
     assert segment_boundaries(["a", "!"]) == [2]
     assert segment_boundaries([]) == []
+    assert segment_boundaries(["3.5", " GB", " or", " x", ".\""]) == [5]  # a decimal point ends nothing
+
+
+def test_chinese_cot_splits_at_cjk_sentence_ends(tokenizers_3x32):
+    """The report's CoTs are Chinese: 。！？ end segments, also when a character spans several byte-level tokens."""
+    from transformers import AutoTokenizer
+
+    assert segment_boundaries(["用户", "喜欢", "。", "他", "！", "好", "？”", "的"]) == [3, 5, 7, 8]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizers_3x32["base"])
+    sentences = ["用户喜欢射击游戏。", "他常看直播！", "下一步会看什么？", "装备讲解\n", "结束"]
+    ids = tokenizer.encode("".join(sentences), add_special_tokens=False)
+    texts = decoded_token_texts(tokenizer, ids)
+    assert "".join(texts) == "".join(sentences) and len(texts) == len(ids)
+    assert len(ids) > len("".join(sentences))  # the tiny tokenizer splits CJK characters into byte tokens
+    bounds = segment_boundaries(texts)
+    segments = [tokenizer.decode(ids[a:b]) for a, b in zip([0, *bounds[:-1]], bounds)]
+    assert segments == sentences
 
 
 CHAT = ChatTokens(think_end_id=1000, answer_separator_ids=(198, 198), stop_ids=(1001, 1002))

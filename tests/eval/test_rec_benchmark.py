@@ -12,6 +12,8 @@ from megatron_onereason.eval.benchmark import (
     make_synthetic_benchmark,
     rec_instances,
     rec_messages,
+    task_instances,
+    task_messages,
     write_benchmark,
 )
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
@@ -72,6 +74,10 @@ def test_round_trip_and_prompt(catalogs, tmp_path):
     ('{"user_id": "u", "portrait": "p", "history": [], "targets": {"video": []}}', "non-empty list"),
     ('{"user_id": "u000000", "portrait": "p", "history": [], "targets": {"video": ["video_000001"]}}',
      "duplicate user_id"),
+    ('{"user_id": "u", "portrait": "p", "history": ["video_000001"], "targets": {"video": ["video_000002"]}, '
+     '"evolution": [{"topic": "t", "actions": ["video_000003"]}]}', "not in the user's history"),
+    ('{"user_id": "u", "portrait": "p", "history": ["video_000001"], "targets": {"video": ["video_000002"]}, '
+     '"evolution": [{"topic": "", "actions": ["video_000001"]}]}', "non-empty string 'topic'"),
 ])
 def test_bad_lines_name_file_and_line(catalogs, tmp_path, line, message):
     _, catalog = catalogs
@@ -81,3 +87,37 @@ def test_bad_lines_name_file_and_line(catalogs, tmp_path, line, message):
     with pytest.raises(ValueError, match=f"bad.jsonl:3: .*{message}"):
         load_benchmark(str(path), catalog)
     assert json.loads(good.to_json())["targets"] == {"video": ["video_000003"]}
+
+
+def test_mix_rl_tasks_r2_evolution_and_r3_recommendation(catalogs, tmp_path):
+    """Mix-RL (§6.2) draws R2 evolution and R3 recommendation instances from one benchmark file."""
+    synthetic, catalog = catalogs
+    config = SyntheticBenchmarkConfig(num_users=6, seed=2, evolution=True)
+    users = make_synthetic_benchmark(synthetic, catalog, config)
+    plain = make_synthetic_benchmark(synthetic, catalog, SyntheticBenchmarkConfig(num_users=6, seed=2))
+    assert [(u.history, u.targets) for u in users] == [(u.history, u.targets) for u in plain]  # same users
+    captions = dict(zip(synthetic.item_ids, synthetic.captions))
+    for user in users:
+        clusters = {catalog.codes_for(i)[0] for i in user.history}
+        assert 1 <= len(user.evolution) <= len(clusters)
+        for task in user.evolution:  # the actions of topic t: exactly the history items whose caption names t
+            named = [i for i in dict.fromkeys(user.history) if task.topic in captions[i].split(" about ", 1)[1]]
+            assert list(task.actions) == named and named
+    path = str(tmp_path / "mix.jsonl")
+    write_benchmark(path, users)
+    loaded = load_benchmark(path, catalog)
+    assert loaded == users
+    mix = task_instances(loaded, ("rec", "evolution"))
+    assert len(mix) == sum(len(u.targets) + len(u.evolution) for u in users)
+    assert task_instances(loaded, ("rec",)) == rec_instances(loaded)
+    evolution = [i for i in mix if i.task == "evolution"]
+    assert evolution and all(i.domain is None and i.targets == i.actions for i in evolution)
+    content = task_messages(evolution[0], catalog, DEFAULT_SCHEME)[0]["content"]
+    assert f"interest in {evolution[0].topic}" in content and content.startswith(evolution[0].user.portrait)
+    rec = next(i for i in mix if i.task == "rec")
+    assert task_messages(rec, catalog, DEFAULT_SCHEME) == rec_messages(rec, catalog, DEFAULT_SCHEME)
+    only_video = task_instances(loaded, ("rec", "evolution"), domains=["video"])
+    assert {i.domain for i in only_video if i.task == "rec"} == {"video"} and len(only_video) < len(mix)
+    with pytest.raises(ValueError, match="unknown task"):
+        task_instances(loaded, ("rec", "r4"))
+    assert "evolution" not in json.loads(plain[0].to_json())  # files without R2 tasks are unchanged

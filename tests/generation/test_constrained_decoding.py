@@ -1,5 +1,5 @@
-"""The trie logits processor allows exactly the catalog's items: never an illegal triple, every legal one reachable,
-in every itemic scheme (end tokens included, ids scattered over the vocabulary)."""
+"""The trie constraint and the per-request token rules allow exactly the catalog's items: never an illegal triple,
+every legal one reachable, in every itemic scheme (end tokens included, ids scattered over the vocabulary)."""
 import itertools
 import random
 
@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from megatron_onereason.generation.constrained import (
     ItemicConstraint,
-    RequestItemicProcessor,
+    TokenRule,
     decode_item,
+    rule_masks,
 )
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
@@ -64,18 +65,23 @@ def test_decode_item_by_hand():
     assert decode_item(VOCAB, [3, VOCAB.code_id(0, 1), VOCAB.code_id(1, 1), VOCAB.code_id(2, 1)]) is None
 
 
-def _allowed_ids(processor, prompt, output, width=WIDTH):
-    logits = processor(prompt, output, torch.zeros(width))
-    return torch.isfinite(logits).nonzero().flatten().tolist()
+def _allowed_ids(rule, prompt, output, width=WIDTH, num_valid=WIDTH, constraint=CONSTRAINT):
+    mask = rule_masks([rule], [len(output)], [list(prompt) + list(output)], num_valid, width, constraint)
+    return mask[0].nonzero().flatten().tolist()
 
 
-def test_processor_reaches_exactly_the_catalog_items():
-    """Exhaustive walk of every path the processor allows from an item start: the reached set is the catalog."""
-    processor = RequestItemicProcessor(CONSTRAINT, first_token_ids=CONSTRAINT.live_begin_ids)
+def item_rule(first=None, forced=()):
+    return TokenRule(forced=tuple(forced), first=tuple(first if first is not None else CONSTRAINT.live_begin_ids),
+                     trie=True)
+
+
+def test_item_rule_reaches_exactly_the_catalog_items():
+    """Exhaustive walk of every path the item rule allows from an item start: the reached set is the catalog."""
+    rule = item_rule()
     prompt = [3, 17, 9]
     reached, frontier = set(), [[]]
     for _ in range(VOCAB.levels + 1):
-        frontier = [out + [t] for out in frontier for t in _allowed_ids(processor, prompt, out)]
+        frontier = [out + [t] for out in frontier for t in _allowed_ids(rule, prompt, out)]
     for out in frontier:
         reached.add(decode_item(VOCAB, out))
     assert reached == LEGAL
@@ -84,9 +90,9 @@ def test_processor_reaches_exactly_the_catalog_items():
 
 def test_forced_begin_and_inside_reasoning():
     """A forced begin token limits the items to its domain; a begin token written mid-text is constrained too."""
-    prod = RequestItemicProcessor(CONSTRAINT, first_token_ids=[VOCAB.begin_id("prod")])
+    prod = item_rule(first=[VOCAB.begin_id("prod")])
     assert _allowed_ids(prod, [1, 2], []) == [VOCAB.begin_id("prod")]
-    free = RequestItemicProcessor(CONSTRAINT)
+    free = TokenRule(trie=True)
     text = [4, 8, 15]
     allowed = _allowed_ids(free, [1], text)
     # outside an item: text and the live begin tokens, not the begin tokens of domains without items
@@ -94,6 +100,7 @@ def test_forced_begin_and_inside_reasoning():
     assert {VOCAB.begin_id(d) for d in ("video", "prod")} <= set(allowed)
     assert not {VOCAB.begin_id(d) for d in ("ad", "living", "sid")} & set(allowed)
     assert max(_allowed_ids(free, [1], text, width=WIDTH + 5)) == WIDTH - 1  # columns past the width are masked
+    assert max(_allowed_ids(TokenRule(), [1], text, num_valid=TEXT_TOKENS)) == TEXT_TOKENS - 1  # only valid ids
     # mid-text begin: only the catalog's first codes of that domain
     first_codes = sorted({codes[0] for d, codes in LEGAL if d == "video"})
     allowed = _allowed_ids(free, [1], text + [VOCAB.begin_id("video")])
@@ -101,9 +108,19 @@ def test_forced_begin_and_inside_reasoning():
 
 
 def test_banned_ids_are_never_allowed():
-    processor = RequestItemicProcessor(CONSTRAINT, banned_ids=[7, 11])
-    allowed = _allowed_ids(processor, [1], [2, 3])
+    allowed = _allowed_ids(TokenRule(banned=(7, 11), trie=True), [1], [2, 3])
     assert 7 not in allowed and 11 not in allowed and 8 in allowed
+
+
+def test_forced_tokens_come_first_then_the_item_start():
+    """Closing tokens forced one by one, then the item start set, then the trie; the rule survives extra_args."""
+    rule = TokenRule.from_args(item_rule(first=[VOCAB.begin_id("video")], forced=(31, 32)).to_args())
+    assert [_allowed_ids(rule, [1], out) for out in ([], [31])] == [[31], [32]]
+    assert _allowed_ids(rule, [1], [31, 32]) == [VOCAB.begin_id("video")]
+    assert _allowed_ids(rule, [1], [31, 32, VOCAB.begin_id("video")]) == \
+        [VOCAB.code_id(0, a) for a in sorted({c[0] for d, c in LEGAL if d == "video"})]
+    rows = rule_masks([rule, TokenRule()], [0, 0], [[1], [1]], WIDTH, WIDTH, CONSTRAINT)  # batched rows
+    assert rows[0].nonzero().flatten().tolist() == [31] and bool(rows[1].all())
 
 
 def test_prefix_outside_the_catalog_is_an_error():
@@ -119,17 +136,18 @@ def test_prefix_outside_the_catalog_is_an_error():
 @given(seed=st.integers(0, 2**31 - 1), domain=st.sampled_from([None, "video", "prod"]),
        bias=st.floats(0.0, 50.0), temperature=st.floats(0.05, 3.0))
 def test_sampling_under_adversarial_logits_never_emits_an_illegal_item(seed, domain, bias, temperature):
-    """Random logits, with a large bonus on random illegal itemic tokens, sampled through the processor."""
+    """Random logits, with a large bonus on random illegal itemic tokens, sampled through the item rule."""
     generator = torch.Generator().manual_seed(seed)
     first = CONSTRAINT.live_begin_ids if domain is None else [VOCAB.begin_id(domain)]
-    processor = RequestItemicProcessor(CONSTRAINT, first_token_ids=first)
+    rule = item_rule(first=first)
     prompt = torch.randint(0, TEXT_TOKENS, (6,), generator=generator).tolist()
     output = []
     for _ in range(VOCAB.levels + 1):
         logits = torch.randn(WIDTH, generator=generator) * 5
         boosted = torch.randint(TEXT_TOKENS, WIDTH, (10,), generator=generator)
         logits[boosted] += bias
-        probs = torch.softmax(processor(prompt, output, logits) / temperature, dim=-1)
+        allowed = rule_masks([rule], [len(output)], [prompt + output], WIDTH, WIDTH, CONSTRAINT)[0]
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")) / temperature, dim=-1)
         output.append(int(torch.multinomial(probs, 1, generator=generator)))
     item = decode_item(VOCAB, output)
     assert item in LEGAL
@@ -144,11 +162,12 @@ def _scattered(scheme, seed=0):
     return ItemicVocab.from_lookup(scheme, dict(zip(tokens, ids)))
 
 
-def _walk(processor, steps, prompt=(3, 17, 9)):
+def _walk(rule, constraint, steps, prompt=(3, 17, 9)):
+    width = constraint.vocab_size
     frontier = [[]]
     for _ in range(steps):
-        frontier = [out + [t] for out in frontier for t in _allowed_ids(processor, list(prompt), out,
-                                                                        width=processor.constraint.vocab_size)]
+        frontier = [out + [t] for out in frontier
+                    for t in _allowed_ids(rule, list(prompt), out, width, width, constraint)]
     return frontier
 
 
@@ -157,15 +176,14 @@ def test_end_token_schemes_reach_exactly_the_catalog_items(name):
     scheme = preset(name, codebook_size=K, domains=None if name == "openonerec" else ["ad", "prod", "video"])
     vocab = _scattered(scheme)
     constraint = ItemicConstraint(ItemTrie.from_catalog(CATALOG, scheme), vocab, vocab.max_id + 4)
-    processor = RequestItemicProcessor(constraint, first_token_ids=constraint.live_begin_ids)
-    frontier = _walk(processor, scheme.item_length)
+    frontier = _walk(TokenRule(first=tuple(constraint.live_begin_ids), trie=True), constraint, scheme.item_length)
     legal = {(scheme.begin_key(d), codes) for d, codes in LEGAL}
     assert {vocab.decode_item(out) for out in frontier} == legal and len(frontier) == len(legal)
     domain, codes = sorted(LEGAL)[0]
     item = vocab.item_ids(domain, codes)
-    free = RequestItemicProcessor(constraint)
-    assert _allowed_ids(free, [1], [4] + item[:-1], width=constraint.vocab_size) == [item[-1]]  # codes done: end
-    after = set(_allowed_ids(free, [1], [4] + item, width=constraint.vocab_size))
+    free, width = TokenRule(trie=True), constraint.vocab_size
+    assert _allowed_ids(free, [1], [4] + item[:-1], width, width, constraint) == [item[-1]]  # codes done: end
+    after = set(_allowed_ids(free, [1], [4] + item, width, width, constraint))
     assert set(range(TEXT_TOKENS)) <= after and not after & set(vocab.end_ids.values())  # outside: no stray end
     if name == "onereason":  # no "ad" items: its begin token is dead, and each item ends with its domain's end
         assert vocab.begin_id("ad") not in after and vocab.begin_id("video") in after
@@ -177,5 +195,5 @@ def test_without_a_catalog_only_the_pattern_is_enforced():
     scheme = preset("openonerec", codebook_size=K)
     vocab = _scattered(scheme, seed=1)
     constraint = ItemicConstraint(None, vocab, vocab.max_id + 1)
-    frontier = _walk(RequestItemicProcessor(constraint, first_token_ids=[vocab.begin_id(None)]), scheme.item_length)
+    frontier = _walk(TokenRule(first=(vocab.begin_id(None),), trie=True), constraint, scheme.item_length)
     assert sorted(vocab.decode_item(out)[1] for out in frontier) == list(itertools.product(range(K), repeat=3))

@@ -1,14 +1,13 @@
 """Two-stage think-then-items generation on a tiny random recommender, checked against teacher-forced oracles.
 
-Oracles recompute everything from scratch — one full forward per sequence, no KV cache, no padding — and the
-allowed tokens come straight from the catalog rows, not from the trie.
+Oracles (``oracles.py``) recompute everything from scratch — one full forward per sequence, no KV cache, no
+padding — and the allowed tokens come straight from the catalog rows, not from the trie.
 """
 import dataclasses
 
 import pytest
 import torch
 
-from megatron_onereason.checkpoint.hf_mapping import fuse_fc1, hf_layer_to_mcore
 from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
 from megatron_onereason.generation.hf_backend import TransformersBackend
 from megatron_onereason.generation.params import GenerationParams, Prompt
@@ -17,6 +16,7 @@ from megatron_onereason.generation.two_stage import TwoStageGenerator
 from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
+from oracles import allowed_item_ids, assert_rollouts_exact, legal_items, megatron_named, oracle_logp
 
 
 @pytest.fixture(scope="module", params=["onereason_report", "openonerec"])
@@ -34,90 +34,18 @@ def setup(tmp_path_factory, request):
     return tiny, backend, catalog, prompts
 
 
-def legal_items(catalog, scheme, domain=None):
-    """(begin key, codes) of the catalog items a (forced) domain allows: its own items, or all of them when the
-    scheme's begin token is shared."""
-    return {(scheme.begin_key(d), tuple(int(c) for c in codes)) for d, codes in zip(catalog.domains, catalog.codes)
-            if domain is None or scheme.begin_key(d) == scheme.begin_key(domain)}
-
-
-def oracle_logp(model, ids):
-    """log p(ids[i] | ids[:i]) for i >= 1, from one forward pass over the whole sequence."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].double()
-    return torch.log_softmax(logits, -1), logits
-
-
-def allowed_item_ids(backend, catalog, key, forced_domain, prefix_tokens):
-    """Token ids allowed at item step len(prefix_tokens), straight from the catalog rows (``key``: the begin key)."""
-    vocab = backend.vocab
-    if not prefix_tokens:
-        if forced_domain is not None:
-            return [vocab.begin_id(forced_domain)]
-        return sorted({vocab.begin_id(d) for d in catalog.domains})
-    codes = [vocab.token(t).code for t in prefix_tokens[1:]]
-    level = len(codes)
-    if level == vocab.levels:
-        return [vocab.item_end_id(key)]
-    return sorted({vocab.code_id(level, c[level]) for k, c in legal_items(catalog, vocab.scheme)
-                   if k == key and list(c[:level]) == codes})
-
-
 def test_two_stage_returns_n_by_k_items_with_masks_and_exact_logprobs(setup):
     _, backend, catalog, prompts = setup
-    chat, vocab = backend.chat_tokens, backend.vocab
     params = GenerationParams(num_traces=3, num_items=4, temperature=0.7, item_temperature=1.3, max_think_tokens=12,
                               seed=11)
     outputs = backend.generate(prompts[True], params)
-    assert len(outputs) == 2
-    sep = list(chat.answer_separator_ids)
-    checked_reasoning = 0
-    for prompt, out in zip(prompts[True], outputs):
-        assert len(out.traces) == 3 and all(len(t.completions) == 4 for t in out.traces)
-        for trace in out.traces:
-            n = len(trace.token_ids)
-            assert len(trace.logprobs) == len(trace.model_logprobs) == len(trace.sampled) == n
-            assert trace.token_ids[-len(sep) - 1:] == [chat.think_end_id] + sep
-            assert sum(trace.sampled) <= params.max_think_tokens
-            # forced: the separator always, and </think> when the model did not write it within the budget
-            assert trace.sampled[-len(sep):] == [False] * len(sep)
-            assert trace.sampled[-len(sep) - 1] == trace.closed_by_model
-            assert all(trace.sampled[:-len(sep) - 1])
-            assert not set(chat.stop_ids) & set(trace.token_ids)
-            assert all(lp == 0.0 for lp, s in zip(trace.logprobs, trace.sampled) if not s)
-            for completion in trace.completions:
-                assert (completion.domain, completion.codes) in legal_items(catalog, vocab.scheme, prompt.domain)
-                assert completion.token_ids == vocab.item_ids(completion.domain, completion.codes)
-                seq = list(prompt.token_ids) + trace.token_ids + completion.token_ids
-                logp, logits = oracle_logp(backend.model, seq)
-                start = len(prompt.token_ids)
-                positions = torch.arange(start - 1, len(seq) - 1)
-                expect = logp[positions, torch.tensor(seq[start:])]
-                got = torch.tensor(trace.model_logprobs + completion.model_logprobs, dtype=torch.float64)
-                torch.testing.assert_close(got, expect, atol=2e-4, rtol=0)
-                # item tokens: the masked distribution at the item temperature, allowed set from the catalog rows
-                for step, token in enumerate(completion.token_ids):
-                    pos = len(seq) - len(completion.token_ids) - 1 + step
-                    allowed = allowed_item_ids(backend, catalog, completion.domain, prompt.domain,
-                                               completion.token_ids[:step])
-                    want = torch.log_softmax(logits[pos, allowed] / params.item_temperature, -1)[allowed.index(token)]
-                    assert completion.logprobs[step] == pytest.approx(float(want), abs=2e-4)
-                # reasoning tokens outside itemic patterns: temperature 0.7 over valid non-stop tokens, live begins
-                dead = [vocab.begin_id(d) for d in vocab.domains if d not in set(catalog.domains)]
-                for i, token in enumerate(trace.token_ids):
-                    recent = (list(prompt.token_ids) + trace.token_ids[:i])[-vocab.levels - 1:]
-                    if not trace.sampled[i] or any(vocab.is_itemic(t) for t in recent):
-                        continue
-                    ok = torch.ones(logits.shape[1], dtype=torch.bool)
-                    ok[len(backend.tokenizer):] = False
-                    ok[list(chat.stop_ids) + dead + list(vocab.end_ids.values())] = False
-                    want = torch.log_softmax((logits[start - 1 + i] / 0.7).masked_fill(~ok, float("-inf")), -1)[token]
-                    assert trace.logprobs[i] == pytest.approx(float(want), abs=2e-4)
-                    checked_reasoning += 1
-        item_length = vocab.scheme.item_length
-        assert out.generated_tokens == sum(len(t.token_ids) + 4 * item_length for t in out.traces)
+    assert assert_rollouts_exact(outputs, prompts[True], params, backend.model, backend.vocab, backend.chat_tokens,
+                                 catalog, len(backend.tokenizer)) > 0
+    for out in outputs:  # the loop copies each trace's cache K times: every stage-2 context token is reused
+        assert out.stage2_cached_tokens == out.stage2_prompt_tokens == \
+            params.num_items * sum(len(out.prompt.token_ids) + len(t.token_ids) for t in out.traces)
+        item_length = backend.vocab.scheme.item_length
         assert out.independent_rollout_tokens == sum(4 * (len(t.token_ids) + item_length) for t in out.traces)
-    assert checked_reasoning > 0
 
 
 def test_forced_begin_and_non_thinking_mode(setup):
@@ -187,7 +115,7 @@ def test_narrow_beam_and_hierarchical_search_match_brute_force_replays(setup):
         for score, prefix in beams:
             logp = step_logp(prefix)
             domain = None if not prefix else backend.vocab.token(prefix[0]).domain
-            for token in allowed_item_ids(backend, catalog, domain, None, prefix):
+            for token in allowed_item_ids(backend.vocab, catalog, domain, None, prefix):
                 expanded.append((score + float(logp[token]), prefix + [token]))
         beams = sorted(expanded, key=lambda s: -s[0])[:width]
         if step == 1:
@@ -197,7 +125,7 @@ def test_narrow_beam_and_hierarchical_search_match_brute_force_replays(setup):
         while len(prefix) < length:
             logp = step_logp(prefix)
             domain = backend.vocab.token(prefix[0]).domain
-            token = max(allowed_item_ids(backend, catalog, domain, None, prefix), key=lambda t: float(logp[t]))
+            token = max(allowed_item_ids(backend.vocab, catalog, domain, None, prefix), key=lambda t: float(logp[t]))
             score, prefix = score + float(logp[token]), prefix + [token]
         greedy.append((score, prefix))
     greedy.sort(key=lambda s: -s[0])
@@ -206,22 +134,6 @@ def test_narrow_beam_and_hierarchical_search_match_brute_force_replays(setup):
         got = backend.generate([prompt], params)[0].traces[0].completions
         assert [c.token_ids for c in got] == [tokens for _, tokens in want], strategy
         assert [c.log_prob for c in got] == pytest.approx([s for s, _ in want], abs=2e-4)
-
-
-def megatron_named(model, cfg, padded_vocab):
-    """A HF model's weights as a TP-gathered megatron state dict (local-spec names, padded vocab, DDP prefix)."""
-    state = model.state_dict()
-    embedding = state["model.embed_tokens.weight"]
-    padding = torch.randn(padded_vocab - embedding.shape[0], embedding.shape[1])
-    yield "module.embedding.word_embeddings.weight", torch.cat([embedding, padding])
-    yield "decoder.final_layernorm.weight", state["model.norm.weight"]
-    aliases = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-               "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
-    for layer in range(cfg.num_layers):
-        for suffix, tensor in hf_layer_to_mcore(state.__getitem__, layer, cfg).items():
-            name = aliases.get(suffix, suffix)
-            yield f"decoder.layers.{layer}.{name}", fuse_fc1(tensor) if isinstance(tensor, tuple) else tensor
-        yield f"decoder.layers.{layer}.self_attention.core_attention._extra_state", torch.zeros(0)
 
 
 def test_update_weights_from_megatron_names_then_generation_follows_the_new_weights(setup):

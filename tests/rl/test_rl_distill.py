@@ -1,4 +1,5 @@
 """MOPD (eqs. 16–20) and OpenOneRec's itemic-token penalty (§5.2)."""
+import json
 import math
 from fractions import Fraction
 
@@ -7,13 +8,18 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from megatron_onereason.rl.distill import (
+    check_teacher_vocabulary,
+    general_itemic_penalty,
     information_gain_filter,
     information_gain_scores,
     itemic_penalty,
     itemic_token_mask,
+    load_general_prompts,
+    load_plain_teacher,
     mopd_advantages,
     mopd_loss,
     route_to_teachers,
+    teacher_input_ids,
     truncated_is_weights,
 )
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab, preset
@@ -46,7 +52,7 @@ def test_truncated_is_weights_hand_case():
     assert masked.tolist() == [[0.0, 0.0, pytest.approx(1.5), 0.0]]
     with pytest.raises(ValueError, match="low"):
         truncated_is_weights(train, rollout, 2.0, 1.0)
-    with pytest.raises(ValueError, match="train_logp holds NaN"):
+    with pytest.raises(ValueError, match="target_logp holds NaN"):
         truncated_is_weights(torch.full((1, 2), float("nan")), torch.zeros(1, 2), 0.5, 2.0)
 
 
@@ -187,3 +193,77 @@ def test_itemic_penalty_and_truncation():
     assert adv.tolist() == [[0.5, -5.0, 0.0, 0.0], [0.5] * 4]
     with pytest.raises(ValueError, match="token_is_itemic"):
         itemic_penalty(teacher, is_itemic[:, :3])
+
+
+def test_itemic_penalty_touches_general_prompts_only():
+    scheme = preset("onereason_report", codebook_size=4)
+    vocab = ItemicVocab.from_lookup(scheme, {t: 100 + i for i, t in enumerate(scheme.token_strings())})
+    # Row 0: a general prompt whose rollout cites an item; row 1: a recommendation rollout with the same tokens.
+    ids = torch.tensor([[5, 100, 104, 7], [5, 100, 104, 7]])
+    teacher = torch.full((2, 4), -0.5)
+    penalised, keep = general_itemic_penalty(teacher, itemic_token_mask(ids, vocab), torch.tensor([True, False]))
+    assert penalised.tolist() == [[-0.5, -1e9, -1e9, -0.5], [-0.5] * 4]
+    assert keep.tolist() == [[True, True, False, False], [True] * 4]
+    assert teacher_input_ids(ids, itemic_token_mask(ids, vocab), fill_id=3).tolist() == [[5, 3, 3, 7]] * 2
+    with pytest.raises(ValueError, match="is_general"):
+        general_itemic_penalty(teacher, itemic_token_mask(ids, vocab), torch.tensor([True]))
+
+
+def test_plain_qwen3_teacher_loads_and_scores_student_tokens(tokenizers_3x32):
+    """OpenOneRec §5.2's teacher: the base Qwen3 (no itemic_tokens.json) scores the extended student's rollouts."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    base, extended = tokenizers_3x32["base"], tokenizers_3x32["extended"]
+    assert not os.path.exists(os.path.join(base, "itemic_tokens.json"))
+    student_tok, teacher_tok = AutoTokenizer.from_pretrained(extended), AutoTokenizer.from_pretrained(base)
+    vocab = ItemicVocab.load(extended)
+    check_teacher_vocabulary(student_tok.get_vocab(), teacher_tok.get_vocab(), vocab, base)
+    teacher = load_plain_teacher(base)
+    text = "hello world " + vocab.scheme.format_item("video", (1, 2, 3)) + " bye"
+    ids = torch.tensor([student_tok.encode(text, add_special_tokens=False)])
+    is_itemic = itemic_token_mask(ids, vocab)
+    assert is_itemic.any() and (ids[is_itemic] >= len(teacher_tok)).all()
+    safe = teacher_input_ids(ids, is_itemic, fill_id=teacher_tok.pad_token_id)
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(safe).logits[0, :-1].double(), -1).gather(-1, safe[0, 1:, None])[:, 0]
+    first = int(is_itemic[0].nonzero()[0])
+    # Up to the first itemic token the teacher's scores do not depend on what replaced the itemic ids.
+    prefix = torch.tensor([student_tok.encode("hello world ", add_special_tokens=False)])
+    assert first == prefix.shape[1]
+    with torch.no_grad():
+        alone = torch.log_softmax(teacher(prefix).logits[0, :-1].double(), -1).gather(-1, prefix[0, 1:, None])[:, 0]
+    assert torch.allclose(logp[: first - 1], alone, atol=1e-10)
+    # A teacher from another tokenizer is refused by name.
+    shifted = {t: i + 1 for t, i in teacher_tok.get_vocab().items()}
+    with pytest.raises(ValueError, match="has id"):
+        check_teacher_vocabulary(student_tok.get_vocab(), shifted, vocab, "other")
+    smaller = {t: i for t, i in teacher_tok.get_vocab().items() if i != 7}
+    with pytest.raises(ValueError, match="lacks the student's non-itemic token"):
+        check_teacher_vocabulary(student_tok.get_vocab(), smaller, vocab, "other")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_plain_teacher(os.path.dirname(base))
+
+
+def test_general_prompts_load_skip_and_count(tmp_path):
+    scheme = preset("onereason_report", codebook_size=4)
+    path = tmp_path / "general.jsonl"
+    records = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "user", "content": "Describe " + scheme.format_item("video", (1, 2, 3))}]},
+        {"messages": [{"role": "assistant", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    out = load_general_prompts(str(path), scheme)
+    assert out.prompts == [records[0]["messages"][:2], records[3]["messages"]]
+    assert out.skipped == {"no_user_message": 1, "itemic_tokens": 1}
+    path.write_text(json.dumps(records[0]) + "\n" + '{"messages": [{"role": "bot", "content": "x"}]}\n')
+    with pytest.raises(ValueError, match=r"general.jsonl:2: 'messages'"):
+        load_general_prompts(str(path), scheme)
+    path.write_text(json.dumps(records[1]) + "\n")
+    with pytest.raises(ValueError, match="no usable general-domain prompt"):
+        load_general_prompts(str(path), scheme)

@@ -99,7 +99,67 @@ def test_two_stage_rewards_hand_case():
     beam = two_stage_rewards(pred, [[[1, 2, 3]]], accuracy="beam-prefix")
     assert beam.reward.tolist() == [[[1.5, 1.5, 1.5], [0.0, 0.0, 0.0]]]
     assert beam.hit.tolist() == out.hit.tolist()
+    # Per-completion prefix: leading codes each completion shares with the target, by hand (no diversity).
+    prefix = two_stage_rewards(pred, [[[1, 2, 3], [4, 9, 9]]], accuracy="prefix", diversity=False)
+    assert prefix.reward.tolist() == [[[3.0, 1.0, 3.0], [3.0, 1.0, 1.0]]]  # [4,5,6] vs target [4,9,9]: 1 code
     with pytest.raises(ValueError, match="accuracy"):
         two_stage_rewards(pred, [[[1, 2, 3]]], accuracy="ndcg")
     with pytest.raises(ValueError, match=r"\[U, N, K, L\]"):
         two_stage_rewards(pred[0], [[[1, 2, 3]]])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_recommender):
+    from megatron_onereason.generation.hf_backend import TransformersBackend
+    from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+
+    rec = tiny_recommender
+    return TransformersBackend.from_pretrained(rec.model_dir, rec.catalog_dir), ItemCatalog.load(rec.catalog_dir)
+
+
+def test_rollout_beam_reward_on_a_real_beam_equals_a_hand_computation(tiny):
+    """OneRec-Think eqs. 6–7: beam search of width K after each trace, reward = best code agreement in the beam."""
+    from megatron_onereason.generation.params import GenerationParams, Prompt
+    from megatron_onereason.generation.prompts import chat_prompt_ids
+    from megatron_onereason.rl.rollout_batch import predicted_codes
+
+    backend, catalog = tiny
+    k = 3
+    prompt = Prompt(chat_prompt_ids(backend.tokenizer, [{"role": "user", "content": "Next video?"}], True), "video")
+    params = GenerationParams(num_traces=3, num_items=k, item_strategy="beam", temperature=1.0, max_think_tokens=6,
+                              seed=5)
+    (out,) = backend.generate([prompt], params)
+    # A real beam: K distinct catalog items per trace, best first by log p(item | prompt, trace).
+    for trace in out.traces:
+        scores = [c.log_prob for c in trace.completions]
+        assert len({c.codes for c in trace.completions}) == k and scores == sorted(scores, reverse=True)
+    # Targets: an item sharing only the first code with trace 0's best beam item, and one elsewhere in the catalog.
+    best = out.traces[0].completions[0].codes
+    videos = [tuple(int(x) for x in c) for d, c in zip(catalog.domains, catalog.codes) if d == "video"]
+    near = next((c for c in videos if c[0] == best[0] and c[1] != best[1]), videos[-1])
+    targets = [near, videos[len(videos) // 2]]
+
+    def by_hand(prefix_only):
+        rewards = []
+        for trace in out.traces:
+            best_match = 0
+            for completion in trace.completions:
+                for target in targets:
+                    matches = 0
+                    for predicted, wanted in zip(completion.codes, target):
+                        if predicted == wanted:
+                            matches += 1
+                        elif prefix_only:
+                            break
+                    best_match = max(best_match, matches)
+            rewards.append(float(best_match))
+        return rewards
+
+    codes = predicted_codes([out], catalog)
+    target_codes = [torch.tensor(targets)]
+    eq6 = two_stage_rewards(codes, target_codes, diversity=False, accuracy="rollout-beam")
+    prefix = two_stage_rewards(codes, target_codes, diversity=False, accuracy="beam-prefix")
+    assert eq6.reward[0, :, 0].tolist() == by_hand(prefix_only=False)
+    assert prefix.reward[0, :, 0].tolist() == by_hand(prefix_only=True)
+    assert (eq6.reward == eq6.reward[..., :1]).all()  # shared by the K completions of a trace
+    assert eq6.reward[0, 0, 0].item() >= 1.0  # trace 0's best item shares the first code with a target

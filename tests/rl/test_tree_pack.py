@@ -39,6 +39,32 @@ def test_tree_logprobs_equal_materialised_rollouts(model):
     assert pack.trace_mask.sum() == 7 and pack.child_mask.sum() == 4 + 3 + 4 + 2 + 4 + 1
 
 
+def test_constrained_positions_are_renormalised_over_their_allowed_ids(model):
+    """A scorer (MOPD teacher, KL reference) gives item tokens the constrained distribution's log-probs, as the actor
+    does: log π(x) − log Σ_{a∈A} π(a) (oracle: a float64 softmax over the allowed ids of the materialised rollout)."""
+    g = torch.Generator().manual_seed(1)
+    tree = TreeSequence(_tokens(g, 4), _tokens(g, 3), [[11, 12, 13], [21, 22]])
+    pack = pack_trees([tree], length=24)
+    raw = hf_tree_logprobs(model, pack)
+    allowed = {(0, 0, 1): [12, 5, 7], (0, 1, 1): [22, 30]}  # (tree, child, token) -> allowed ids there
+    positions = torch.tensor([int(pack.child_index[k]) for k in allowed])
+    ids = torch.full((2, 3), -1, dtype=torch.long)
+    for r, a in enumerate(allowed.values()):
+        ids[r, : len(a)] = torch.tensor(a)
+    pack.item_allowed = (positions, ids)
+    renormalised = hf_tree_logprobs(model, pack)
+    others = torch.ones_like(raw, dtype=torch.bool)
+    others[positions] = False
+    assert torch.equal(renormalised[others], raw[others])
+    for (i, j, t), a in allowed.items():
+        seq = torch.tensor(list(tree.prompt) + list(tree.trace) + list(tree.children[j]))
+        with torch.no_grad():
+            logits = model(seq[None]).logits[0].double()
+        row = logits[len(tree.prompt) + len(tree.trace) + t - 1]
+        expected = row[tree.children[j][t]] - torch.logsumexp(row[a], 0)
+        assert float(renormalised[int(pack.child_index[i, j, t])]) == pytest.approx(float(expected), abs=1e-5)
+
+
 def test_tree_is_shorter_than_materialised_rollouts():
     trace, children = list(range(100)), [[1, 2, 3, 4]] * 8
     pack = pack_trees([TreeSequence([7] * 20, trace, children)])

@@ -1,0 +1,166 @@
+"""RL rollout engine benchmark: vLLM vs the transformers backend on the same prompts, in one run.
+
+    PYTHONPATH=. python benchmarks/rollout.py [--preset tiny] [--prompts 8] [--num-traces 4] [--num-items 8] \
+        [--max-think-tokens 64] [--repeats 3] [--sections rollout,score] [--device cpu] [--dtype fp32]
+
+Builds the tiny random recommender (synthetic catalog → RQ-KMeans codes → random Qwen3 with the itemic tokens) in a
+temporary directory, renders synthetic-benchmark prompts, builds both backends with ``make_backend`` and prints one
+table per section:
+
+* ``rollout``: two-stage rollouts (N traces × K items, seeded, identical parameters for both backends), timed after
+  one warm-up call: generated tokens/s (each trace once plus every item completion, ``PromptOutput.generated_tokens``),
+  items/s, seconds per call and the stage-2 prefix-cache hit share;
+* ``score``: log-probs of given tokens (a teacher or the reference scoring the rollouts) — vLLM's ``score``, the
+  transformers backend's ``score`` (one forward per tree) and the RL engine's tree-pack forward
+  (``rl.workers.hf_tree_logprobs``): seconds, tokens/s and max |Δ log p| against the transformers ``score``.
+
+More sections (weight-sync seconds, the RL step's rollout/train/sync split) plug into ``SECTIONS``: a function
+``(bench: Bench, args) -> None`` that prints its own table. On CPU vLLM needs ``VLLM_CPU_KVCACHE_SPACE`` (set to 1
+GiB here unless already set). Timings on a shared machine are noisy: compare the rows of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List
+
+import torch
+
+
+@dataclass
+class Bench:
+    backends: Dict[str, object]  # name -> GenerationBackend, in table order
+    prompts: List  # rendered thinking prompts (Prompt), the same for every backend
+    params: object  # GenerationParams of the rollout section
+
+
+def _timed(fn, repeats: int):
+    fn()  # warm-up
+    start = time.perf_counter()
+    results = [fn() for _ in range(repeats)]
+    return (time.perf_counter() - start) / repeats, results
+
+
+def rollout_section(bench: Bench, args) -> None:
+    print(f"\n[rollout] {len(bench.prompts)} prompts, N={bench.params.num_traces} traces x K={bench.params.num_items} "
+          f"items, max {bench.params.max_think_tokens} think tokens, {args.repeats} timed calls after a warm-up")
+    print(f"{'backend':<14} {'tokens/s':>10} {'items/s':>9} {'s/call':>8} {'tokens/call':>12} "
+          f"{'stage-2 cache hit':>18}")
+    base = None
+    for name, backend in bench.backends.items():
+        seconds, results = _timed(lambda: backend.generate(bench.prompts, bench.params), args.repeats)
+        outputs = [o for r in results for o in r]
+        tokens = sum(o.generated_tokens for o in outputs) / args.repeats
+        items = sum(len(t.completions) for o in outputs for t in o.traces) / args.repeats
+        hit = sum(o.stage2_cached_tokens for o in outputs) / max(1, sum(o.stage2_prompt_tokens for o in outputs))
+        base = base or tokens / seconds
+        print(f"{name:<14} {tokens / seconds:10.1f} {items / seconds:9.1f} {seconds:8.3f} {tokens:12.0f} {hit:18.3f}"
+              f"   ({tokens / seconds / base:.2f}x the first row)")
+
+
+def score_section(bench: Bench, args) -> None:
+    from megatron_onereason.rl.tree_pack import TreeSequence, pack_trees, tree_logprobs_layout
+    from megatron_onereason.rl.workers import hf_tree_logprobs
+
+    first = next(iter(bench.backends.values()))
+    outputs = first.generate(bench.prompts, replace(bench.params, seed=1))
+    trees = [TreeSequence(o.prompt.token_ids, t.token_ids, [c.token_ids for c in t.completions])
+             for o in outputs for t in o.traces]
+    scored = sum(len(t.trace) + sum(len(c) for c in t.children) for t in trees)
+    hf = bench.backends["transformers"]
+
+    def tree_pack():
+        out = []
+        for tree in trees:  # one pack per tree, as the engine's reference/teacher workers do
+            pack = pack_trees([tree])
+            trace, child = tree_logprobs_layout(hf_tree_logprobs(hf.model, pack), pack)
+            out.append((trace[0, :len(tree.trace)].tolist(), [child[0, j, :len(c)].tolist()
+                                                               for j, c in enumerate(tree.children)]))
+        return out
+
+    candidates: Dict[str, Callable] = {name: (lambda b=b: [(s.trace, s.children) for s in b.score(trees)])
+                                       for name, b in bench.backends.items()}
+    candidates["transformers tree-pack"] = tree_pack
+    print(f"\n[score] given tokens of {len(trees)} rollout trees ({scored} scored tokens, K={bench.params.num_items}); "
+          "max |Δ| against the transformers per-tree forward")
+    print(f"{'method':<24} {'s/call':>8} {'tokens/s':>10} {'max |Δ log p|':>14}")
+    reference = candidates["transformers"]()
+    for name, fn in candidates.items():
+        seconds, results = _timed(fn, args.repeats)
+        delta = max(abs(a - b) for (tr, ch), (rtr, rch) in zip(results[0], reference)
+                    for x, y in [(tr, rtr)] + list(zip(ch, rch)) for a, b in zip(x, y))
+        print(f"{name:<24} {seconds:8.3f} {scored / seconds:10.1f} {delta:14.2e}")
+
+
+SECTIONS: Dict[str, Callable[[Bench, argparse.Namespace], None]] = {"rollout": rollout_section,
+                                                                     "score": score_section}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--items-per-domain", type=int, default=64)
+    p.add_argument("--codebook-size", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--num-traces", type=int, default=4)
+    p.add_argument("--num-items", type=int, default=8)
+    p.add_argument("--max-think-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sections", default=",".join(SECTIONS))
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when visible)")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads of the transformers backend (0: default)")
+    args = p.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        p.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
+    from megatron_onereason.eval.benchmark import (
+        SyntheticBenchmarkConfig,
+        make_synthetic_benchmark,
+        rec_instances,
+        rec_messages,
+    )
+    from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
+    from megatron_onereason.generation.backend import make_backend
+    from megatron_onereason.generation.params import GenerationParams, Prompt
+    from megatron_onereason.generation.prompts import chat_prompt_ids
+    from megatron_onereason.tokenizer.item_catalog import ItemCatalog
+
+    with tempfile.TemporaryDirectory(prefix="onereason_rolloutbench_") as tmp:
+        tiny = build_tiny_recommender(f"{tmp}/tiny", items_per_domain=args.items_per_domain,
+                                      codebook_size=args.codebook_size, preset=args.preset)
+        catalog = ItemCatalog.load(tiny.catalog_dir)
+        users = make_synthetic_benchmark(SyntheticCatalog.load(tiny.synthetic_dir), catalog,
+                                         SyntheticBenchmarkConfig(num_users=args.prompts, seed=0))
+        start = time.perf_counter()
+        vllm_backend = make_backend("vllm", tiny.model_dir, tiny.catalog_dir, args.device, args.dtype, seed=0,
+                                    enforce_eager=True, max_model_len=4096)
+        vllm_start = time.perf_counter() - start
+        hf_backend = make_backend("hf", tiny.model_dir, tiny.catalog_dir, args.device, args.dtype)
+        instances = rec_instances(users)[:args.prompts]
+        prompts = [Prompt(chat_prompt_ids(hf_backend.tokenizer, rec_messages(i, catalog, hf_backend.vocab.scheme), True), i.domain)
+                   for i in instances]
+        params = GenerationParams(num_traces=args.num_traces, num_items=args.num_items,
+                                  max_think_tokens=args.max_think_tokens, seed=0)
+        print(f"preset {args.preset}, {len(catalog)} items, codebook {args.codebook_size}, {len(prompts)} prompts "
+              f"(mean {sum(len(q.token_ids) for q in prompts) / len(prompts):.0f} tokens), "
+              f"{torch.get_num_threads()} torch threads; vLLM engine start {vllm_start:.1f} s")
+        bench = Bench({"vllm": vllm_backend, "transformers": hf_backend}, prompts, params)
+        try:
+            for section in sections:
+                SECTIONS[section](bench, args)
+        finally:
+            vllm_backend.close()
+
+
+if __name__ == "__main__":
+    main()
