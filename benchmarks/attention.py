@@ -143,7 +143,7 @@ def scaling(args):
     for path, kind, length in points:
         rows.append(run_point(args, path, kind, length))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print(f"\n| path | pack | positions | segments | fwd+bwd s | tokens/s | peak GB |\n|---|---|---|---|---|---|---|")
+    print("\n| path | pack | positions | segments | fwd+bwd s | tokens/s | peak GB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['path']} | {r['kind']} | {r['length']} | | failed: {r['error']} | | |")

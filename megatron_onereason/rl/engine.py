@@ -398,7 +398,7 @@ class RLEngine:
     def grpo_step(self, step: int) -> Dict[str, float]:
         import ray
 
-        cfg, g = self.cfg, self.cfg.grpo
+        g = self.cfg.grpo
         beam = g.reward in BEAM_REWARDS  # OneRec-Think eq. 7: stage 2 is a beam search of width K
         t0 = time.time()
         instances = self.batch_for_step(step)

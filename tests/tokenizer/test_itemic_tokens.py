@@ -2,7 +2,6 @@
 itemic_tokens.json formats. Oracles: hand-written strings, OpenOneRec's own regex on the real RecIF-Bench prompts,
 set membership for id masks, and the HF tokenizer for ids."""
 import json
-import os
 import random
 import re
 import shutil
