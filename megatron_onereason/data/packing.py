@@ -127,7 +127,7 @@ def split_overlong(lengths: np.ndarray, config: PackingConfig):
             counts["truncated_tokens"] = int((lengths[overlong] - cap).sum(dtype=np.int64))
     del overlong, empty
     doc = np.repeat(np.arange(lengths.size, dtype=_index_dtype(lengths.size)), per_doc)
-    if doc.size == lengths.size:  # one chunk per document (nothing split, dropped or empty): starts are all 0
+    if np.all(per_doc == 1):  # one chunk per document (nothing split, dropped or empty): starts are all 0
         return doc, np.zeros_like(lengths), np.minimum(lengths, cap), counts
     first_chunk = np.cumsum(per_doc) - per_doc
     index_in_doc = (np.arange(doc.size, dtype=np.int64) - np.repeat(first_chunk, per_doc)).astype(lengths.dtype)

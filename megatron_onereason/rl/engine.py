@@ -148,6 +148,7 @@ class RLEngine:
         import ray
         from transformers import AutoTokenizer
 
+        cfg.check_model_dirs()
         self.cfg = cfg
         self.catalog = ItemCatalog.load(cfg.data.catalog)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.rollout.model_dir)
@@ -566,7 +567,11 @@ class RLEngine:
         train = self._train_minibatches("train_mopd", micro, m.is_low, m.is_high)
         t_train = time.time() - t1
         student_all = torch.cat([torch.cat(student_lp[i])[masks[i]] for i in range(len(trees))])
-        raw_all = torch.cat([torch.cat([t.trace_rollout_logp, t.child_rollout_logp[0]])[masks[i]]
+        # The rollout's log-probs of the distribution the student scored (as _flat_tokens does for GRPO): item
+        # tokens renormalised over the trie (μ) when constrained, the raw policy otherwise.
+        renormalised = self.constraint is not None
+        raw_all = torch.cat([torch.cat([t.trace_rollout_logp, (t.child_behaviour_logp if renormalised
+                                                                else t.child_rollout_logp)[0]])[masks[i]]
                              for i, t in enumerate(trees)])
         gap = torch.cat(gaps)
         metrics = {"student_teacher_logp_abs_gap": gap.mean().item() if gap.numel() else 0.0,

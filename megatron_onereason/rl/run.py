@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(RLConfig, args.config, args.overrides)
-    except ConfigError as e:
+        cfg.check_model_dirs()
+    except (ConfigError, ValueError) as e:
         print(f"rl.run: config error: {e}", file=sys.stderr)
         return 2
     from megatron_onereason.rl.engine import RLEngine

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from megatron_onereason.data.blending import blend_documents
@@ -125,6 +125,7 @@ def test_plan_equals_first_fit_decreasing_oracle(lengths, seq_length):
     st.integers(1, 50),
     st.integers(0, 3),
 )
+@example([0, 41], "split", 1, 0)  # as many chunks as documents, yet one empty and one split (found by hypothesis)
 def test_plan_invariants(lengths, policy, window, seed):
     lengths = np.array(lengths, dtype=np.int64)
     cfg = PackingConfig(seq_length=64, max_sample_length=40, overlong_policy=policy, window=window, seed=seed)

@@ -140,8 +140,8 @@ def test_rl_model_dir_is_a_directory_not_a_hub_id(tmp_path):
 
     cfg = {"actor": {"model": {"load": str(tmp_path)}}, "data": {"benchmark": "b.jsonl", "catalog": str(tmp_path)},
            "rollout": {"model_dir": str(tmp_path / "sft_hf")}}
-    with pytest.raises(ConfigError, match=r"rollout.model_dir=.*sft_hf: not a HF model directory \(no such directory"):
-        from_dict(RLConfig, cfg)
+    with pytest.raises(ValueError, match=r"rollout.model_dir=.*sft_hf: not a HF model directory \(no such directory"):
+        from_dict(RLConfig, cfg).check_model_dirs()  # rl.run and RLEngine check before any engine starts
 
 
 def test_empty_npy_is_named(tmp_path):

@@ -222,6 +222,9 @@ def test_mopd_moves_the_student_toward_its_teacher(task, vllm_rollout):
                                                       "data.prompts_per_step": 8})
     history, before, after, _ = run_engine(cfg, gap, [vllm_rollout])
     assert after["agreement"] < 1e-4  # both pipeline stages' weights reached vLLM
+    # every step's own agreement, on the distribution the student scored (trie-renormalised items)
+    assert all(r["train_rollout_logprob_abs_diff"] < 1e-4 for r in history), [r["train_rollout_logprob_abs_diff"]
+                                                                              for r in history]
     # Mean |log π_student − log π_teacher| on fixed tokens (sampled once from the initial student), under the
     # sampling distribution both are trained and scored with.
     assert after["gap"] < 0.9 * before["gap"], (before, after)
