@@ -215,7 +215,7 @@ def main(argv=None) -> None:
     p.add_argument("--sync-widths", type=int, nargs="*", default=[512, 1024],
                    help="sync: hidden sizes of the wider random Qwen3 models (multiples of 128; ffn 3x, head_dim 64)")
     p.add_argument("--sync-layers", type=int, default=6, help="sync: layers of the wider models")
-    p.add_argument("--sync-bucket-mb", type=int, default=512, help="sync: bucket size (the engine's ray.sync_bucket_mb)")
+    p.add_argument("--sync-bucket-mb", type=int, default=512, help="sync: bucket MiB (the engine's ray.sync_bucket_mb)")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
