@@ -16,44 +16,25 @@ import time
 import torch
 from tqdm import tqdm
 
-from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
-from megatron_onereason.eval.benchmark import (
-    SyntheticBenchmarkConfig,
-    make_synthetic_benchmark,
-    rec_instances,
-    rec_messages,
-)
-from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
+from megatron_onereason.eval.benchmark import rec_messages
+from megatron_onereason.eval.tiny_recommender import add_benchmark_arguments, build_benchmark_inputs
 from megatron_onereason.generation.hf_backend import TransformersBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
-from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--items-per-domain", type=int, default=64)
-    p.add_argument("--codebook-size", type=int, default=16)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--num-traces", type=int, default=4)
-    p.add_argument("--num-items", type=int, default=16)
-    p.add_argument("--max-think-tokens", type=int, default=64)
+    add_benchmark_arguments(p, num_items=16)
     p.add_argument("--strategies", default=",".join(ITEM_STRATEGIES))
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="onereason_genbench_") as tmp:
-        tiny = build_tiny_recommender(f"{tmp}/tiny", items_per_domain=args.items_per_domain,
-                                      codebook_size=args.codebook_size, preset=args.preset)
-        catalog = ItemCatalog.load(tiny.catalog_dir)
-        users = make_synthetic_benchmark(SyntheticCatalog.load(tiny.synthetic_dir), catalog,
-                                         SyntheticBenchmarkConfig(num_users=args.prompts, seed=0))
+        tiny, catalog, instances = build_benchmark_inputs(f"{tmp}/tiny", args)
         backend = TransformersBackend.from_pretrained(tiny.model_dir, tiny.catalog_dir, device=args.device)
-        instances = rec_instances(users)[:args.prompts]
         print(f"preset {args.preset}, {len(catalog)} items, codebook {args.codebook_size}, {len(instances)} prompts, "
               f"N={args.num_traces} traces x K={args.num_items} items, max {args.max_think_tokens} think tokens, "
               f"device {args.device}, {torch.get_num_threads()} threads")

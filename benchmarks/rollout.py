@@ -199,15 +199,10 @@ SECTIONS: Dict[str, Callable[[Bench, argparse.Namespace], None]] = {"rollout": r
 
 
 def main(argv=None) -> None:
+    from megatron_onereason.eval.tiny_recommender import add_benchmark_arguments, build_benchmark_inputs
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--items-per-domain", type=int, default=64)
-    p.add_argument("--codebook-size", type=int, default=16)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--num-traces", type=int, default=4)
-    p.add_argument("--num-items", type=int, default=8)
-    p.add_argument("--max-think-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    add_benchmark_arguments(p, num_items=8)
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when visible)")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on cuda, fp32 on cpu)")
@@ -227,31 +222,18 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-    from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
-    from megatron_onereason.eval.benchmark import (
-        SyntheticBenchmarkConfig,
-        make_synthetic_benchmark,
-        rec_instances,
-        rec_messages,
-    )
-    from megatron_onereason.eval.tiny_recommender import build_tiny_recommender
+    from megatron_onereason.eval.benchmark import rec_messages
     from megatron_onereason.generation.backend import make_backend
     from megatron_onereason.generation.params import GenerationParams, Prompt
     from megatron_onereason.generation.prompts import chat_prompt_ids
-    from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 
     with tempfile.TemporaryDirectory(prefix="onereason_rolloutbench_") as tmp:
-        tiny = build_tiny_recommender(f"{tmp}/tiny", items_per_domain=args.items_per_domain,
-                                      codebook_size=args.codebook_size, preset=args.preset)
-        catalog = ItemCatalog.load(tiny.catalog_dir)
-        users = make_synthetic_benchmark(SyntheticCatalog.load(tiny.synthetic_dir), catalog,
-                                         SyntheticBenchmarkConfig(num_users=args.prompts, seed=0))
+        tiny, catalog, instances = build_benchmark_inputs(f"{tmp}/tiny", args)
         start = time.perf_counter()
         vllm_backend = make_backend("vllm", tiny.model_dir, tiny.catalog_dir, args.device, args.dtype, seed=0,
                                     enforce_eager=True, max_model_len=4096)
         vllm_start = time.perf_counter() - start
         hf_backend = make_backend("hf", tiny.model_dir, tiny.catalog_dir, args.device, args.dtype)
-        instances = rec_instances(users)[:args.prompts]
         prompts = [Prompt(chat_prompt_ids(hf_backend.tokenizer, rec_messages(i, catalog, hf_backend.vocab.scheme), True), i.domain)
                    for i in instances]
         params = GenerationParams(num_traces=args.num_traces, num_items=args.num_items,
