@@ -9,7 +9,8 @@ import argparse
 import logging
 import sys
 
-from megatron_onereason.config import ConfigError, load_config
+from megatron_onereason.cli import run_cli
+from megatron_onereason.config import load_config
 from megatron_onereason.rl.config import RLConfig
 
 
@@ -19,15 +20,10 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(RLConfig, args.config, args.overrides)
-        cfg.check_model_dirs()
-    except (ConfigError, ValueError) as e:
-        print(f"rl.run: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(RLConfig, args.config, args.overrides)  # bad settings: one line from run_cli (exit 2)
     from megatron_onereason.rl.engine import RLEngine
 
-    engine = RLEngine(cfg)
+    engine = RLEngine(cfg)  # checks model directories, catalog and lineage first: one line (exit 1)
     try:
         if cfg.eval_interval and cfg.algorithm != "rft" and engine.step == 0:
             before = engine.evaluate()
@@ -40,4 +36,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli("rl.run", main))
