@@ -141,7 +141,12 @@ def test_rl_model_dir_is_a_directory_not_a_hub_id(tmp_path):
     cfg = {"actor": {"model": {"load": str(tmp_path)}}, "data": {"benchmark": "b.jsonl", "catalog": str(tmp_path)},
            "rollout": {"model_dir": str(tmp_path / "sft_hf")}}
     with pytest.raises(ValueError, match=r"rollout.model_dir=.*sft_hf: not a HF model directory \(no such directory"):
-        from_dict(RLConfig, cfg).check_model_dirs()  # rl.run and RLEngine check before any engine starts
+        from_dict(RLConfig, cfg).check_model_dirs()  # RLEngine checks before any engine starts
+    proc = subprocess.run([sys.executable, "-m", "megatron_onereason.rl.run", f"rollout.model_dir={tmp_path}/sft_hf",
+                           "data.benchmark=b.jsonl", f"data.catalog={tmp_path}", f"actor.model.load={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "sft_hf: not a HF model directory" in one_error_line(proc.stderr, "rl.run")
 
 
 def test_empty_npy_is_named(tmp_path):
