@@ -29,7 +29,9 @@ from megatron_onereason.rl.distill import mopd_loss
 from megatron_onereason.rl.losses import shared_prefix_policy_loss
 from megatron_onereason.rl.tree_pack import TreePack, tree_logprobs_layout
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
+from megatron_onereason.training.checkpointing import NonFiniteError
 from megatron_onereason.training.freezing import mask_frozen_row_grads
+from megatron_onereason.training.numerics import step_health
 from megatron_onereason.training.setup import device, install_grad_hooks, setup_model_and_optimizer
 
 GRPO_METRICS = ("clipfrac", "clipfrac_cot", "clipfrac_item", "approx_kl", "ratio_mean")
@@ -171,6 +173,13 @@ class MegatronActor:
         state.optimizer.zero_grad()
         losses = self._run(list(micro_batches), loss_fn, False)
         mask_frozen_row_grads(state.row_params)
+        # The trainer's guard (training/numerics.py): a NaN/inf loss or gradient stops the run before the update,
+        # so neither the policy nor anything saved or synced to the rollout holds it.
+        health = step_health([x["metrics"][1:2] for x in losses], state.chunks, 1, device())
+        if not health.ok:
+            what = "loss" if health.loss_nonfinite else "gradients"
+            raise NonFiniteError(f"RL actor step {state.iteration + 1}: non-finite (NaN/inf) {what}; stopped before "
+                                 "the update, nothing saved. Lower actor.optim.lr or check the rewards/advantages")
         updated, grad_norm, _ = state.optimizer.step()
         if updated:
             state.scheduler.step(increment=1)

@@ -68,6 +68,27 @@ def test_default_config_clips_both_stages_within_two_steps(local_ray, task):
     assert mean["train/clipfrac_cot"] > 0 and mean["train/clipfrac_item"] > 0, mean
 
 
+def test_a_diverging_actor_stops_before_the_update(local_ray, task, tmp_path):
+    """Issue 16 item 1 for RL: with an absurd learning rate the loss or gradients turn NaN/inf; the actor stops
+    before that update with the non-finite error instead of training (and syncing, saving) on."""
+    import ray
+
+    from megatron_onereason.rl.engine import RLEngine
+
+    save = tmp_path / "save"
+    cfg = load_config(RLConfig, os.path.join(REPO, "examples", "configs", "tiny", "grpo.yaml"),
+                      [*task, "steps=4", "actor.optim.lr=1e5", "actor.optim.min_lr=1e5", "actor.optim.clip_grad=0",
+                       f"save={save}", "save_interval=1"])
+    engine = RLEngine(cfg)
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError, match="non-finite \\(NaN/inf\\)"):
+            engine.run()
+        saved = engine.step  # the steps completed (and saved) before the diverging one
+    finally:
+        engine.shutdown()
+    assert saved < 4
+
+
 def test_every_ablation_config_runs_two_steps(local_ray, task):
     """Figs. 13–16 and unconstrained decoding: each config of examples/configs/ablations runs (one engine, started
     once; the variants run one after another) and changes what it says it changes."""
