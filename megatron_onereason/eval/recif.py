@@ -138,7 +138,8 @@ def task_file(path: str, split: str = "test") -> Tuple[str, str]:
     return (name[:-len(suffix)] if name.endswith(suffix) else name), path
 
 
-def _json_field(row: Dict[str, Any], key: str, kind: type) -> Any:
+def json_field(row: Dict[str, Any], key: str, kind: type) -> Any:
+    """``row[key]`` as a ``kind`` (list or dict), given as is or as a JSON string; else :class:`SampleError`."""
     value = row.get(key)
     if value is None:
         raise SampleError("schema", f"missing {key!r}")
@@ -152,19 +153,25 @@ def _json_field(row: Dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
-def _parse_row(row: Dict[str, Any], sample_id: str, scheme: ItemicScheme) -> RecifSample:
-    raw_messages = _json_field(row, "messages", list)
+def chat_messages(row: Dict[str, Any], key: str) -> List[Dict[str, str]]:
+    """The prompt turns in ``row[key]`` (a list or a JSON string), content flattened to a string; they must end
+    with the user turn the model answers. Bad input raises :class:`SampleError` naming the field."""
     messages = []
-    for i, m in enumerate(raw_messages):
+    for i, m in enumerate(json_field(row, key, list)):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise SampleError("schema", f"messages[{i}] must be an object with role system, user or assistant")
+            raise SampleError("schema", f"{key}[{i}] must be an object with role system, user or assistant")
         content = message_text(m.get("content"), i)
         if content is None:
-            raise SampleError("schema", f"messages[{i}] has no content")
+            raise SampleError("schema", f"{key}[{i}] has no content")
         messages.append({"role": m["role"], "content": content})
     if not messages or messages[-1]["role"] != "user":
-        raise SampleError("schema", "'messages' must end with the user turn the model answers")
-    metadata = _json_field(row, "metadata", dict)
+        raise SampleError("schema", f"{key!r} must end with the user turn the model answers")
+    return messages
+
+
+def _parse_row(row: Dict[str, Any], sample_id: str, scheme: ItemicScheme) -> RecifSample:
+    messages = chat_messages(row, "messages")
+    metadata = json_field(row, "metadata", dict)
     answer = metadata.pop("answer", None)
     if not isinstance(answer, str) or not answer.strip():
         raise SampleError("no_answer", "'metadata' has no non-empty string 'answer'")

@@ -65,14 +65,30 @@ class RolloutSection(EngineSection):
 
 @dataclass
 class DataSection:
-    benchmark: Optional[str] = None  # training users (megatron_onereason.eval.benchmark JSONL)
-    eval_benchmark: Optional[str] = None  # held-out users for Recall@K
+    # RL prompts (megatron_onereason/rl/data.py): a RecIF-Bench task file, a verl-style parquet or the synthetic
+    # benchmark JSONL, detected per file (data.format forces one).
+    prompts: Optional[str] = None  # training prompts
+    eval_prompts: Optional[str] = None  # held-out prompts for Recall@K (none: no Recall@K evaluation)
+    format: Literal["auto", "recif", "verl", "benchmark"] = "auto"
+    skip_invalid: bool = False  # skip and count bad rows instead of stopping at the first (named file: row, field)
+    benchmark: Optional[str] = None  # alias of data.prompts (the synthetic benchmark's historical name)
+    eval_benchmark: Optional[str] = None  # alias of data.eval_prompts
     catalog: Optional[str] = None  # itemic tokenizer directory (catalog.parquet): legal items, rewards
     domains: Optional[List[str]] = None  # single-domain RL: only these target domains
     prompts_per_step: int = 8
-    tasks: List[str] = field(default_factory=lambda: ["rec"])  # Mix-RL (§6.2): ["rec", "evolution"] (R3 + R2)
+    tasks: List[str] = field(default_factory=lambda: ["rec"])  # benchmark Mix-RL (§6.2): ["rec", "evolution"]
     general_prompts: Optional[str] = None  # MOPD general-domain prompts (chat JSONL), for mopd.general_teacher
     general_prompts_per_step: int = 4  # general-domain prompts added to each MOPD step's prompts
+
+    def __post_init__(self):
+        for alias, name in (("benchmark", "prompts"), ("eval_benchmark", "eval_prompts")):
+            old, new = getattr(self, alias), getattr(self, name)
+            if old and new and old != new:
+                raise ValueError(f"data.{alias} is an alias of data.{name}; give one of them, not two files "
+                                 f"({old} vs {new})")
+            if old and not new:
+                setattr(self, name, old)
+            setattr(self, alias, None)  # one name from here on
 
 
 @dataclass
@@ -145,7 +161,7 @@ class RLConfig:
 
     def __post_init__(self):
         missing = [name for name, value in (("rollout.model_dir", self.rollout.model_dir),
-                                            ("data.benchmark", self.data.benchmark), ("data.catalog", self.data.catalog))
+                                            ("data.prompts", self.data.prompts), ("data.catalog", self.data.catalog))
                    if not value]
         if self.algorithm != "rft" and not self.actor.model.load:
             missing.append("actor.model.load")

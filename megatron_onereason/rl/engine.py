@@ -15,10 +15,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_onereason.config import to_dict
-from megatron_onereason.eval.benchmark import TaskInstance, load_benchmark, task_instances
 from megatron_onereason.eval.rec_eval import ranked_item_ids, rec_metrics
 from megatron_onereason.metrics_log import MetricsLogger, format_eta
 from megatron_onereason.rl.config import RLConfig
+from megatron_onereason.rl.data import PromptSet, RLPrompt, describe, load_prompts, prompt_renderer
 from megatron_onereason.rl.grpo_step import grpo_step
 from megatron_onereason.rl.lineage import (
     EngineState,
@@ -68,17 +68,22 @@ class RLEngine(RLRuntime):
             state = read_engine_state(self._resume)
             check_catalog(state, self.catalog, cfg.data.catalog, self._resume)
             self.step = state.step
-        self.general = load_general_domain(cfg, self.tokenizer, self.vocab)
-        self.train_set = self._instances(cfg.data.benchmark, cfg.data.tasks)
-        # Recall@K is a recommendation metric: held-out users are scored on their rec instances only.
-        self.eval_set = self._instances(cfg.data.eval_benchmark, ("rec",)) if cfg.data.eval_benchmark else []
+        self.renderer = prompt_renderer(cfg, self.tokenizer, self.scheme)
+        self.general = load_general_domain(cfg, self.tokenizer, self.vocab, self.renderer)
+        train = self._prompts(cfg.data.prompts, cfg.data.tasks)
+        self.train_set = train.prompts
+        # Recall@K is a recommendation metric: held-out prompts are scored on their rec prompts only.
+        self.eval_set = self._prompts(cfg.data.eval_prompts, ("rec",)).prompts if cfg.data.eval_prompts else []
+        if not self.eval_set and cfg.eval_interval and cfg.algorithm != "rft":
+            log.warning("eval_interval=%s but no data.eval_prompts: no Recall@K evaluation in this run",
+                        cfg.eval_interval)
 
-    def _instances(self, path: str, tasks: Sequence[str]) -> List[TaskInstance]:
-        """The instances of ``tasks`` (data.tasks: R3 ``rec``, R2 ``evolution`` for Mix-RL) in ``path``."""
-        instances = task_instances(load_benchmark(path, self.catalog), tasks, self.cfg.data.domains)
-        if not instances:
-            raise ValueError(f"{path}: no instance of tasks {list(tasks)} for domains {self.cfg.data.domains}")
-        return instances
+    def _prompts(self, path: str, tasks: Sequence[str]) -> PromptSet:
+        """The prompts of ``path`` (benchmark files: of ``tasks``, data.tasks: R3 ``rec``, R2 ``evolution``)."""
+        d = self.cfg.data
+        prompts = load_prompts(path, self.catalog, self.renderer, d.format, d.skip_invalid, tasks, d.domains)
+        log.info("RL prompts: %s", describe(prompts))
+        return prompts
 
     def reconfigure(self, cfg: RLConfig) -> None:
         """Continue with ``cfg``, which may differ from the running config only in per-step settings (the reward,
@@ -97,7 +102,7 @@ class RLEngine(RLRuntime):
         self.constraint = self._constraint()
         self.logger = MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl)
 
-    def batch_for_step(self, step: int) -> List[TaskInstance]:
+    def batch_for_step(self, step: int) -> List[RLPrompt]:
         """Deterministic in (seed, step), so a resumed run samples what the uninterrupted one would have."""
         rng = np.random.default_rng([self.cfg.seed, step])
         n = min(self.cfg.data.prompts_per_step, len(self.train_set))
@@ -110,7 +115,7 @@ class RLEngine(RLRuntime):
         batch = with_general_prompts(self.batch_for_step(step), self.general, self.cfg, step)
         return mopd_step(self, batch, step, self.general)
 
-    def evaluate(self, instances: Optional[Sequence[TaskInstance]] = None) -> Dict[str, float]:
+    def evaluate(self, instances: Optional[Sequence[RLPrompt]] = None) -> Dict[str, float]:
         """Recall@K / Pass@K on held-out users: one greedy trace, beam search of width K over items (on the HF
         evaluator, synced to the current policy first, when the rollout engines are vLLM)."""
         instances = list(instances or self.eval_set or self.train_set)

@@ -14,9 +14,9 @@ from typing import Dict, Sequence
 
 import torch
 
-from megatron_onereason.eval.benchmark import TaskInstance
 from megatron_onereason.rl.actor import GRPOMicroBatch
 from megatron_onereason.rl.advantages import group_advantages
+from megatron_onereason.rl.data import RLPrompt
 from megatron_onereason.rl.losses import hit_sample_weights, importance_weights
 from megatron_onereason.rl.metrics import importance_weight_stats, logprob_gap_stats
 from megatron_onereason.rl.rewards import BEAM_REWARDS, two_stage_rewards
@@ -64,7 +64,7 @@ def behaviour_metrics(flat, recompute: bool, g) -> Dict[str, float]:
     return out
 
 
-def grpo_step(rt: RLRuntime, instances: Sequence[TaskInstance], step: int) -> Dict[str, float]:
+def grpo_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int) -> Dict[str, float]:
     """Roll out ``instances``, train the actor on them, sync the rollout engines; the step's metrics."""
     import ray
 

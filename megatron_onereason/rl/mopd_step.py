@@ -16,6 +16,7 @@ import torch
 
 from megatron_onereason.rl.actor import MOPDMicroBatch
 from megatron_onereason.rl.config import RLConfig
+from megatron_onereason.rl.data import PromptRenderer, RLPrompt, general_prompts
 from megatron_onereason.rl.distill import (
     check_teacher_vocabulary,
     general_itemic_penalty,
@@ -35,22 +36,14 @@ from megatron_onereason.rl.tree_pack import tree_logprobs_layout
 log = logging.getLogger("megatron_onereason.rl")
 
 
-class GeneralInstance(NamedTuple):
-    """A general-domain MOPD prompt (data.general_prompts): chat messages, no domain, no target."""
-
-    messages: List[Dict[str, str]]
-    domain: Optional[str] = None
-    task: str = "general"
-
-
 class GeneralDomain(NamedTuple):
     """The general-domain prompts (OpenOneRec §5.2) and the padding id the plain teacher reads itemic ids as."""
 
-    prompts: List[List[Dict[str, str]]]
+    prompts: List[RLPrompt]
     teacher_pad_id: int
 
 
-def load_general_domain(cfg: RLConfig, tokenizer, vocab) -> Optional[GeneralDomain]:
+def load_general_domain(cfg: RLConfig, tokenizer, vocab, renderer: PromptRenderer) -> Optional[GeneralDomain]:
     """``data.general_prompts`` for MOPD (None without), after checking the general teacher's vocabulary."""
     from transformers import AutoTokenizer
 
@@ -61,20 +54,20 @@ def load_general_domain(cfg: RLConfig, tokenizer, vocab) -> Optional[GeneralDoma
              general.skipped)
     teacher_tokenizer = AutoTokenizer.from_pretrained(cfg.mopd.general_teacher)
     check_teacher_vocabulary(tokenizer.get_vocab(), teacher_tokenizer.get_vocab(), vocab, cfg.mopd.general_teacher)
-    return GeneralDomain(general.prompts, teacher_tokenizer.pad_token_id or 0)
+    return GeneralDomain(general_prompts(general.prompts, renderer, cfg.data.general_prompts),
+                         teacher_tokenizer.pad_token_id or 0)
 
 
-def with_general_prompts(batch: List, general: Optional[GeneralDomain], cfg: RLConfig, step: int) -> List:
+def with_general_prompts(batch: List[RLPrompt], general: Optional[GeneralDomain], cfg: RLConfig, step: int) -> List[RLPrompt]:
     """The step's recommendation prompts, then (with data.general_prompts) its general-domain prompts."""
     if general is None:
         return batch
     rng = np.random.default_rng([cfg.seed, step, 1])
     n = min(cfg.data.general_prompts_per_step, len(general.prompts))
-    return batch + [GeneralInstance(general.prompts[i]) for i in rng.choice(len(general.prompts), size=n,
-                                                                             replace=False)]
+    return batch + [general.prompts[i] for i in rng.choice(len(general.prompts), size=n, replace=False)]
 
 
-def teacher_for(cfg: RLConfig, instance) -> str:
+def teacher_for(cfg: RLConfig, instance: RLPrompt) -> str:
     """A recommendation prompt goes to its domain's teacher; a general-domain prompt to the general teacher."""
     if instance.task == "general":
         return cfg.mopd.general_teacher
@@ -93,7 +86,7 @@ def plain_teacher_pack(pack, vocab, pad_id: int):
                                labels=teacher_input_ids(pack.labels, itemic_token_mask(pack.labels, vocab), pad_id))
 
 
-def mopd_step(rt: RLRuntime, instances: Sequence, step: int,
+def mopd_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int,
               general: Optional[GeneralDomain] = None) -> Dict[str, float]:
     """Roll out ``instances`` (one item per trace), score them with the teachers and the student, train the
     student on the kept trajectories, sync the rollout engines; the step's metrics."""

@@ -8,15 +8,15 @@ import logging
 import os
 from typing import Dict, Sequence
 
-from megatron_onereason.eval.benchmark import TaskInstance, task_messages
 from megatron_onereason.eval.rec_eval import completion_item_id
+from megatron_onereason.rl.data import RLPrompt
 from megatron_onereason.rl.rft import select_rft_trajectories
 from megatron_onereason.rl.runtime import RLRuntime
 
 log = logging.getLogger("megatron_onereason.rl")
 
 
-def rft_dataset(rt: RLRuntime, instances: Sequence[TaskInstance], out_path: str) -> Dict[str, float]:
+def rft_dataset(rt: RLRuntime, instances: Sequence[RLPrompt], out_path: str) -> Dict[str, float]:
     """Sample every domain teacher on its users among ``instances`` and write the kept samples to ``out_path``
     (atomically); the drop count of every filter is in the returned stats."""
     cfg = rt.cfg
@@ -29,15 +29,14 @@ def rft_dataset(rt: RLRuntime, instances: Sequence[TaskInstance], out_path: str)
         outputs = rt.generate(users, rt.params(0), [rt.teachers[teacher]])
         for inst, out in zip(users, outputs):
             targets = set(inst.targets)
-            history = [(rt.catalog.domain_for(i), rt.catalog.codes_for(i)) for i in inst.user.history]
+            history = list(inst.history)
             for trace in out.traces:
                 text = rt.tokenizer.decode(trace.token_ids)
                 reasoning = text.split("</think>")[0].strip() if thinking else ""
                 for c in trace.completions:
                     answer = rt.tokenizer.decode(c.token_ids)
                     think = f"<think>\n{reasoning}\n</think>\n\n" if thinking else ""
-                    samples.append({"user_id": inst.user.user_id, "domain": domain,
-                                    "messages": task_messages(inst, rt.catalog, rt.scheme),
+                    samples.append({"user_id": inst.user_id, "domain": domain, "messages": list(inst.messages),
                                     "response": think + answer, "answer": answer, "reasoning": reasoning,
                                     "closed_by_model": trace.closed_by_model,
                                     "reasoning_tokens": sum(trace.sampled), "history": history})

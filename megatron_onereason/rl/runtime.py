@@ -15,11 +15,10 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from megatron_onereason.eval.benchmark import TaskInstance, task_messages
-from megatron_onereason.generation.params import GenerationParams, Prompt
-from megatron_onereason.generation.prompts import chat_prompt_ids
+from megatron_onereason.generation.params import GenerationParams
 from megatron_onereason.rl.actor import ActorSpec
 from megatron_onereason.rl.config import RayLayout, RLConfig
+from megatron_onereason.rl.data import RLPrompt
 from megatron_onereason.rl.metrics import ItemValidity, mean_over_minibatches
 from megatron_onereason.rl.rollout_batch import group_into_packs, tree_length
 from megatron_onereason.rl.sampling import item_allowed_ids
@@ -156,12 +155,6 @@ class RLRuntime:
         return ItemicConstraint(self.trie, self.vocab, Qwen3Config.from_hf_dir(self.cfg.rollout.model_dir).vocab_size)
 
     # ------------------------------------------------------------------------------------------- generation
-    def prompt(self, instance: TaskInstance) -> Prompt:
-        messages = (instance.messages if instance.task == "general"
-                    else task_messages(instance, self.catalog, self.scheme))
-        ids = chat_prompt_ids(self.tokenizer, messages, self.cfg.rollout.thinking)
-        return Prompt(tuple(ids), instance.domain)
-
     def params(self, step: int, **overrides) -> GenerationParams:
         """The rollout's generation settings at ``step`` (seeded by it); ``overrides`` replace fields."""
         r = self.cfg.rollout
@@ -172,12 +165,12 @@ class RLRuntime:
         values.update(overrides)
         return GenerationParams(**values)
 
-    def generate(self, instances: Sequence[TaskInstance], params: GenerationParams, workers=None):
+    def generate(self, instances: Sequence[RLPrompt], params: GenerationParams, workers=None):
         """Roll out ``instances`` on the rollout engines (contiguous shares, one per replica), in order."""
         import ray
 
         workers = workers or self.rollouts
-        prompts = [self.prompt(i) for i in instances]
+        prompts = [i.prompt for i in instances]
         bounds = [round(w * len(prompts) / len(workers)) for w in range(len(workers) + 1)]
         refs = [w.generate.remote(prompts[a:b], params) for w, a, b in zip(workers, bounds, bounds[1:]) if b > a]
         return [o for part in ray.get(refs) for o in part]
@@ -237,7 +230,7 @@ class RLRuntime:
                 "time_share/sync": t_sync / total, **sync}
 
     # ------------------------------------------------------------------------------------------- actor
-    def packs(self, trees, idx: Sequence[int], instances: Optional[Sequence[TaskInstance]] = None):
+    def packs(self, trees, idx: Sequence[int], instances: Optional[Sequence[RLPrompt]] = None):
         """Tree packs over trees ``idx`` (in order): ``[(TreePack, [tree indices])]``. With constrained sampling
         (and ``instances`` to read the forced begin tokens from) each pack carries the allowed ids of its item
         positions, so the actor scores them under the same renormalised distribution the rollout sampled from."""
