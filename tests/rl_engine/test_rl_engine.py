@@ -14,6 +14,8 @@ import time
 import uuid
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -28,7 +30,7 @@ from megatron_onereason.rl.config import RLConfig
 from megatron_onereason.rl.rollout_batch import rollout_trees
 from megatron_onereason.rl.tree_pack import pack_trees
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
-from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME
+from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME, ItemicVocab
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(900)]
 
@@ -49,6 +51,20 @@ def task(tmp_path_factory):
                            tuple(rng.sample([i for i, _ in video], 4)), {"video": tuple(families[family])})
              for u in range(24)]
     write_benchmark(str(root / "bench.jsonl"), users)
+    # The same users as a RecIF-Bench task file (Chinese system prompt, items in the model's scheme; 16 trained,
+    # 8 held out) and as a verl parquet (ground truth as catalog item ids).
+    scheme = ItemicVocab.load(rec.model_dir).scheme
+    text = lambda items: "".join(catalog.item_text(i, scheme) for i in items)  # noqa: E731
+    recif = [{"messages": json.dumps([{"role": "system", "content": "你是推荐助手，请为用户推荐下一个短视频。"},
+                                      {"role": "user", "content": f"用户喜欢短视频。历史：{text(u.history)}"}],
+                                     ensure_ascii=False),
+              "metadata": json.dumps({"answer": text(u.targets["video"]), "uid": u.user_id})} for u in users]
+    pq.write_table(pa.Table.from_pylist(recif[:16]), str(root / "recif_train.parquet"))
+    pq.write_table(pa.Table.from_pylist(recif[16:]), str(root / "recif_test.parquet"))
+    verl = [{"data_source": "tiny/video", "prompt": json.loads(r["messages"]), "ability": "rec",
+             "reward_model": {"style": "rule", "ground_truth": list(u.targets["video"])},
+             "extra_info": {"index": i}} for i, (r, u) in enumerate(zip(recif, users))]
+    pq.write_table(pa.Table.from_pylist(verl), str(root / "verl.parquet"))
     mcore = str(root / "mcore")
     subprocess.run([sys.executable, "checkpoints_convert/hf_to_mcore.py", "--hf-dir", rec.model_dir, "--out-dir",
                     mcore, "--tp", "2"], cwd=REPO, check=True, capture_output=True)
@@ -60,6 +76,8 @@ def task(tmp_path_factory):
         model.model.embed_tokens.weight.mul_(5.0)
     model.save_pretrained(teacher)
     return {"rec": rec, "bench": str(root / "bench.jsonl"), "mcore": mcore, "teacher": teacher, "root": root,
+            "recif_train": str(root / "recif_train.parquet"), "recif_test": str(root / "recif_test.parquet"),
+            "verl": str(root / "verl.parquet"),
             "family_share": len(families[family]) / len(video)}
 
 
@@ -100,7 +118,8 @@ def config_dict(task, **over) -> dict:
          "rollout": {"model_dir": task["rec"].model_dir, "backend": "vllm", "engine_args": VLLM_ARGS,
                      "max_think_tokens": 4, "num_traces": 2, "num_items": 4},
          "ray": {"worker_env": VLLM_ENV},
-         "data": {"benchmark": task["bench"], "catalog": task["rec"].catalog_dir, "prompts_per_step": 4},
+         "data": {"prompts": task["recif_train"], "eval_prompts": task["recif_test"],
+                  "catalog": task["rec"].catalog_dir, "prompts_per_step": 4},
          "grpo": {"nonhit_weight": 0.5}}
     for key, value in over.items():
         node = d
@@ -145,7 +164,8 @@ def fixed_rollout_agreement(engine, num_items=None) -> float:
 
 @pytest.fixture(scope="module")
 def grpo_run(task, vllm_rollout):
-    """24 GRPO steps, TP=2 actor, vLLM rollout; agreement and Recall@4 before and after."""
+    """24 GRPO steps, TP=2 actor, vLLM rollout, prompts from a RecIF-Bench parquet; agreement and Recall@4 on the
+    held-out RecIF file before and after (evaluated by the engine the config's evaluator section names)."""
     def inspect(engine):
         return {"agreement": fixed_rollout_agreement(engine), **engine.evaluate()}
 
@@ -218,6 +238,7 @@ def test_mopd_moves_the_student_toward_its_teacher(task, vllm_rollout):
                 "agreement": fixed_rollout_agreement(engine, num_items=1)}
 
     cfg = config(task, algorithm="mopd", steps=24, **{"mopd.teachers": {"video": task["teacher"]},
+                                                      "data.prompts": task["bench"],  # the synthetic benchmark
                                                       "actor.parallel": {"pipeline_model_parallel_size": 2},
                                                       "data.prompts_per_step": 8})
     history, before, after, _ = run_engine(cfg, gap, [vllm_rollout])
@@ -236,6 +257,7 @@ def test_rft_keeps_only_verified_hits_in_chat_format(local_ray, task, tmp_path):
     4-token think budget force-closes every CoT, so that filter (tested in tests/rl/test_rl_rft.py) is off here."""
     out = str(tmp_path / "rft.jsonl")
     cfg = config(task, algorithm="rft", rft_output=out, **{"mopd.teachers": {"video": task["rec"].model_dir},
+                                                           "data.prompts": None, "data.benchmark": task["bench"],
                                                            "rollout.backend": "hf", "rollout.engine_args": {},
                                                            "rft.drop_force_closed": False})
     history, *_ = run_engine(cfg)
@@ -256,7 +278,8 @@ def test_rft_keeps_only_verified_hits_in_chat_format(local_ray, task, tmp_path):
 def test_a_dp2_actor_takes_the_dp1_step(task, vllm_rollout):
     """DP=2 splits the rollout's tree packs over two ranks; the loss is normalised over the global batch, so loss and
     grad norm equal DP=1's, and so do the next rollouts (same weights synced)."""
-    over = {"steps": 2, "actor.parallel.tensor_model_parallel_size": 1, "actor.pack_length": 256}
+    over = {"steps": 2, "actor.parallel.tensor_model_parallel_size": 1, "actor.pack_length": 256,
+            "data.prompts": task["verl"]}  # a verl-style parquet
     dp1, *_ = run_engine(config(task, **over), rollouts=[vllm_rollout])
     dp2, *_ = run_engine(config(task, **over, **{"actor.data_parallel_size": 2}), rollouts=[vllm_rollout])
     assert dp1[0]["actor_packs"] >= 3  # several packs per step, split unevenly over the two DP ranks
