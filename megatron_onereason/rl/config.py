@@ -11,6 +11,12 @@ from megatron_onereason.rl.rft import RFTFilters
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 
 
+# Generation backends whose ``generate`` runs beam search over items (Recall@K evaluation, Rollout-Beam rewards).
+BEAM_SEARCH_BACKENDS = ("hf",)
+# An inference engine of a larger model on CPU (its section's gpus: 0) is refused: fp32 on the host, it would stall.
+CPU_ENGINE_MAX_PARAMS = 2e9
+
+
 @dataclass
 class ActorSection:
     model: ModelSection = field(default_factory=ModelSection)  # model.load: the policy's megatron checkpoint
@@ -133,6 +139,8 @@ class RayLayout:
     log_to_driver: bool = False  # stream every worker's stdout/stderr to the driver (start-up progress is logged anyway)
     worker_env: Dict[str, str] = field(default_factory=dict)  # environment of every worker (VLLM_CPU_KVCACHE_SPACE, ...)
     sync_bucket_mb: int = 512  # weight-sync bucket size
+    # Stop (one line: GPUs needed per role vs. the cluster's) when the placement group is not placed in this time.
+    placement_timeout_s: float = 600.0
 
 
 @dataclass
@@ -147,13 +155,16 @@ class RLConfig:
     mopd: MOPDSection = field(default_factory=MOPDSection)
     teachers: EngineSection = field(default_factory=EngineSection)  # every MOPD teacher (scoring)
     reference: EngineSection = field(default_factory=EngineSection)  # the KL reference (grpo.kl_coef > 0)
-    # Recall@K at eval_interval with a vLLM rollout: beam search over items runs on this HF engine (synced first)
+    # Recall@K on data.eval_prompts every eval_interval steps (beam search of width eval_k over items): on the
+    # rollout engines when they are colocated and their backend beam-searches, else on this engine of its own
+    # (synced to the current policy before each evaluation).
     evaluator: EngineSection = field(default_factory=EngineSection)
     ray: RayLayout = field(default_factory=RayLayout)
     save: Optional[str] = None  # checkpoint root (actor state + engine state); resumed from when it has one
     save_interval: Optional[int] = None
     eval_interval: Optional[int] = None
     eval_k: int = 8
+    eval_batch: int = 64  # held-out prompts per generate call of an evaluation (the beam holds eval_k per prompt)
     metrics_jsonl: Optional[str] = None
     tensorboard_dir: Optional[str] = None
     rft_output: Optional[str] = None  # algorithm=rft: where the selected chat JSONL goes
@@ -171,7 +182,7 @@ class RLConfig:
                             ("rollout.replicas", self.rollout.replicas)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.evaluator.backend != "hf":
+        if self.evaluator.backend not in BEAM_SEARCH_BACKENDS:
             raise ValueError("evaluator.backend must be hf: Recall@K ranks items by beam search, which the vLLM "
                              "backend does not do")
         for role in ("rollout", "teachers", "reference", "evaluator"):
@@ -233,7 +244,8 @@ def validate_method_settings(cfg: RLConfig) -> None:
     unknown = [t for t in d.tasks if t not in RL_TASKS]
     if unknown or not d.tasks:
         raise ValueError(f"data.tasks must be a non-empty list from {list(RL_TASKS)}, got {d.tasks}")
-    if cfg.algorithm == "grpo" and g.reward in ("rollout-beam", "beam-prefix") and r.backend != "hf":
+    if (cfg.algorithm == "grpo" and g.reward in ("rollout-beam", "beam-prefix")
+            and r.backend not in BEAM_SEARCH_BACKENDS):
         raise ValueError(f"grpo.reward={g.reward} needs beam search in stage 2 (OneRec-Think eq. 7), which the "
                          f"{r.backend} rollout backend does not run: set rollout.backend=hf")
     scorers = [role for role, on in (("teachers", cfg.algorithm == "mopd"), ("reference", g.kl_coef > 0))

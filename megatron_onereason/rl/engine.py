@@ -116,9 +116,12 @@ class RLEngine(RLRuntime):
         return mopd_step(self, batch, step, self.general)
 
     def evaluate(self, instances: Optional[Sequence[RLPrompt]] = None) -> Dict[str, float]:
-        """Recall@K / Pass@K on held-out users: one greedy trace, beam search of width K over items (on the HF
-        evaluator, synced to the current policy first, when the rollout engines are vLLM)."""
-        instances = list(instances or self.eval_set or self.train_set)
+        """Recall@K / Pass@K on the held-out prompts (``data.eval_prompts``; none: ``{}``): one greedy trace, beam
+        search of width K over items, ``eval_batch`` prompts per call — on the evaluator engine (synced to the
+        current policy first) or on the rollout engines (colocated, a beam-searching backend)."""
+        instances = list(instances or self.eval_set)
+        if not instances:
+            return {}
         k = self.cfg.eval_k
         # Items always from the catalog trie, whatever rollout.sampling: Recall@K ranks catalog items (§6.1 evaluates
         # with constrained beam search), so the unconstrained ablation is compared on the same metric.
@@ -129,8 +132,11 @@ class RLEngine(RLRuntime):
                 self.sync_weights("evaluator")
                 self._evaluator_step = self.step
             workers = [self.evaluator]
-        outputs = self.generate(instances, params, workers)
-        scores = [rec_metrics(ranked_item_ids(o, self.catalog), i.targets, [k]) for o, i in zip(outputs, instances)]
+        scores = []
+        for start in range(0, len(instances), self.cfg.eval_batch):
+            chunk = instances[start:start + self.cfg.eval_batch]
+            outputs = self.generate(chunk, params, workers)
+            scores += [rec_metrics(ranked_item_ids(o, self.catalog), i.targets, [k]) for o, i in zip(outputs, chunk)]
         return {f"eval/{name}": float(np.mean([s[name] for s in scores])) for name in scores[0]}
 
     def save(self) -> None:

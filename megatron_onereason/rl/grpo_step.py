@@ -82,12 +82,13 @@ def grpo_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int) -> Dict[s
     weights = hit_sample_weights(rewards.hit, g.nonhit_weight)
     keep_user = [not g.dynamic_sampling or bool(rewards.reward[i].std() > 0) for i in range(u)]
     trees = rollout_trees(outputs)
-    idx = [t for t, tree in enumerate(trees) if keep_user[tree.prompt_index]]
+    idx = rt.fitting_trees(trees, [t for t, tree in enumerate(trees) if keep_user[tree.prompt_index]])
     completions = [c.token_ids for o in outputs for t in o.traces for c in t.completions]
     metrics = {
         "reward": rewards.reward.float().mean().item(), "hit_rate": rewards.hit.float().mean().item(),
         "diversity": rewards.diversity.float().mean().item(), "users_kept": float(sum(keep_user)),
         "rollout_traces": float(sum(len(o.traces) for o in outputs)),
+        "trees_too_long": float(sum(keep_user[t.prompt_index] for t in trees) - len(idx)),
         "rollout_item_completions": float(u * n * k),
         "generated_tokens": float(sum(o.generated_tokens for o in outputs)),
         "independent_rollout_tokens": float(sum(o.independent_rollout_tokens for o in outputs)),

@@ -99,28 +99,35 @@ def mopd_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int,
     rt.sleep_rollouts()
     t1 = time.time()
     trees = rollout_trees(outputs)
-    is_general = [instances[t.prompt_index].task == "general" for t in trees]
-    teacher_of = [teacher_for(rt.cfg, instances[t.prompt_index]) for t in trees]
+    fits = rt.fitting_trees(trees, range(len(trees)))
+    is_general = {i: instances[trees[i].prompt_index].task == "general" for i in fits}
+    teacher_of = [teacher_for(rt.cfg, instances[trees[i].prompt_index]) for i in fits]
+    # Every teacher scores its trees while the student scores all of them: the engines run concurrently.
+    # Both score the sampled tokens under the rollout's sampling distribution (item tokens renormalised over the
+    # trie when constrained, rl/sampling.py), so eq. 16 compares like with like.
+    routed = [(teacher, rt.packs(trees, [fits[j] for j in members.tolist()], instances))
+              for teacher, members in route_to_teachers(teacher_of, {p: p for p in rt.teachers}).items()]
+    teacher_refs = []
+    for teacher, packs in routed:
+        plain = teacher == m.general_teacher  # no itemic vocabulary: it reads itemic ids as padding
+        scored, trees_of = rt.scoring_args(trees, packs)
+        teacher_refs.append(rt.teachers[teacher].tree_logprobs.remote(
+            [plain_teacher_pack(p, rt.vocab, general.teacher_pad_id) for p in scored] if plain else scored,
+            trees_of))
+    all_packs = [pm for _, packs in routed for pm in packs]
+    student_all_lp = rt.actor.logprobs([p for p, _ in all_packs])
+    teacher_all_lp = [lp for ref in teacher_refs for lp in ray.get(ref)]
     # Per tree: (trace part, item part) of the teacher's and the student's log-probs of the sampled tokens.
     teacher_lp: Dict[int, tuple] = {}
     student_lp: Dict[int, tuple] = {}
-    for teacher, members in route_to_teachers(teacher_of, {p: p for p in rt.teachers}).items():
-        # Student and teacher score the sampled tokens under the rollout's sampling distribution (item tokens
-        # renormalised over the trie when constrained, rl/sampling.py), so eq. 16 compares like with like.
-        packs = rt.packs(trees, members.tolist(), instances)
-        plain = teacher == m.general_teacher  # no itemic vocabulary: it reads itemic ids as padding
-        scored, trees_of = rt.scoring_args(trees, packs)
-        t_lp = ray.get(rt.teachers[teacher].tree_logprobs.remote(
-            [plain_teacher_pack(p, rt.vocab, general.teacher_pad_id) for p in scored] if plain else scored,
-            trees_of))
-        s_lp = rt.actor.logprobs([p for p, _ in packs])
-        for j, (pack, mem) in enumerate(packs):
-            for lp, out in ((t_lp[j], teacher_lp), (s_lp[j], student_lp)):
-                trace, child = tree_logprobs_layout(lp, pack)
-                for r, i in enumerate(mem):
-                    out[i] = (trace[r, : len(trees[i].trace_mask)], child[r, 0, : trees[i].child_mask.shape[1]])
+    for (pack, mem), t_lp, s_lp in zip(all_packs, teacher_all_lp, student_all_lp):
+        for lp, out in ((t_lp, teacher_lp), (s_lp, student_lp)):
+            trace, child = tree_logprobs_layout(lp, pack)
+            for r, i in enumerate(mem):
+                out[i] = (trace[r, : len(trees[i].trace_mask)], child[r, 0, : trees[i].child_mask.shape[1]])
     adv, masks, gaps, scores = {}, {}, [], []
-    for i, t in enumerate(trees):
+    for i in fits:
+        t = trees[i]
         # A general prompt's rollout is its reasoning: the item stage after it is not a general-domain answer.
         child_mask = torch.zeros_like(t.child_mask[0]) if is_general[i] else t.child_mask[0]
         mask = torch.cat([t.trace_mask, child_mask])[None]
@@ -134,7 +141,7 @@ def mopd_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int,
         adv[i], masks[i] = a[0], mask[0]
         gaps.append((student - teacher).abs()[mask])
         scores.append(information_gain_scores(a, mask)[0])
-    kept = information_gain_filter(torch.stack(scores), m.rho).tolist()
+    kept = [fits[j] for j in information_gain_filter(torch.stack(scores), m.rho).tolist()]
 
     def layout(parts: Dict[int, torch.Tensor], members, fill):
         """Tree rows in the pack's ``[trace | item]`` layout (as ``MegatronActor.train_mopd`` builds it)."""
@@ -142,24 +149,25 @@ def mopd_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int,
         return torch.cat([pad_stack([a for a, _ in split], fill), pad_stack([b for _, b in split], fill)], dim=1)
 
     # μ of eq. 17: the student's sampling distribution in the inference engine.
-    behaviour = {i: torch.cat([t.trace_behaviour_logp, t.child_behaviour_logp[0]]) for i, t in enumerate(trees)}
+    behaviour = {i: torch.cat([trees[i].trace_behaviour_logp, trees[i].child_behaviour_logp[0]]) for i in fits}
     micro = [MOPDMicroBatch(pack, layout(masks, mem, False), layout(adv, mem, 0.0), layout(behaviour, mem, 0.0))
              for pack, mem in rt.packs(trees, kept, instances)]
     train = rt.train_minibatches("train_mopd", micro, m.is_low, m.is_high)
     t_train = time.time() - t1
-    student_all = torch.cat([torch.cat(student_lp[i])[masks[i]] for i in range(len(trees))])
+    student_all = torch.cat([torch.cat(student_lp[i])[masks[i]] for i in fits])
     # The rollout's log-probs of the distribution the student scored (as grpo_step does): item tokens renormalised
     # over the trie (μ) when constrained, the raw policy otherwise.
     renormalised = rt.constraint is not None
-    raw_all = torch.cat([torch.cat([t.trace_rollout_logp, (t.child_behaviour_logp if renormalised
-                                                            else t.child_rollout_logp)[0]])[masks[i]]
-                         for i, t in enumerate(trees)])
+    raw_all = torch.cat([torch.cat([trees[i].trace_rollout_logp, (trees[i].child_behaviour_logp if renormalised
+                                                                   else trees[i].child_rollout_logp)[0]])[masks[i]]
+                         for i in fits])
     gap = torch.cat(gaps)
     metrics = {"student_teacher_logp_abs_gap": gap.mean().item() if gap.numel() else 0.0,
-               "ig_kept_share": len(kept) / len(trees), "general_prompts": float(sum(is_general)),
+               "ig_kept_share": len(kept) / max(len(fits), 1), "general_prompts": float(sum(is_general.values())),
+               "trees_too_long": float(len(trees) - len(fits)),
                "train_rollout_logprob_abs_diff": (student_all - raw_all).abs().mean().item(),
                **{f"behaviour/{k}": v for k, v in logprob_gap_stats(
-                   student_all[None], torch.cat([behaviour[i][masks[i]] for i in range(len(trees))])[None],
+                   student_all[None], torch.cat([behaviour[i][masks[i]] for i in fits])[None],
                    torch.ones(1, student_all.numel(), dtype=torch.bool)).items()},
                **rt.finish_step(t_rollout, t_train)}
     metrics.update({f"train/{k}": v for k, v in train.items()})

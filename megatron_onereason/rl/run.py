@@ -25,7 +25,7 @@ def main(argv=None) -> int:
 
     engine = RLEngine(cfg)  # checks model directories, catalog and lineage first: one line (exit 1)
     try:
-        if cfg.eval_interval and cfg.algorithm != "rft" and engine.step == 0:
+        if cfg.eval_interval and engine.eval_set and cfg.algorithm != "rft" and engine.step == 0:
             before = engine.evaluate()
             engine.logger.log(0, before)  # step 0 of the metrics: the policy before any update
             logging.getLogger("megatron_onereason.rl").info("before training: %s", before)

@@ -11,19 +11,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from megatron_onereason.generation.params import GenerationParams
 from megatron_onereason.rl.actor import ActorSpec
-from megatron_onereason.rl.config import RayLayout, RLConfig
+from megatron_onereason.rl.config import BEAM_SEARCH_BACKENDS, CPU_ENGINE_MAX_PARAMS, RayLayout, RLConfig
 from megatron_onereason.rl.data import RLPrompt
 from megatron_onereason.rl.metrics import ItemValidity, mean_over_minibatches
 from megatron_onereason.rl.rollout_batch import group_into_packs, tree_length
 from megatron_onereason.rl.sampling import item_allowed_ids
 from megatron_onereason.rl.tree_pack import pack_trees
-from megatron_onereason.rl.workers import ActorGroup, EngineSpec, plan_placement, start_inference_worker, wait_for
+from megatron_onereason.rl.workers import (
+    ActorGroup,
+    EngineSpec,
+    plan_placement,
+    role_needs,
+    start_inference_worker,
+    wait_for,
+    wait_for_placement,
+)
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
@@ -53,6 +62,60 @@ def init_ray(r: RayLayout, local_cpus: int) -> bool:
     return True
 
 
+@dataclass
+class EnginePlan:
+    """What a run starts: the actor's ranks and the inference engines, and where Recall@K is evaluated."""
+
+    actor_ranks: int
+    engines: List[EngineSpec]
+    teachers: List[str]  # HF directories, in the order of the teacher/<i> engines
+    reference: bool
+    evaluator: Optional[str]  # None: no evaluation; "rollout": on the rollout engines; "own": its own engine
+
+
+def engine_plan(cfg: RLConfig, external_rollouts: bool = False) -> EnginePlan:
+    """The actor ranks and engines of ``cfg`` (``external_rollouts``: rollout engines come from the caller)."""
+    r, p = cfg.rollout, cfg.actor.parallel
+    trains = cfg.algorithm != "rft"  # RFT only samples the teachers
+    teachers = [] if cfg.algorithm == "grpo" else sorted(
+        set(cfg.mopd.teachers.values()) | ({cfg.mopd.general_teacher} - {None}))
+    reference = cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo"
+    evaluator = None
+    if trains and cfg.eval_interval and cfg.data.eval_prompts:
+        # The rollout engines hold the current policy: evaluate there when they sit beside the actor (colocated)
+        # and can beam-search; disaggregated rollout engines keep rolling out, the evaluator has its own.
+        on_rollouts = cfg.ray.layout == "colocated" and r.backend in BEAM_SEARCH_BACKENDS
+        evaluator = "rollout" if on_rollouts else "own"
+    own_rollouts = 0 if external_rollouts or not trains else r.replicas
+    engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(own_rollouts)]
+    engines += [EngineSpec(f"teacher/{i}", (r if cfg.algorithm == "rft" else cfg.teachers).gpus)
+                for i in range(len(teachers))]
+    engines += [EngineSpec("reference", cfg.reference.gpus)] if reference else []
+    engines += [EngineSpec("evaluator", cfg.evaluator.gpus)] if evaluator == "own" else []
+    world = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * cfg.actor.data_parallel_size
+             if trains else 0)
+    return EnginePlan(world, engines, teachers, reference, evaluator)
+
+
+def check_engine_devices(cfg: RLConfig, plan: EnginePlan) -> None:
+    """Refuse, in one line naming the field, an engine of a large model that the config puts on CPU (its section's
+    ``gpus: 0``): fp32 on the host, an 8B evaluator or teacher would stall the run or exhaust host memory."""
+    from megatron_onereason.model.qwen3_config import Qwen3Config
+
+    roles = [("rollout", cfg.rollout.model_dir)] if any(e.name.startswith("rollout/") for e in plan.engines) else []
+    section = "rollout" if cfg.algorithm == "rft" else "teachers"
+    roles += [(section, path) for path in plan.teachers]
+    roles += [("reference", cfg.rollout.model_dir)] if plan.reference else []
+    roles += [("evaluator", cfg.rollout.model_dir)] if plan.evaluator == "own" else []
+    for role, model_dir in roles:
+        if getattr(cfg, role).gpus > 0 or not model_dir:
+            continue
+        params = Qwen3Config.from_hf_dir(model_dir).num_parameters()
+        if params > CPU_ENGINE_MAX_PARAMS:
+            raise ValueError(f"{role}.gpus=0 would run a {params / 1e9:.1f}B-parameter model ({model_dir}) on CPU; "
+                             f"give it GPUs ({role}.gpus: 1{', dtype: bfloat16' if role != 'rollout' else ''})")
+
+
 class RLRuntime:
     def __init__(self, cfg: RLConfig, rollouts: Optional[Sequence] = None, resume: Optional[str] = None):
         """Start the actor (resumed from ``resume`` when given) and the engines of ``cfg``, then sync the actor's
@@ -74,25 +137,15 @@ class RLRuntime:
         self._load_inputs()  # before anything starts: bad data stops the run in seconds
 
         r, p = cfg.rollout, cfg.actor.parallel
-        trains = cfg.algorithm != "rft"  # RFT only samples the teachers
-        teachers = sorted(set(cfg.mopd.teachers.values()) | ({cfg.mopd.general_teacher} - {None}))
-        if cfg.algorithm == "grpo":
-            teachers = []
-        with_reference = cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo"
-        # Recall@K ranks items by beam search, which the vLLM backend does not do: a HF evaluator gets the weights.
-        with_evaluator = trains and bool(cfg.eval_interval) and r.backend != "hf"
-        own_rollouts = 0 if rollouts is not None or not trains else r.replicas
-        engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(own_rollouts)]
-        engines += [EngineSpec(f"teacher/{i}", (r if cfg.algorithm == "rft" else cfg.teachers).gpus)
-                    for i in range(len(teachers))]
-        engines += [EngineSpec("reference", cfg.reference.gpus)] if with_reference else []
-        engines += [EngineSpec("evaluator", cfg.evaluator.gpus)] if with_evaluator else []
-        world = (p.tensor_model_parallel_size * p.pipeline_model_parallel_size * cfg.actor.data_parallel_size
-                 if trains else 0)
+        plan = engine_plan(cfg, external_rollouts=rollouts is not None)
+        world, engines, teachers = plan.actor_ranks, plan.engines, plan.teachers
+        self.evaluates_on_rollouts = plan.evaluator == "rollout"
+        check_engine_devices(cfg, plan)
         self._owns_ray = init_ray(cfg.ray, world + len(engines) + 1)
         placement = plan_placement(cfg.ray.layout, world, cfg.actor.gpus_per_rank, engines)
         self.pg = ray.util.placement_group(placement.bundles, strategy="PACK")
-        wait_for([self.pg.ready()], f"placement group of {len(placement.bundles)} bundles {placement.bundles}")
+        wait_for_placement(self.pg, role_needs(world, cfg.actor.gpus_per_rank, engines),
+                           int(sum(b["CPU"] for b in placement.bundles)), cfg.ray.placement_timeout_s)
         nodes = set(ray.util.placement_group_table(self.pg)["bundles_to_node_id"].values())
         log.info("placement: %d actor rank(s), %d inference engine(s) on %d node(s) (ray.layout=%s)", world,
                  len(engines), len(nodes), cfg.ray.layout)
@@ -100,8 +153,7 @@ class RLRuntime:
         # Start everything, then wait for all of it: megatron ranks and engines load at the same time.
         spec = ActorSpec(cfg.actor.model, p, cfg.actor.precision, cfg.actor.optim, cfg.actor.pack_length,
                          total_steps=max(cfg.steps * cfg.actor.mini_batches, 1), seed=cfg.seed)
-        self.actor = (ActorGroup(spec, self.pg, placement.actor, resume, cfg.actor.gpus_per_rank) if trains
-                      else None)
+        self.actor = ActorGroup(spec, self.pg, placement.actor, resume, cfg.actor.gpus_per_rank) if world else None
 
         def engine(name, section, model_dir, catalog, backend=None):
             # vLLM sleeps while the actor trains where it shares the actor's devices (the colocated layout).
@@ -111,7 +163,8 @@ class RLRuntime:
                 model_dir, catalog, dtype=section.dtype, seed=cfg.seed,
                 tensor_parallel_size=section.tensor_parallel_size, engine_args=section.engine_args, sleep=sleep)
 
-        self.rollouts = [engine(f"rollout/{i}", r, r.model_dir, cfg.data.catalog) for i in range(own_rollouts)]
+        self.rollouts = [engine(e.name, r, r.model_dir, cfg.data.catalog) for e in engines
+                         if e.name.startswith("rollout/")]
         self._started = list(self.rollouts)
         self.rollouts += list(rollouts or [])
         # MOPD teachers score the student's tokens; RFT teachers generate (rollout engines: the rollout settings).
@@ -124,8 +177,9 @@ class RLRuntime:
             else:
                 section = r if cfg.algorithm == "rft" else cfg.teachers
                 self.teachers[path] = engine(f"teacher/{i}", section, path, cfg.data.catalog)
-        self.reference = engine("reference", cfg.reference, r.model_dir, None) if with_reference else None
-        self.evaluator = engine("evaluator", cfg.evaluator, r.model_dir, cfg.data.catalog) if with_evaluator else None
+        self.reference = engine("reference", cfg.reference, r.model_dir, None) if plan.reference else None
+        self.evaluator = (engine("evaluator", cfg.evaluator, r.model_dir, cfg.data.catalog)
+                          if plan.evaluator == "own" else None)
         self._started += [w for w in [*self.teachers.values(), self.reference, self.evaluator] if w is not None]
         workers = list(rollouts or []) + self._started
         wait_for([w.ready.remote() for w in workers], f"inference engines ({len(workers)})")
@@ -230,6 +284,16 @@ class RLRuntime:
                 "time_share/sync": t_sync / total, **sync}
 
     # ------------------------------------------------------------------------------------------- actor
+    def fitting_trees(self, trees, idx: Sequence[int]) -> List[int]:
+        """The trees of ``idx`` that fit one pack (``actor.pack_length``), in order. A longer one (a long prompt with
+        the reasoning budget and K items) cannot be trained: it is left out, counted in ``trees_too_long``."""
+        kept = [i for i in idx if tree_length(trees[i].tree) <= self.cfg.actor.pack_length]
+        if len(kept) < len(idx):
+            log.warning("%d of %d rollout trees are longer than actor.pack_length=%d and are not trained (raise "
+                        "actor.pack_length or lower rollout.max_think_tokens)", len(idx) - len(kept), len(idx),
+                        self.cfg.actor.pack_length)
+        return kept
+
     def packs(self, trees, idx: Sequence[int], instances: Optional[Sequence[RLPrompt]] = None):
         """Tree packs over trees ``idx`` (in order): ``[(TreePack, [tree indices])]``. With constrained sampling
         (and ``instances`` to read the forced begin tokens from) each pack carries the allowed ids of its item

@@ -88,6 +88,44 @@ def plan_placement(layout: str, actor_ranks: int, actor_gpus: float, engines: Se
     return placement
 
 
+def role_needs(actor_ranks: int, actor_gpus: float, engines: Sequence[EngineSpec]) -> Dict[str, Tuple[int, float]]:
+    """Per role (``actor``, ``rollout``, ``teacher``, ``reference``, ``evaluator``): processes and GPUs it needs."""
+    needs: Dict[str, Tuple[int, float]] = {}
+    if actor_ranks:
+        needs["actor"] = (actor_ranks, actor_ranks * actor_gpus)
+    for e in engines:
+        n, g = needs.get(e.name.split("/")[0], (0, 0.0))
+        needs[e.name.split("/")[0]] = (n + 1, g + e.gpus)
+    return needs
+
+
+def describe_needs(needs: Dict[str, Tuple[int, float]]) -> str:
+    """``actor 16 GPUs (16 processes), rollout 8 GPUs (8 processes): 24 GPUs`` — one line."""
+    parts = [f"{role} {gpus:g} GPUs ({n} process{'es' if n != 1 else ''})" for role, (n, gpus) in needs.items()]
+    return ", ".join(parts) + f": {sum(g for _, g in needs.values()):g} GPUs in all"
+
+
+def wait_for_placement(placement_group, needs: Dict[str, Tuple[int, float]], bundles: int,
+                       timeout_s: float) -> None:
+    """Wait for the placement group; after ``timeout_s`` stop with one line naming what each role needs and what
+    the cluster has (Ray would otherwise wait forever for GPUs that are not there)."""
+    import ray
+
+    start = time.time()
+    while True:
+        ready, _ = ray.wait([placement_group.ready()], timeout=min(10.0, max(timeout_s - (time.time() - start), 0.1)))
+        if ready:
+            return
+        waited = time.time() - start
+        if waited >= timeout_s:
+            have = ray.cluster_resources()
+            ray.util.remove_placement_group(placement_group)
+            raise RuntimeError(f"placement: not placed after {waited:.0f} s (ray.placement_timeout_s): the run needs "
+                               f"{describe_needs(needs)} and {bundles} CPUs; the cluster has "
+                               f"{have.get('GPU', 0):g} GPUs and {have.get('CPU', 0):g} CPUs")
+        log.info("placement group of %d bundles: waiting for resources (%.0f s)", bundles, waited)
+
+
 def wait_for(refs: Sequence, what: str, every_s: float = 10.0) -> List:
     """``ray.get(refs)``, logging progress every ``every_s`` seconds (worker start-up takes tens of seconds)."""
     import ray

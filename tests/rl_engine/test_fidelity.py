@@ -31,7 +31,8 @@ def task(tmp_path_factory, tiny_recommender):
     subprocess.run([sys.executable, "checkpoints_convert/hf_to_mcore.py", "--hf-dir", rec.model_dir, "--out-dir",
                     mcore, "--tp", "2"], cwd=REPO, check=True, capture_output=True)
     return [f"actor.model.load={mcore}", f"rollout.model_dir={rec.model_dir}", "rollout.backend=hf", "rollout.engine_args={}",
-            f"data.catalog={rec.catalog_dir}", f"data.benchmark={root / 'bench.jsonl'}", "eval_interval=null"]
+            f"data.catalog={rec.catalog_dir}", f"data.benchmark={root / 'bench.jsonl'}",
+            f"data.eval_benchmark={root / 'bench.jsonl'}", "eval_interval=null"]
 
 
 @pytest.fixture(scope="module")
