@@ -280,3 +280,16 @@ def general_prompts(messages: Sequence[Sequence[Dict[str, str]]], renderer: Prom
 def describe(prompts: PromptSet) -> str:
     return json.dumps({"file": prompts.path, "format": prompts.format, "prompts": len(prompts.prompts),
                        "skipped": prompts.skipped, "too_long": prompts.too_long})
+
+
+def load_run_prompts(cfg, catalog: ItemCatalog, renderer: PromptRenderer) -> Tuple[PromptSet, Optional[PromptSet]]:
+    """The run's training prompts (``data.prompts``, of ``data.tasks``) and held-out prompts (``data.eval_prompts``:
+    recommendation prompts only, Recall@K is a recommendation metric; None without)."""
+    d = cfg.data
+    sets = []
+    for path, tasks in ((d.prompts, d.tasks), (d.eval_prompts, ("rec",))):
+        prompts = load_prompts(path, catalog, renderer, d.format, d.skip_invalid, tasks, d.domains) if path else None
+        if prompts is not None:
+            log.info("RL prompts: %s", describe(prompts))
+        sets.append(prompts)
+    return sets[0], sets[1]

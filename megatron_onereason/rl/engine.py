@@ -18,7 +18,7 @@ from megatron_onereason.config import to_dict
 from megatron_onereason.eval.rec_eval import ranked_item_ids, rec_metrics
 from megatron_onereason.metrics_log import MetricsLogger, format_eta
 from megatron_onereason.rl.config import RLConfig
-from megatron_onereason.rl.data import PromptSet, RLPrompt, describe, load_prompts, prompt_renderer
+from megatron_onereason.rl.data import RLPrompt, load_run_prompts, prompt_renderer
 from megatron_onereason.rl.grpo_step import grpo_step
 from megatron_onereason.rl.lineage import (
     EngineState,
@@ -70,20 +70,12 @@ class RLEngine(RLRuntime):
             self.step = state.step
         self.renderer = prompt_renderer(cfg, self.tokenizer, self.scheme)
         self.general = load_general_domain(cfg, self.tokenizer, self.vocab, self.renderer)
-        train = self._prompts(cfg.data.prompts, cfg.data.tasks)
+        train, held_out = load_run_prompts(cfg, self.catalog, self.renderer)
         self.train_set = train.prompts
-        # Recall@K is a recommendation metric: held-out prompts are scored on their rec prompts only.
-        self.eval_set = self._prompts(cfg.data.eval_prompts, ("rec",)).prompts if cfg.data.eval_prompts else []
+        self.eval_set = held_out.prompts if held_out else []
         if not self.eval_set and cfg.eval_interval and cfg.algorithm != "rft":
             log.warning("eval_interval=%s but no data.eval_prompts: no Recall@K evaluation in this run",
                         cfg.eval_interval)
-
-    def _prompts(self, path: str, tasks: Sequence[str]) -> PromptSet:
-        """The prompts of ``path`` (benchmark files: of ``tasks``, data.tasks: R3 ``rec``, R2 ``evolution``)."""
-        d = self.cfg.data
-        prompts = load_prompts(path, self.catalog, self.renderer, d.format, d.skip_invalid, tasks, d.domains)
-        log.info("RL prompts: %s", describe(prompts))
-        return prompts
 
     def reconfigure(self, cfg: RLConfig) -> None:
         """Continue with ``cfg``, which may differ from the running config only in per-step settings (the reward,

@@ -4,6 +4,8 @@
 
 On one machine this starts a local Ray; on a cluster set ``ray.address=auto`` after starting Ray from the launcher
 (examples/grpo_multinode.sh). Re-running with the same ``save`` directory resumes from its checkpoint.
+``--dry-run`` prints the resolved config, the placement (GPUs per role, nodes) and the actor's memory plan, and
+validates every input, without starting Ray (megatron_onereason/rl/dry_run.py).
 """
 import argparse
 import logging
@@ -17,10 +19,18 @@ from megatron_onereason.rl.config import RLConfig
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (see megatron_onereason/rl/config.py)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, placement and actor memory plan; validate inputs; start nothing")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: GPUs per node, for the node count")
+    p.add_argument("--device-memory-gib", type=float, default=80.0, help="--dry-run: memory per GPU (H100: 80)")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(RLConfig, args.config, args.overrides)  # bad settings: one line from run_cli (exit 2)
+    if args.dry_run:
+        from megatron_onereason.rl.dry_run import dry_run
+
+        return dry_run(cfg, args.gpus_per_node, args.device_memory_gib)
     from megatron_onereason.rl.engine import RLEngine
 
     engine = RLEngine(cfg)  # checks model directories, catalog and lineage first: one line (exit 1)
