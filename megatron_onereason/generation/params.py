@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 ITEM_STRATEGIES = ("sample", "beam", "hierarchical")
+ANSWERS = ("items", "text")  # what follows the trace: K item completions, or one free-text answer
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class GenerationParams:
     constrain_reasoning: bool = True  # also constrain itemic patterns the reasoning writes (else γ_legal can be < 1)
     item_end: bool = True  # decode the scheme's end token; False: stop at the last code (OpenOneRec's RecIF decoding)
     seed: Optional[int] = None  # sampling generator seed; None draws from torch's global generator
+    # "text": after the trace, one free-text answer sampled at ``temperature`` up to an end-of-turn token or
+    # max_answer_tokens (general-domain prompts of MOPD, OpenOneRec §5.2); num_items must be 1.
+    answer: str = "items"
+    max_answer_tokens: int = 256
 
     def __post_init__(self):
         if self.item_strategy not in ITEM_STRATEGIES:
@@ -61,5 +66,10 @@ class GenerationParams:
             raise ValueError(f"num_traces and num_items must be >= 1, got {self.num_traces}, {self.num_items}")
         if self.temperature < 0 or self.item_temperature < 0:
             raise ValueError(f"temperatures must be >= 0, got {self.temperature}, {self.item_temperature}")
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
+        if self.answer == "text" and (self.num_items != 1 or self.max_answer_tokens < 1):
+            raise ValueError(f"a free-text answer is one completion of >= 1 token: num_items=1, max_answer_tokens "
+                             f">= 1, got {self.num_items}, {self.max_answer_tokens}")
         if self.max_think_tokens < 0:
             raise ValueError(f"max_think_tokens must be >= 0, got {self.max_think_tokens}")

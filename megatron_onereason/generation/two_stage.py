@@ -120,7 +120,10 @@ class TwoStageGenerator:
         batch.select(torch.arange(len(prompts)).repeat_interleave(n))  # N traces share the prompt's prefill
         trace_prompts = [p for p in prompts for _ in range(n)]
         traces = self._traces(batch, trace_prompts, params, generator)
-        self._complete_items(batch, trace_prompts, traces, params, generator)
+        if params.answer == "text":
+            self._complete_text(batch, traces, params, generator)
+        else:
+            self._complete_items(batch, trace_prompts, traces, params, generator)
         outputs = []
         for i, p in enumerate(prompts):
             own = traces[i * n:(i + 1) * n]
@@ -259,6 +262,34 @@ class TwoStageGenerator:
                 batch.feed(tokens, torch.ones_like(tokens, dtype=torch.bool))
         self._attach(traces, scores.view(n_traces, k), token_hist, logp_hist, model_hist, ranked=bool(beam_steps),
                      require_end=params.item_end)
+
+    def _complete_text(self, batch: _DecodeBatch, traces: List[Trace], params: GenerationParams,
+                       generator: Optional[torch.Generator]) -> None:
+        """One free-text answer per trace: any valid token at ``temperature``, up to and including an end-of-turn
+        token, at most ``max_answer_tokens``."""
+        rows, device = len(traces), batch.device
+        answers = [ItemCompletion([], [], [], None, None) for _ in range(rows)]
+        open_rows = [True] * rows
+        stops = set(self.chat_tokens.stop_ids)
+        for step in range(params.max_answer_tokens):
+            live = [r for r in range(rows) if open_rows[r]]
+            if not live:
+                break
+            logits = batch.logits
+            chosen, logp = _choose(logits[live], self.valid_row.expand(len(live), -1).to(device), params.temperature,
+                                   generator)
+            tokens = torch.full((rows,), _PAD_ID, dtype=torch.long, device=device)
+            tokens[live] = chosen
+            model_logp = torch.log_softmax(logits[live], dim=-1).gather(1, chosen[:, None]).squeeze(1).tolist()
+            for r, t, lp, mlp in zip(live, chosen.tolist(), logp.tolist(), model_logp):
+                answers[r].token_ids.append(t)
+                answers[r].logprobs.append(lp)
+                answers[r].model_logprobs.append(mlp)
+                open_rows[r] = t not in stops
+            if step < params.max_answer_tokens - 1 and any(open_rows):
+                batch.feed(tokens, torch.tensor(open_rows, device=device))
+        for trace, answer in zip(traces, answers):
+            trace.completions.append(answer)
 
     def _attach(self, traces: List[Trace], scores: torch.Tensor, token_hist: torch.Tensor, logp_hist: torch.Tensor,
                 model_hist: torch.Tensor, ranked: bool, require_end: bool) -> None:

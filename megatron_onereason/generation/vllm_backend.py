@@ -196,6 +196,9 @@ class VLLMBackend:
         if params.item_strategy != "sample":
             raise ValueError(f"the vLLM backend samples items; item_strategy={params.item_strategy!r} runs on the "
                              "transformers backend")
+        if params.answer != "items":
+            raise ValueError(f"the vLLM backend completes traces with items; answer={params.answer!r} (free text) "
+                             "runs on the transformers backend")
         for name in ("temperature", "item_temperature"):
             if getattr(params, name) > MAX_TEMPERATURE:
                 raise ValueError(f"{name}={getattr(params, name)}: vLLM samples at temperatures in "

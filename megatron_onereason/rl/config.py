@@ -63,6 +63,7 @@ class RolloutSection(EngineSection):
     temperature: float = 1.0
     item_temperature: float = 1.0
     max_think_tokens: int = 256
+    max_answer_tokens: int = 256  # free-text answers (MOPD general-domain prompts, OpenOneRec §5.2)
     # The sampling distribution shared by rollout and loss (megatron_onereason/rl/sampling.py): the catalog trie on
     # both sides (the actor renormalises item tokens over the trie), or unconstrained decoding (invalid itemic tokens
     # counted, as in OneReason's Fig. 16).
@@ -125,7 +126,9 @@ class MOPDSection:
     rho: float = 0.8  # information-gain filter, eqs. 19-20 (the report's ρ)
     is_low: float = 0.5  # truncated IS band, eq. 17
     is_high: float = 2.0
-    adv_clip: Optional[Tuple[float, float]] = None  # OpenOneRec's reward clipping [α, β]
+    # OpenOneRec's advantage clip [α, β], applied to general-domain rollouts only (its −1e9 itemic penalty); the
+    # report's eqs. 16 and 19 use the unclipped gap for recommendation prompts.
+    adv_clip: Optional[Tuple[float, float]] = None
 
 
 @dataclass
@@ -260,6 +263,9 @@ def validate_method_settings(cfg: RLConfig) -> None:
         raise ValueError("mopd.general_teacher and data.general_prompts go together: general-domain distillation "
                          "(OpenOneRec §5.2) feeds general prompts to the plain Qwen3 teacher, and the itemic penalty "
                          "applies to those prompts only")
+    if cfg.algorithm == "mopd" and d.general_prompts and r.backend != "hf":
+        raise ValueError("data.general_prompts: general-domain prompts are answered in free text, which the "
+                         f"{r.backend} rollout backend does not generate: set rollout.backend=hf")
     f = cfg.rft
     if f.min_reasoning_tokens < 0 or (f.max_reasoning_tokens is not None
                                       and f.max_reasoning_tokens < max(f.min_reasoning_tokens, 1)):

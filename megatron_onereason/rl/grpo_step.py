@@ -49,6 +49,20 @@ def grpo_advantages(rewards, beam: bool) -> torch.Tensor:
     return group_advantages(rewards.reward.reshape(-1).double(), groups).reshape(u, n, k).float()
 
 
+def rollout_weights(hit: torch.Tensor, beta: float, beam: bool) -> torch.Tensor:
+    """Eq. 13's weight of every (user, trace, item) ``[U, N, K]``: 1 for a rollout that hits, β otherwise.
+
+    Sampled items: the rollout is ``(CoT_{u,i}, c_{u,i,j})``, weighted by its own hit. A beam (Rollout-Beam rewards,
+    OneRec-Think eqs. 6–7): the rollout is the trace with its beam, and its reward is the trace's (the beam holds a
+    target or not), so eq. 13 reads ``w_{u,i} = 1 if any_j R_rule(c_{u,i,j}) = 1 else β`` for all K items of the
+    trace. The loss sees each trace token once per item with that item's weight, so per-item weights would give a
+    trace whose beam holds one target ``β + (1 − β)/K`` instead of 1.
+    """
+    if beam:
+        hit = hit.any(dim=-1, keepdim=True).expand_as(hit)
+    return hit_sample_weights(hit, beta)
+
+
 def behaviour_metrics(flat, recompute: bool, g) -> Dict[str, float]:
     """Actor–rollout agreement and the importance weights of the step, over the trained tokens."""
     old, raw, behaviour, item = (torch.cat([f[i] for f in flat])[None] for i in range(4))
@@ -79,7 +93,7 @@ def grpo_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int) -> Dict[s
                                 diversity=g.diversity, accuracy=g.reward)
     u, n, k = rewards.reward.shape
     advantages = grpo_advantages(rewards, beam)
-    weights = hit_sample_weights(rewards.hit, g.nonhit_weight)
+    weights = rollout_weights(rewards.hit, g.nonhit_weight, beam)
     keep_user = [not g.dynamic_sampling or bool(rewards.reward[i].std() > 0) for i in range(u)]
     trees = rollout_trees(outputs)
     idx = rt.fitting_trees(trees, [t for t, tree in enumerate(trees) if keep_user[tree.prompt_index]])

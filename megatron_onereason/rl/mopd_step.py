@@ -79,6 +79,13 @@ def teacher_for(cfg: RLConfig, instance: RLPrompt) -> str:
     return teacher
 
 
+def trained_mask(tree) -> torch.Tensor:
+    """The tokens MOPD trains in one rollout tree (``[trace | completion]``): every sampled reasoning token and every
+    sampled token of the completion — the item (a forced begin token excluded) or a general prompt's free-text
+    answer, which has no forced token."""
+    return torch.cat([tree.trace_mask, tree.child_mask[0]])
+
+
 def plain_teacher_pack(pack, vocab, pad_id: int):
     """``pack`` as the plain general teacher reads it: itemic ids (inputs and labels) replaced by padding."""
     return dataclasses.replace(pack, item_allowed=None,
@@ -94,7 +101,13 @@ def mopd_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int,
 
     m = rt.cfg.mopd
     t0 = time.time()
-    outputs = rt.generate(instances, rt.params(step, num_items=1))
+    # Recommendation prompts end in one item; general-domain prompts in a free-text answer (OpenOneRec §5.2).
+    instances = [i for i in instances if i.task != "general"] + [i for i in instances if i.task == "general"]
+    general_first = next((j for j, i in enumerate(instances) if i.task == "general"), len(instances))
+    outputs = rt.generate(instances[:general_first], rt.params(step, num_items=1))
+    if general_first < len(instances):
+        outputs += rt.generate(instances[general_first:], rt.params(
+            step, num_items=1, answer="text", max_answer_tokens=rt.cfg.rollout.max_answer_tokens))
     t_rollout = time.time() - t0
     rt.sleep_rollouts()
     t1 = time.time()
@@ -128,16 +141,16 @@ def mopd_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int,
     adv, masks, gaps, scores = {}, {}, [], []
     for i in fits:
         t = trees[i]
-        # A general prompt's rollout is its reasoning: the item stage after it is not a general-domain answer.
-        child_mask = torch.zeros_like(t.child_mask[0]) if is_general[i] else t.child_mask[0]
-        mask = torch.cat([t.trace_mask, child_mask])[None]
+        mask = trained_mask(t)[None]
         tokens = torch.tensor(list(t.tree.trace) + list(t.tree.children[0]))[None]
         # OpenOneRec §5.2: itemic tokens in a general-domain rollout get log-prob −1e9, the rollout ends there.
         teacher, keep = general_itemic_penalty(torch.cat(teacher_lp[i])[None], itemic_token_mask(tokens, rt.vocab),
                                                torch.tensor([is_general[i]]))
         student = torch.cat(student_lp[i])[None]
         mask = mask & keep
-        a = mopd_advantages(teacher, student, mask, clip=m.adv_clip)
+        # Eq. 16 unclipped for recommendation prompts; OpenOneRec's clip [α, β] only where its −1e9 itemic
+        # penalty can reach the advantage: general-domain rollouts.
+        a = mopd_advantages(teacher, student, mask, clip=m.adv_clip if is_general[i] else None)
         adv[i], masks[i] = a[0], mask[0]
         gaps.append((student - teacher).abs()[mask])
         scores.append(information_gain_scores(a, mask)[0])

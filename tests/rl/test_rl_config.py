@@ -50,8 +50,11 @@ def test_general_domain_distillation_needs_its_prompts_and_teacher():
         config("algorithm=mopd", "mopd.general_teacher=/qwen3", "mopd.adv_clip=[-5, 5]")
     with pytest.raises(ConfigError, match="go together"):
         config("algorithm=mopd", "data.general_prompts=/g.jsonl")
+    with pytest.raises(ConfigError, match="free text, which the vllm rollout backend does not generate"):
+        config("algorithm=mopd", "mopd.general_teacher=/qwen3", "mopd.adv_clip=[-5, 5]",
+               "data.general_prompts=/g.jsonl")
     cfg = config("algorithm=mopd", "mopd.general_teacher=/qwen3", "mopd.adv_clip=[-5, 5]",
-                 "data.general_prompts=/g.jsonl")
+                 "data.general_prompts=/g.jsonl", "rollout.backend=hf", "rollout.engine_args={}")
     assert cfg.data.general_prompts == "/g.jsonl"
 
 
