@@ -116,6 +116,11 @@ def tree_length(tree: TreeSequence) -> int:
     return len(tree.prompt) + len(tree.trace) + sum(len(c) + 1 for c in tree.children)
 
 
+def trees_within(trees: Sequence[RolloutTree], idx: Sequence[int], pack_length: int) -> List[int]:
+    """The trees of ``idx`` that fit one pack of ``pack_length`` positions, in order (a longer one cannot train)."""
+    return [i for i in idx if tree_length(trees[i].tree) <= pack_length]
+
+
 class Layout(NamedTuple):
     """Trees in the ``[n, Tr]`` / ``[n, K, Tc]`` layout of the losses (padded with False / 0)."""
 

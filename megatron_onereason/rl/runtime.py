@@ -21,7 +21,7 @@ from megatron_onereason.rl.actor import ActorSpec
 from megatron_onereason.rl.config import BEAM_SEARCH_BACKENDS, CPU_ENGINE_MAX_PARAMS, RayLayout, RLConfig
 from megatron_onereason.rl.data import RLPrompt
 from megatron_onereason.rl.metrics import ItemValidity, mean_over_minibatches
-from megatron_onereason.rl.rollout_batch import group_into_packs, tree_length
+from megatron_onereason.rl.rollout_batch import group_into_packs, tree_length, trees_within
 from megatron_onereason.rl.sampling import item_allowed_ids
 from megatron_onereason.rl.tree_pack import pack_trees
 from megatron_onereason.rl.workers import (
@@ -287,7 +287,7 @@ class RLRuntime:
     def fitting_trees(self, trees, idx: Sequence[int]) -> List[int]:
         """The trees of ``idx`` that fit one pack (``actor.pack_length``), in order. A longer one (a long prompt with
         the reasoning budget and K items) cannot be trained: it is left out, counted in ``trees_too_long``."""
-        kept = [i for i in idx if tree_length(trees[i].tree) <= self.cfg.actor.pack_length]
+        kept = trees_within(trees, idx, self.cfg.actor.pack_length)
         if len(kept) < len(idx):
             log.warning("%d of %d rollout trees are longer than actor.pack_length=%d and are not trained (raise "
                         "actor.pack_length or lower rollout.max_think_tokens)", len(idx) - len(kept), len(idx),

@@ -6,10 +6,12 @@ from megatron_onereason.rl.actor import GRPOMicroBatch, MOPDMicroBatch, without_
 from megatron_onereason.rl.tree_pack import TreeSequence, pack_trees
 from megatron_onereason.rl.workers import (
     EngineSpec,
+    describe_needs,
     dp_shards,
     hf_tree_logprobs,
     pack_logprobs_from_scores,
     plan_placement,
+    role_needs,
 )
 
 ENGINES = [EngineSpec("rollout/0", 0.5), EngineSpec("rollout/1", 0.5), EngineSpec("reference", 0.25)]
@@ -81,3 +83,33 @@ def test_given_token_scores_land_where_the_tree_pack_forward_puts_them(tiny_reco
     others = torch.ones(96, dtype=torch.bool)
     others[scored] = False
     assert (placed[others] == 0).all()
+
+
+def test_role_needs_count_processes_and_gpus_per_role():
+    needs = role_needs(16, 1.0, [EngineSpec(f"rollout/{i}", 1.0) for i in range(3)] + [EngineSpec("evaluator", 1.0)])
+    assert needs == {"actor": (16, 16.0), "rollout": (3, 3.0), "evaluator": (1, 1.0)}
+    assert describe_needs(needs) == ("actor 16 GPUs (16 processes), rollout 3 GPUs (3 processes), evaluator 1 GPUs "
+                                     "(1 process): 20 GPUs in all")
+
+
+@pytest.mark.multiprocess
+def test_a_placement_the_cluster_cannot_hold_stops_with_what_is_missing():
+    """Ray would wait forever for GPUs a CPU cluster does not have; the engine stops after its timeout."""
+    import ray
+
+    from megatron_onereason.rl.workers import wait_for_placement
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        p = plan_placement("disaggregated", 2, 1.0, [EngineSpec("rollout/0", 1.0)])
+        pg = ray.util.placement_group(p.bundles, strategy="PACK")
+        needs = role_needs(2, 1.0, [EngineSpec("rollout/0", 1.0)])
+        with pytest.raises(RuntimeError, match=r"^placement: not placed after \d+ s \(ray.placement_timeout_s\): the "
+                                               r"run needs actor 2 GPUs \(2 processes\), rollout 1 GPUs \(1 process\): "
+                                               r"3 GPUs in all and 3 CPUs; the cluster has 0 GPUs and 2 CPUs$"):
+            wait_for_placement(pg, needs, 3, timeout_s=2.0)
+    finally:
+        if started:
+            ray.shutdown()
