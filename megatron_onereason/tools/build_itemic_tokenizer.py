@@ -87,7 +87,7 @@ def _build(args):
     return build_itemic_tokenizer(inputs, config, args.out, overwrite=args.overwrite, codebooks_path=args.codebooks)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -110,5 +110,10 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}")
 
 
+def main(argv=None) -> int:
+    """The command line: user errors become one line on stderr and exit code 1."""
+    return run_cli("build_itemic_tokenizer", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli("build_itemic_tokenizer", main))  # user errors: one line, exit 1
+    sys.exit(main())

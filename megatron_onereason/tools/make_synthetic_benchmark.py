@@ -19,7 +19,7 @@ from megatron_onereason.eval.benchmark import SyntheticBenchmarkConfig, make_syn
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 
 
-def main(argv=None) -> None:
+def run(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic-catalog", required=True, help="directory of tools/make_synthetic_catalog.py")
     p.add_argument("--catalog", required=True, help="itemic tokenizer directory with catalog.parquet")
@@ -43,5 +43,10 @@ def main(argv=None) -> None:
     print(f"wrote {len(users)} users ({instances} user x domain instances, {evolution} evolution tasks) to {args.out}")
 
 
+def main(argv=None) -> int:
+    """The command line: user errors become one line on stderr and exit code 1."""
+    return run_cli("make_synthetic_benchmark", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli("make_synthetic_benchmark", main))  # user errors: one line, exit 1
+    sys.exit(main())

@@ -25,7 +25,7 @@ from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def run(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic-catalog", required=True, help="directory with items.parquet (captions)")
     p.add_argument("--item-catalog", required=True, help="itemic tokenizer directory with catalog.parquet (codes)")
@@ -50,5 +50,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(", ".join(f"{name}: {len(records)}" for name, records in corpus.items()) + f" samples -> {args.out}")
 
 
+def main(argv=None) -> int:
+    """The command line: user errors become one line on stderr and exit code 1."""
+    return run_cli("make_synthetic_corpus", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli("make_synthetic_corpus", main))  # user errors: one line, exit 1
+    sys.exit(main())

@@ -13,7 +13,7 @@ from megatron_onereason.model.qwen3_config import qwen3_preset
 from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
 
 
-def main(argv=None) -> None:
+def run(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output HF directory (must not exist unless --overwrite)")
     parser.add_argument("--preset", default="tiny", help="Qwen3 preset: tiny, 0.6b, 1.7b, 4b, 8b, 14b")
@@ -28,5 +28,10 @@ def main(argv=None) -> None:
     print(f"wrote {args.out}: preset {args.preset}, tie_word_embeddings={cfg.tie_word_embeddings}, seed {args.seed}")
 
 
+def main(argv=None) -> int:
+    """The command line: user errors become one line on stderr and exit code 1."""
+    return run_cli("make_tiny_qwen3", lambda: run(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli("make_tiny_qwen3", main))  # user errors: one line, exit 1
+    sys.exit(main())

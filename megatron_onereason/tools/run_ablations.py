@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout this module lies in (megatron_onereason/tools/ -> repository root): the default ablation configs
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_VARIANTS = ("full", "n_by_1", "no_diversity", "uniform_clip", "no_downweight", "unconstrained")
 COLUMNS = (("reward", "reward"), ("hit_rate", "hit"), ("train/clipfrac_cot", "clip_cot"),
            ("train/clipfrac_item", "clip_item"), ("invalid_item_rate", "invalid"))
@@ -103,9 +104,10 @@ def format_table(rows: Dict[str, Dict[str, float]]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated ablation config names")
-    p.add_argument("--configs", default=os.path.join(REPO, "examples", "configs", "ablations"))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--configs", default=os.path.join(REPO, "examples", "configs", "ablations"),
+                   help="directory of the variants' RL configs (default: the checkout's examples/configs/ablations)")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps per variant")
+    p.add_argument("--seed", type=int, default=1234, help="random seed of every variant")
     p.add_argument("--window", type=int, default=5, help="steps at the end the reward columns average over")
     p.add_argument("--share-engine", action="store_true", help="one engine for all variants (a smoke run)")
     p.add_argument("--json", help="also write the rows here")
