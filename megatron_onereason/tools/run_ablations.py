@@ -54,8 +54,9 @@ def summarize(history: List[Dict[str, float]], before: Dict[str, float], after: 
     tail = history[-window:]
     row = {label: float(np.mean([h[key] for h in tail if key in h])) if any(key in h for h in tail) else float("nan")
            for key, label in COLUMNS}
-    row[f"recall@{k} before"] = before[f"eval/recall@{k}"]
-    row[f"recall@{k} after"] = after[f"eval/recall@{k}"]
+    # no data.eval_prompts: the engine does not evaluate (NaN in the table)
+    row[f"recall@{k} before"] = before.get(f"eval/recall@{k}", float("nan"))
+    row[f"recall@{k} after"] = after.get(f"eval/recall@{k}", float("nan"))
     row["s/step"] = seconds / max(len(history), 1)
     return row
 
