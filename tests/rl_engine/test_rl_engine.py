@@ -55,8 +55,8 @@ def task(tmp_path_factory):
     # 8 held out) and as a verl parquet (ground truth as catalog item ids).
     scheme = ItemicVocab.load(rec.model_dir).scheme
     text = lambda items: "".join(catalog.item_text(i, scheme) for i in items)  # noqa: E731
-    recif = [{"messages": json.dumps([{"role": "system", "content": "你是推荐助手，请为用户推荐下一个短视频。"},
-                                      {"role": "user", "content": f"用户喜欢短视频。历史：{text(u.history)}"}],
+    recif = [{"messages": json.dumps([{"role": "system", "content": "推荐助手"},
+                                      {"role": "user", "content": f"历史：{text(u.history)}"}],
                                      ensure_ascii=False),
               "metadata": json.dumps({"answer": text(u.targets["video"]), "uid": u.user_id})} for u in users]
     pq.write_table(pa.Table.from_pylist(recif[:16]), str(root / "recif_train.parquet"))
