@@ -95,8 +95,9 @@ def plain_teacher_pack(pack, vocab, pad_id: int):
 
 def mopd_step(rt: RLRuntime, instances: Sequence[RLPrompt], step: int,
               general: Optional[GeneralDomain] = None) -> Dict[str, float]:
-    """Roll out ``instances`` (one item per trace), score them with the teachers and the student, train the
-    student on the kept trajectories, sync the rollout engines; the step's metrics."""
+    """Roll out ``instances`` (one item per trace; general prompts: a free-text answer), score them with the
+    teachers and the student, train the student on the kept trajectories, sync the rollout engines; the step's
+    metrics."""
     import ray
 
     m = rt.cfg.mopd
