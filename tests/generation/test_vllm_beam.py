@@ -100,3 +100,4 @@ def test_thinking_with_sampled_traces_beams_each_trace(setup):
             for gc, wc in zip(trace.completions, want.completions):
                 assert gc.model_logprobs == pytest.approx(wc.model_logprobs, abs=ATOL)
                 assert gc.logprobs == pytest.approx(wc.logprobs, abs=ATOL)
+
