@@ -213,28 +213,36 @@ class ItemicLogitsProcessorV2(_v2_base()):
         return True
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        """One device→host transfer for the whole batch (slots, positions and the trie's token histories gathered
+        on the device), none per row."""
+        if not self.slots:
+            return logits
         slot_of_row = ctx.expanded_idx_mapping.tolist()
         rows = [r for r, slot in enumerate(slot_of_row) if slot in self.slots]
         if not rows:
             return logits
-        pos = ctx.pos[rows].tolist()
+        n = max(self.slots[slot_of_row[r]].history_len for r in rows)
+        index = torch.tensor(rows, device=ctx.pos.device)
+        pos = ctx.pos.index_select(0, index).long()
+        table = pos[:, None]
+        if n:  # tokens at positions p-n+1 .. p: the committed ones, then this step's input token
+            slots = torch.tensor([slot_of_row[r] for r in rows], device=pos.device)
+            columns = (pos[:, None] - n + 1 + torch.arange(n - 1, device=pos.device)).clamp(min=0)
+            committed = self.req_states.all_token_ids.gpu[slots[:, None], columns].long()
+            table = torch.cat([table, committed, ctx.input_ids.index_select(0, index).long()[:, None]], dim=1)
         prompt_len = self.req_states.prompt_len.np
         reqs, steps, histories, kept = [], [], [], []
-        for row, p in zip(rows, pos):
+        for row, (p, *tokens) in zip(rows, table.tolist()):
             slot = slot_of_row[row]
             step = p + 1 - int(prompt_len[slot])
             if step < 0:  # a prompt chunk: nothing is sampled from this row
                 continue
             req = self.slots[slot]
-            n = req.history_len
-            history = []
-            if n:  # tokens at positions p-n+1 .. p: the committed ones, then this step's input token
-                history = self.req_states.all_token_ids.gpu[slot, max(0, p - n + 1):p].tolist()
-                history.append(int(ctx.input_ids[row]))
+            have = min(req.history_len, p + 1)  # positions below 0 do not exist
             kept.append(row)
             reqs.append(req)
             steps.append(step)
-            histories.append(history)
+            histories.append(tokens[len(tokens) - have:] if have else [])
         if kept:
             apply_requests(logits, kept, reqs, steps, histories)
         return logits
