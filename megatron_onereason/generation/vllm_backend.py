@@ -13,8 +13,19 @@ serves the trace's KV blocks (the hit share is reported per prompt, ``PromptOutp
 first emits the tokens that close the trace (``</think>`` when the model did not write it, the answer separator)
 as forced tokens, so their model log-probs are reported like the transformers backend's, then the ``L + 1`` item
 tokens under the trie. Every request has its own seed (derived from ``params.seed``, the prompt, trace and item
-index), so results do not depend on batching. Items are sampled (``item_strategy="sample"``, the RL rollout); beam
-and hierarchical search run on the transformers backend.
+index), so results do not depend on batching. Items are sampled (``item_strategy="sample"``, the RL rollout) or
+searched (``beam`` / ``hierarchical``: ``evaluate --recif``, Recall@K evaluation, the Rollout-Beam rewards).
+
+Beam search (:meth:`VLLMBackend._search_items`). Choice, measured against the alternative: vLLM's own
+``LLM.beam_search`` asks the engine for the top ``2 x width`` *raw* log-probs per step, which a trie mask does not
+reach (``logprobs_mode="raw_logprobs"`` reports log-probs before the logits processors, so most of them would be
+illegal codes; the processed modes would change every sampling request's log-probs) and it needs
+``max_logprobs >= 2 x width``. Instead stage 2 runs in code-level rounds of one-token requests, one per live beam,
+whose prompt is ``context + beam tokens`` (the prefix cache serves the context; only the few beam tokens and the
+last partial KV block are recomputed), and the logits processor records each request's K best *allowed* tokens
+with their raw log-probs (one top-k over the batch, one transfer). The driver keeps the K best ``score + log p``
+per trace, exactly the transformers backend's beam step (scores: raw model log-probs with illegal tokens removed,
+not renormalised). Without a catalog the rule is the scheme's pattern only (OpenOneRec's RecIF decoding).
 
 Log-probs: ``model_logprobs`` are vLLM's raw log-probs (``raw_logprobs``); ``logprobs`` — the distribution a token
 was drawn from (mask and temperature) — come from the normaliser the logits processor records per step (exact, no
