@@ -13,9 +13,8 @@ import pytest
 from megatron_onereason.generation.constrained import ItemicConstraint
 from megatron_onereason.generation.hf_backend import TransformersBackend
 from megatron_onereason.generation.params import GenerationParams, Prompt
-from megatron_onereason.generation.prompts import chat_prompt_ids
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
-from oracles import legal_items
+from oracles import legal_items, user_prompts
 
 pytest.importorskip("vllm")
 
@@ -35,12 +34,7 @@ def pattern_only(backend):
 def setup(vllm_backend, tiny_recommender):
     catalog_oracle = TransformersBackend.from_pretrained(tiny_recommender.model_dir, tiny_recommender.catalog_dir)
     pattern_oracle = TransformersBackend(catalog_oracle.model, catalog_oracle.tokenizer, catalog_oracle.vocab)
-    tok = vllm_backend.tokenizer
-    texts = (("I watched three cooking videos and a travel vlog yesterday. Recommend the next video for me.",
-              "video"),
-             ("Here is my recent history of purchases and views. What would I like to see or buy next?", None))
-    prompts = {thinking: [Prompt(chat_prompt_ids(tok, [{"role": "user", "content": text}], thinking), domain)
-                          for text, domain in texts] for thinking in (True, False)}
+    prompts = user_prompts(vllm_backend.tokenizer)
     return {"catalog": (vllm_backend, catalog_oracle), "pattern": (pattern_only(vllm_backend), pattern_oracle),
             "prompts": prompts, "items": ItemCatalog.load(tiny_recommender.catalog_dir)}
 
