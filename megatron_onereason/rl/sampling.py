@@ -116,7 +116,8 @@ def vocab_parallel_allowed_log_mass(
         for root_rows, columns in sets.root_columns(logits.device):
             columns = columns - vocab_start
             columns = columns[(columns >= 0) & (columns < v_local)]
-            allowed = allowed.index_add(0, root_rows, exp[root_rows].index_select(1, columns).sum(-1))
+            # [rows, columns] gathered directly (broadcast indices): no copy of the rows' full vocabulary
+            allowed = allowed.index_add(0, root_rows, exp[root_rows[:, None], columns[None, :]].sum(-1))
     sums = torch.stack([exp.sum(-1), allowed])
     if reduce_sum is not None:
         sums = reduce_sum(sums)
