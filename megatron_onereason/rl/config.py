@@ -131,7 +131,7 @@ class RLConfig:
     mopd: MOPDSection = field(default_factory=MOPDSection)
     teachers: EngineSection = field(default_factory=EngineSection)  # every MOPD teacher (scoring)
     reference: EngineSection = field(default_factory=EngineSection)  # the KL reference (grpo.kl_coef > 0)
-    # Recall@K at eval_interval with a vLLM rollout: beam search over items runs on this HF engine (synced first)
+    # Recall@K at eval_interval with a vLLM rollout: beam search over items on this engine (synced first); hf or vllm
     evaluator: EngineSection = field(default_factory=EngineSection)
     ray: RayLayout = field(default_factory=RayLayout)
     save: Optional[str] = None  # checkpoint root (actor state + engine state); resumed from when it has one
@@ -155,9 +155,6 @@ class RLConfig:
                             ("rollout.replicas", self.rollout.replicas)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.evaluator.backend != "hf":
-            raise ValueError("evaluator.backend must be hf: Recall@K ranks items by beam search, which the vLLM "
-                             "backend does not do")
         for role in ("rollout", "teachers", "reference", "evaluator"):
             e = getattr(self, role)
             if e.tensor_parallel_size < 1 or (e.backend == "hf" and e.tensor_parallel_size != 1):
@@ -217,9 +214,6 @@ def validate_method_settings(cfg: RLConfig) -> None:
     unknown = [t for t in d.tasks if t not in RL_TASKS]
     if unknown or not d.tasks:
         raise ValueError(f"data.tasks must be a non-empty list from {list(RL_TASKS)}, got {d.tasks}")
-    if cfg.algorithm == "grpo" and g.reward in ("rollout-beam", "beam-prefix") and r.backend != "hf":
-        raise ValueError(f"grpo.reward={g.reward} needs beam search in stage 2 (OneRec-Think eq. 7), which the "
-                         f"{r.backend} rollout backend does not run: set rollout.backend=hf")
     scorers = [role for role, on in (("teachers", cfg.algorithm == "mopd"), ("reference", g.kl_coef > 0))
                if on and getattr(cfg, role).backend == "vllm"]
     if r.sampling == "constrained" and scorers:
