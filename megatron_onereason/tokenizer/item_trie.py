@@ -42,7 +42,6 @@ class ItemTrie:
         self.edge_key = edge_key
         self.depth = depth
         self.source: Optional[Tuple[str, Dict, Tuple[int, int]]] = None  # (catalog dir, scheme, file stamp)
-        self._tensors: Dict[str, Dict[str, object]] = {}
 
     @classmethod
     def from_catalog(cls, catalog: ItemCatalog, scheme: ItemicScheme) -> "ItemTrie":
@@ -207,20 +206,6 @@ class ItemTrie:
         self.check_vocab(vocab)
         return np.stack([np.asarray(vocab.code_ids[level][:self.codebook_size], dtype=np.int64)
                          for level in range(self.levels)])
-
-    def tensors(self, device) -> Dict[str, object]:
-        """The CSR arrays as torch tensors on ``device`` (copied once per device, then reused)."""
-        import torch
-
-        name = str(torch.device(device))
-        if name not in self._tensors:
-            self._tensors[name] = {
-                "offsets": torch.from_numpy(self.offsets).to(device),
-                "edge_code": torch.from_numpy(self.edge_code.astype(np.int64)).to(device),
-                "edge_key": torch.from_numpy(self.edge_key).to(device),
-                "depth": torch.from_numpy(self.depth.astype(np.int64)).to(device),
-            }
-        return self._tensors[name]
 
 
 def _file_stamp(directory: str) -> Tuple[int, int]:
