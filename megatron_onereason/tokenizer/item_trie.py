@@ -14,7 +14,8 @@ int64 key per edge (a 1M-item 3 × 8192 catalog: ≈ 2M nodes, ≈ 40 MB).
 
 A trie built by :meth:`ItemTrie.from_catalog` over a catalog loaded from a directory pickles *by reference*: the
 receiving process (an actor rank getting a tree pack) loads the catalog once and reuses that trie for every later
-message, instead of receiving the arrays with every step.
+message, instead of receiving the arrays with every step (every node must see the catalog directory; a copy
+with other content is refused).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class ItemTrie:
         self.edge_code = edge_code
         self.edge_key = edge_key
         self.depth = depth
-        self.source: Optional[Tuple[str, Dict, Tuple[int, int]]] = None  # (catalog dir, scheme, file stamp)
+        self.source: Optional[Tuple[str, Dict, str]] = None  # (catalog dir, scheme, sha256 of its file)
 
     @classmethod
     def from_catalog(cls, catalog: ItemCatalog, scheme: ItemicScheme) -> "ItemTrie":
@@ -208,23 +209,39 @@ class ItemTrie:
                          for level in range(self.levels)])
 
 
-def _file_stamp(directory: str) -> Tuple[int, int]:
-    stat = os.stat(os.path.join(directory, CATALOG_FILE))
-    return stat.st_mtime_ns, stat.st_size
+def _file_stamp(directory: str) -> str:
+    """sha256 of the catalog file (a copy on another node matches; an edited catalog does not)."""
+    path = os.path.join(directory, CATALOG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found in this process, which received a trie of that catalog: every "
+                                "node of a run must see the catalog directory (shared storage)")
+    stat = os.stat(path)
+    return _digest(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_trie(directory: str, scheme_json: str, stamp: Tuple[int, int]) -> ItemTrie:
+def _cached_trie(directory: str, scheme_json: str, stamp: str) -> ItemTrie:
     import json
 
     return ItemTrie.from_catalog(ItemCatalog.load(directory), ItemicScheme.from_dict(json.loads(scheme_json)))
 
 
-def _load_trie(directory: str, scheme: Dict, stamp: Tuple[int, int]) -> ItemTrie:
+def _load_trie(directory: str, scheme: Dict, stamp: str) -> ItemTrie:
     """Unpickle a trie by reference: this process's trie of that catalog, built on first use."""
     import json
 
-    if _file_stamp(directory) != tuple(stamp):
-        raise RuntimeError(f"{directory}/{CATALOG_FILE} changed since the trie sent to this process was built: "
-                           "every process of a run must read the same catalog")
-    return _cached_trie(directory, json.dumps(scheme, sort_keys=True), tuple(stamp))
+    if _file_stamp(directory) != stamp:
+        raise RuntimeError(f"{directory}/{CATALOG_FILE} differs from the catalog the trie sent to this process was "
+                           "built from: every process of a run must read the same catalog")
+    return _cached_trie(directory, json.dumps(scheme, sort_keys=True), stamp)

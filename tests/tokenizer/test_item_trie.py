@@ -138,6 +138,12 @@ def test_a_loaded_catalogs_trie_pickles_by_reference(catalog, tmp_path):
     assert [first.allowed_next(d, ()).tolist() for d in DOMAINS] == [trie.allowed_next(d, ()).tolist() for d in DOMAINS]
     in_memory = ItemTrie.from_catalog(catalog, REPORT)  # no directory: the arrays travel
     assert pickle.loads(pickle.dumps(in_memory)).edge_key.tolist() == in_memory.edge_key.tolist()
-    os.utime(tmp_path / "catalog.parquet", ns=(1, 1))
-    with pytest.raises(RuntimeError, match="changed since the trie"):
+    os.utime(tmp_path / "catalog.parquet", ns=(1, 1))  # touched, same content (a copy on another node)
+    assert pickle.loads(message) is first
+    edited = ItemCatalog(catalog.item_ids[1:], catalog.domains[1:], catalog.codes[1:], K)
+    edited.save(str(tmp_path))
+    with pytest.raises(RuntimeError, match="differs from the catalog the trie sent to this process was built from"):
+        pickle.loads(message)
+    (tmp_path / "catalog.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="every node of a run must see the catalog directory"):
         pickle.loads(message)
