@@ -1,8 +1,8 @@
 """RL rollout engine benchmark: vLLM vs the transformers backend on the same prompts, in one run.
 
     PYTHONPATH=. python benchmarks/rollout.py [--preset tiny] [--prompts 8] [--num-traces 4] [--num-items 8] \
-        [--max-think-tokens 64] [--repeats 3] [--sections rollout,score,sync] [--device cpu] [--dtype fp32] \
-        [--sync-widths 512 1024] [--sync-layers 6] [--sync-bucket-mb 512]
+        [--max-think-tokens 64] [--repeats 3] [--sections rollout,beam,score,sync] [--beam-width 32] [--device cpu] \
+        [--dtype fp32] [--sync-widths 512 1024] [--sync-layers 6] [--sync-bucket-mb 512]
 
 Builds the tiny random recommender (synthetic catalog → RQ-KMeans codes → random Qwen3 with the itemic tokens) in a
 temporary directory, renders synthetic-benchmark prompts, builds both backends with ``make_backend`` and prints one
@@ -11,6 +11,9 @@ table per section:
 * ``rollout``: two-stage rollouts (N traces × K items, seeded, identical parameters for both backends), timed after
   one warm-up call: generated tokens/s (each trace once plus every item completion, ``PromptOutput.generated_tokens``),
   items/s, seconds per call and the stage-2 prefix-cache hit share;
+* ``beam``: beam search of width ``--beam-width`` over items, non-thinking (``evaluate --recif``'s decoding, the RL
+  Recall@K evaluation): samples (prompts) per second, items/s, the prefix-cache hit share of vLLM's beam rounds, and
+  whether both backends return the same beams;
 * ``score``: log-probs of given tokens (a teacher or the reference scoring the rollouts) — vLLM's ``score``, the
   transformers backend's ``score`` (one forward per tree) and the RL engine's tree-pack forward
   (``rl.workers.hf_tree_logprobs``): seconds, tokens/s and max |Δ log p| against the transformers ``score``;
@@ -69,6 +72,34 @@ def rollout_section(bench: Bench, args) -> None:
         base = base or tokens / seconds
         print(f"{name:<14} {tokens / seconds:10.1f} {items / seconds:9.1f} {seconds:8.3f} {tokens:12.0f} {hit:18.3f}"
               f"   ({tokens / seconds / base:.2f}x the first row)")
+
+
+def beam_section(bench: Bench, args) -> None:
+    """Beam search over items (``evaluate --recif``'s decoding, Recall@K evaluation, Rollout-Beam rewards):
+    non-thinking, width ``--beam-width`` per prompt, trie-constrained; samples (prompts) per second of each backend,
+    and whether each backend's beams are the transformers beams: the same items with the same scores (1e-4) rank by
+    rank, so only items whose scores tie within that tolerance may swap places."""
+    params = replace(bench.params, thinking=False, num_traces=1, num_items=args.beam_width, item_strategy="beam")
+    print(f"\n[beam] {len(bench.prompts)} prompts, non-thinking, beam width {args.beam_width}, trie-constrained, "
+          f"{args.repeats} timed calls after a warm-up")
+    print(f"{'backend':<14} {'samples/s':>10} {'items/s':>9} {'s/call':>8} {'stage-2 cache hit':>18} "
+          f"{'same beams as transformers':>27}")
+    beams_of, rows = {}, []
+    for name, backend in bench.backends.items():
+        seconds, results = _timed(lambda: backend.generate(bench.prompts, params), args.repeats)
+        outputs = results[-1]
+        beams_of[name] = [[(tuple(c.token_ids), c.log_prob) for c in o.traces[0].completions] for o in outputs]
+        items = sum(len(o.traces[0].completions) for o in outputs)
+        hit = sum(o.stage2_cached_tokens for o in outputs) / max(1, sum(o.stage2_prompt_tokens for o in outputs))
+        rows.append((name, len(outputs) / seconds, items / seconds, seconds, hit))
+
+    def same(a, b):
+        return all(sorted(t for t, _ in x) == sorted(t for t, _ in y) and len(x) == len(y)
+                   and all(abs(s - r) < 1e-4 for (_, s), (_, r) in zip(x, y)) for x, y in zip(a, b))
+
+    for name, samples, items, seconds, hit in rows:
+        print(f"{name:<14} {samples:10.2f} {items:9.1f} {seconds:8.3f} {hit:18.3f} "
+              f"{'yes' if same(beams_of[name], beams_of['transformers']) else 'NO':>27}")
 
 
 def score_section(bench: Bench, args) -> None:
@@ -194,6 +225,7 @@ def sync_section(bench: Bench, args) -> None:
 
 
 SECTIONS: Dict[str, Callable[[Bench, argparse.Namespace], None]] = {"rollout": rollout_section,
+                                                                     "beam": beam_section,
                                                                      "score": score_section,
                                                                      "sync": sync_section}
 
@@ -211,6 +243,7 @@ def main(argv=None) -> None:
                    help="sync: hidden sizes of the wider random Qwen3 models (multiples of 128; ffn 3x, head_dim 64)")
     p.add_argument("--sync-layers", type=int, default=6, help="sync: layers of the wider models")
     p.add_argument("--sync-bucket-mb", type=int, default=512, help="sync: bucket MiB (the engine's ray.sync_bucket_mb)")
+    p.add_argument("--beam-width", type=int, default=32, help="beam: items per prompt (OpenOneRec's RecIF: 32 beams)")
     args = p.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

@@ -100,7 +100,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--constrain-reasoning", action="store_true",
                    help="also constrain itemic patterns inside the CoT to catalog items (γ_legal is then 1 by "
                         "construction; by default the CoT is free, as in OpenOneRec, and γ_legal measures the model)")
-    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine (vLLM: sampling only)")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="generation engine: hf (transformers, the reference) or vllm (beam rounds served from the "
+                        "prefix cache)")
     p.add_argument("--device", default="cpu", help="hf backend device")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     recif = p.add_argument_group("RecIF-Bench (--recif, --score-generations)")
@@ -147,9 +149,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.max_think_tokens = 1000 if is_recif else 256  # OpenOneRec's max_new_thinking_tokens
     if "cot" in args.tasks and args.backend != "hf":
         p.error("--tasks cot scores targets with the model's forward pass: it needs --backend hf")
-    if args.recif is not None and args.backend != "hf":
-        p.error("--recif beam-searches the code tokens (OpenOneRec's decoding); the vLLM backend only samples: "
-                "use --backend hf")
     return args
 
 

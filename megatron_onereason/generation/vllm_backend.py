@@ -13,8 +13,19 @@ serves the trace's KV blocks (the hit share is reported per prompt, ``PromptOutp
 first emits the tokens that close the trace (``</think>`` when the model did not write it, the answer separator)
 as forced tokens, so their model log-probs are reported like the transformers backend's, then the ``L + 1`` item
 tokens under the trie. Every request has its own seed (derived from ``params.seed``, the prompt, trace and item
-index), so results do not depend on batching. Items are sampled (``item_strategy="sample"``, the RL rollout); beam
-and hierarchical search run on the transformers backend.
+index), so results do not depend on batching. Items are sampled (``item_strategy="sample"``, the RL rollout) or
+searched (``beam`` / ``hierarchical``: ``evaluate --recif``, Recall@K evaluation, the Rollout-Beam rewards).
+
+Beam search (:meth:`VLLMBackend._search_items`). Choice, measured against the alternative: vLLM's own
+``LLM.beam_search`` asks the engine for the top ``2 x width`` *raw* log-probs per step, which a trie mask does not
+reach (``logprobs_mode="raw_logprobs"`` reports log-probs before the logits processors, so most of them would be
+illegal codes; the processed modes would change every sampling request's log-probs) and it needs
+``max_logprobs >= 2 x width``. Instead stage 2 runs in code-level rounds of one-token requests, one per live beam,
+whose prompt is ``context + beam tokens`` (the prefix cache serves the context; only the few beam tokens and the
+last partial KV block are recomputed), and the logits processor records each request's K best *allowed* tokens
+with their raw log-probs (one top-k over the batch, one transfer). The driver keeps the K best ``score + log p``
+per trace, exactly the transformers backend's beam step (scores: raw model log-probs with illegal tokens removed,
+not renormalised). Without a catalog the rule is the scheme's pattern only (OpenOneRec's RecIF decoding).
 
 Log-probs: ``model_logprobs`` are vLLM's raw log-probs (``raw_logprobs``); ``logprobs`` — the distribution a token
 was drawn from (mask and temperature) — come from the normaliser the logits processor records per step (exact, no
@@ -94,6 +105,38 @@ class _Sampled:
     logprobs: List[float]
     prompt_tokens: int
     cached_tokens: int
+    candidates: List[Tuple[int, float, float]]  # top_k requests: the last step's (token, raw, behaviour log-prob)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage2:
+    """One trace's item stage: its context (prompt + sampled trace), the tokens that close the trace (forced), and
+    the allowed first item tokens (None: any valid token)."""
+
+    context: List[int]
+    closing: Tuple[int, ...]
+    first: Optional[Tuple[int, ...]]
+
+
+@dataclasses.dataclass
+class _Stage2Result:
+    closing: Tuple[int, ...]
+    closing_logprobs: List[float]  # raw model log-probs of the closing tokens
+    completions: List[ItemCompletion]
+    prompt_tokens: int  # stage-2 prompt tokens over the trace's requests, and how many the prefix cache served
+    cached_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Beam:
+    tokens: Tuple[int, ...]
+    logprobs: Tuple[float, ...]
+    model_logprobs: Tuple[float, ...]
+    score: float  # sum of the raw model log-probs
+
+    def extend(self, token: int, raw: float, behaviour: float) -> "_Beam":
+        return _Beam(self.tokens + (token,), self.logprobs + (behaviour,), self.model_logprobs + (raw,),
+                     self.score + raw)
 
 
 class VLLMBackend:
@@ -151,41 +194,55 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------------------------------ engine calls
     def _run(self, prompts: Sequence[Sequence[int]], sampling: Sequence) -> List[_Sampled]:
-        """Generate; raw log-probs from vLLM, behaviour log-probs from the processors' normalisers."""
+        """Generate; raw log-probs from vLLM, behaviour log-probs from the processors' normalisers, and the last
+        step's candidates of requests that record them (``top_k``)."""
         from megatron_onereason.generation.vllm_logits_processor import REQUEST_ARG, behaviour_logprob
 
         if not prompts:
             return []
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], list(sampling), use_tqdm=False)
-        keys = [sp.extra_args[REQUEST_ARG]["key"] for sp in sampling]
-        normalisers: Dict[str, Dict[int, Optional[float]]] = {}
-        wanted = [k for k in keys if k]
-        for part in self.llm.collective_rpc("onereason_pop_normalisers", args=(wanted, self._key_prefix)):
-            for key, steps in part.items():
-                normalisers.setdefault(key, steps)
+        specs = [sp.extra_args[REQUEST_ARG] for sp in sampling]
+        keys = [spec["key"] for spec in specs]
+        normalisers = self._pop_records("onereason_pop_normalisers", [k for k in keys if k])
+        candidates = self._pop_records("onereason_pop_candidates", [k for k, s in zip(keys, specs) if s["top_k"]])
         results = []
         for out, sp, key in zip(outputs, sampling, keys):
             completion = out.outputs[0]
             tokens = list(completion.token_ids)
             raw = [step[t].logprob for t, step in zip(tokens, completion.logprobs)]
-            behaviour = []
+            behaviour, options = [], []
             if key:
                 steps = normalisers.get(key, {})
                 if any(s not in steps for s in range(len(tokens))):
                     raise RuntimeError(f"request {key}: the logits processor did not run on every step (is the "
                                        "engine using the model runner the processor was loaded for?)")
                 behaviour = [behaviour_logprob(r, sp.temperature, steps[s]) for s, r in enumerate(raw)]
-            results.append(_Sampled(tokens, raw, behaviour, len(out.prompt_token_ids), out.num_cached_tokens or 0))
+                if key in candidates:
+                    last = len(tokens) - 1
+                    ids, values = candidates[key][last]
+                    options = [(t, v, behaviour_logprob(v, sp.temperature, steps[last])) for t, v in zip(ids, values)]
+            results.append(_Sampled(tokens, raw, behaviour, len(out.prompt_token_ids), out.num_cached_tokens or 0,
+                                    options))
         return results
 
+    def _pop_records(self, method: str, keys: List[str]) -> Dict[str, Dict]:
+        """The processors' records of ``keys`` from every worker (a worker that did not sample a request has none)."""
+        records: Dict[str, Dict] = {}
+        if not keys:
+            return records
+        for part in self.llm.collective_rpc(method, args=(keys, self._key_prefix)):
+            for key, steps in part.items():
+                records.setdefault(key, steps)
+        return records
+
     def _sampling(self, rule: TokenRule, temperature: float, max_tokens: int, seed: Optional[int], keyed: bool,
-                  **extra):
+                  top_k: int = 0, **extra):
         from vllm import SamplingParams
 
         from megatron_onereason.generation.vllm_logits_processor import REQUEST_ARG, request_spec
 
         key = f"{self._key_prefix}{next(self._keys)}" if keyed else None
-        spec = request_spec(rule, self.model_dir, self.catalog_dir, self.num_valid, key)
+        spec = request_spec(rule, self.model_dir, self.catalog_dir, self.num_valid, key, top_k)
         return SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed, logprobs=0,
                               ignore_eos=True, detokenize=False, extra_args={REQUEST_ARG: spec}, **extra)
 
@@ -193,9 +250,6 @@ class VLLMBackend:
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> List[PromptOutput]:
         if not prompts:
             return []
-        if params.item_strategy != "sample":
-            raise ValueError(f"the vLLM backend samples items; item_strategy={params.item_strategy!r} runs on the "
-                             "transformers backend")
         if params.answer != "items":
             raise ValueError(f"the vLLM backend completes traces with items; answer={params.answer!r} (free text) "
                              "runs on the transformers backend")
@@ -204,7 +258,7 @@ class VLLMBackend:
                 raise ValueError(f"{name}={getattr(params, name)}: vLLM samples at temperatures in "
                                  f"[0, {MAX_TEMPERATURE}]; use the transformers backend for hotter sampling")
         check_prompt_domains([p.domain for p in prompts], params.constrained, self.vocab, self.constraint)
-        n, k, chat = params.num_traces, params.num_items, self.chat_tokens
+        n, chat = params.num_traces, self.chat_tokens
         traces = [[Trace([], [], [], [], False) for _ in range(n)] for _ in prompts]
         if params.thinking and params.max_think_tokens > 0:
             rule = TokenRule(banned=tuple(chat.stop_ids), trie=params.constrained and params.constrain_reasoning)
@@ -218,43 +272,128 @@ class VLLMBackend:
                 trace.model_logprobs.extend(out.model_logprobs)
                 trace.sampled.extend([True] * len(out.token_ids))
                 trace.closed_by_model = bool(out.token_ids) and out.token_ids[-1] == chat.think_end_id
-        contexts, sampling, closing_of = [], [], []
-        for i, (prompt, p_traces) in enumerate(zip(prompts, traces)):
+        stage2 = []
+        for prompt, p_traces in zip(prompts, traces):
             if prompt.domain is not None:
                 first = (self.vocab.begin_id(prompt.domain),)
             else:
                 first = tuple(self.constraint.live_begin_ids) if params.constrained else None
-            for j, trace in enumerate(p_traces):
+            separator = chat.answer_separator_ids if prompt.answer_prefix is None else prompt.answer_prefix
+            for trace in p_traces:
                 closing = ()
                 if params.thinking:
-                    closing = (() if trace.closed_by_model else (chat.think_end_id,)) + tuple(chat.answer_separator_ids)
-                rule = TokenRule(forced=closing, first=first, trie=params.constrained)
-                closing_of.append(closing)
-                for m in range(k):
-                    contexts.append(list(prompt.token_ids) + trace.token_ids)
-                    sampling.append(self._sampling(rule, params.item_temperature, len(closing) + self.vocab.scheme.item_length,
-                                                   _request_seed(params.seed, 2, i, j, m), True))
-        items = self._run(contexts, sampling)
+                    closing = (() if trace.closed_by_model else (chat.think_end_id,)) + tuple(separator)
+                stage2.append(_Stage2(list(prompt.token_ids) + trace.token_ids, closing, first))
+        if params.item_strategy == "sample":
+            items = self._sample_items(stage2, params)
+        else:
+            items = self._search_items(stage2, params)
         outputs = []
         for i, (prompt, p_traces) in enumerate(zip(prompts, traces)):
             stage2_prompt = stage2_cached = 0
             for j, trace in enumerate(p_traces):
-                t = i * n + j
-                closing, mine = closing_of[t], items[t * k:(t + 1) * k]
-                c = len(closing)
-                trace.token_ids.extend(closing)
+                done = items[i * n + j]
+                c = len(done.closing)
+                trace.token_ids.extend(done.closing)
                 trace.logprobs.extend([0.0] * c)
-                trace.model_logprobs.extend(mine[0].model_logprobs[:c])
+                trace.model_logprobs.extend(done.closing_logprobs)
                 trace.sampled.extend([False] * c)
-                for out in mine:
-                    tokens = out.token_ids[c:]
-                    item = decode_item(self.vocab, tokens)
-                    trace.completions.append(ItemCompletion(tokens, out.logprobs[c:], out.model_logprobs[c:],
-                                                            item[0] if item else None, item[1] if item else None))
-                    stage2_prompt += out.prompt_tokens
-                    stage2_cached += out.cached_tokens
+                trace.completions.extend(done.completions)
+                stage2_prompt += done.prompt_tokens
+                stage2_cached += done.cached_tokens
             outputs.append(PromptOutput(prompt, p_traces, stage2_prompt, stage2_cached))
         return outputs
+
+    def _item_steps(self, params: GenerationParams) -> int:
+        """Item tokens to decode: the begin token, the codes, and the end token unless ``item_end`` is off."""
+        return self.vocab.levels + 1 + (self.vocab.scheme.end_token is not None and params.item_end)
+
+    def _completion(self, tokens, logprobs, model_logprobs, params: GenerationParams) -> ItemCompletion:
+        item = decode_item(self.vocab, tokens, params.item_end)
+        return ItemCompletion(list(tokens), list(logprobs), list(model_logprobs), item[0] if item else None,
+                              item[1] if item else None)
+
+    def _sample_items(self, stage2: Sequence["_Stage2"], params: GenerationParams) -> List["_Stage2Result"]:
+        """K independent requests per trace: the forced closing tokens, then the item tokens sampled under the
+        rule (the prefix cache serves the trace)."""
+        k, steps = params.num_items, self._item_steps(params)
+        contexts, sampling = [], []
+        for t, job in enumerate(stage2):
+            rule = TokenRule(forced=job.closing, first=job.first, trie=params.constrained)
+            for m in range(k):
+                contexts.append(job.context)
+                sampling.append(self._sampling(rule, params.item_temperature, len(job.closing) + steps,
+                                               _request_seed(params.seed, 2, *self._trace_index(t, params), m), True))
+        outs = self._run(contexts, sampling)
+        results = []
+        for t, job in enumerate(stage2):
+            mine, c = outs[t * k:(t + 1) * k], len(job.closing)
+            results.append(_Stage2Result(
+                job.closing, mine[0].model_logprobs[:c],
+                [self._completion(o.token_ids[c:], o.logprobs[c:], o.model_logprobs[c:], params) for o in mine],
+                sum(o.prompt_tokens for o in mine), sum(o.cached_tokens for o in mine)))
+        return results
+
+    @staticmethod
+    def _trace_index(t: int, params: GenerationParams) -> Tuple[int, int]:
+        return divmod(t, params.num_traces)
+
+    def _search_items(self, stage2: Sequence["_Stage2"], params: GenerationParams) -> List["_Stage2Result"]:
+        """Beam (or hierarchical) search of width K per trace, in rounds of one-token requests.
+
+        Round s sends one request per live beam whose prompt is ``context + closing + beam tokens`` (the prefix
+        cache serves the context; round 0 emits the forced closing tokens first, for their log-probs): the logits
+        processor masks the step by the rule and records the K allowed tokens with the highest raw log-probs. The
+        K best ``score + log p`` over a trace's beams survive, as in the transformers backend's beam step; a beam
+        scores its tokens' raw model log-probs (the mask removes tokens, it does not renormalise). Hierarchical
+        search beams the begin token and the first code, then completes each beam greedily in one request."""
+        k, steps = params.num_items, self._item_steps(params)
+        beam_steps = steps if params.item_strategy == "beam" else min(2, steps)
+        beams: List[List[_Beam]] = [[_Beam((), (), (), 0.0)] for _ in stage2]
+        results = [_Stage2Result(job.closing, [], [], 0, 0) for job in stage2]
+        for step in range(beam_steps):
+            prompts, sampling, owners = [], [], []
+            for t, job in enumerate(stage2):
+                for b, beam in enumerate(beams[t]):
+                    if step == 0:
+                        rule, prompt = TokenRule(forced=job.closing, first=job.first, trie=params.constrained), job.context
+                    else:
+                        rule, prompt = TokenRule(trie=params.constrained), job.context + list(job.closing) + list(beam.tokens)
+                    prompts.append(prompt)
+                    sampling.append(self._sampling(rule, 0.0, len(rule.forced) + 1, None, True, top_k=k))
+                    owners.append((t, b))
+            outs = self._run(prompts, sampling)
+            pools: List[List[Tuple[float, int, int, Tuple[int, float, float]]]] = [[] for _ in stage2]
+            for (t, b), out in zip(owners, outs):
+                if step == 0:
+                    results[t].closing_logprobs = out.model_logprobs[:len(stage2[t].closing)]
+                results[t].prompt_tokens += out.prompt_tokens
+                results[t].cached_tokens += out.cached_tokens
+                for rank, option in enumerate(out.candidates):
+                    pools[t].append((beams[t][b].score + option[1], b, rank, option))
+            for t, pool in enumerate(pools):
+                pool.sort(key=lambda c: (-c[0], c[1], c[2]))  # best first; ties: earlier beam, then its order
+                beams[t] = [beams[t][b].extend(token, raw, behaviour)
+                            for _, b, _, (token, raw, behaviour) in pool[:k]]
+        if beam_steps < steps:  # hierarchical: each beam completed greedily under the rule
+            prompts, sampling, owners = [], [], []
+            for t, job in enumerate(stage2):
+                for b, beam in enumerate(beams[t]):
+                    prompts.append(job.context + list(job.closing) + list(beam.tokens))
+                    sampling.append(self._sampling(TokenRule(trie=params.constrained), 0.0, steps - beam_steps, None,
+                                                   True))
+                    owners.append((t, b))
+            for (t, b), out in zip(owners, self._run(prompts, sampling)):
+                beam = beams[t][b]
+                for token, raw, behaviour in zip(out.token_ids, out.model_logprobs, out.logprobs):
+                    beam = beam.extend(token, raw, behaviour)
+                beams[t][b] = beam
+                results[t].prompt_tokens += out.prompt_tokens
+                results[t].cached_tokens += out.cached_tokens
+        for t, trace_beams in enumerate(beams):
+            ranked = sorted(trace_beams, key=lambda beam: -beam.score)  # stable: the last beam step's order on ties
+            results[t].completions = [self._completion(b.tokens, b.logprobs, b.model_logprobs, params) for b in ranked]
+        return results
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, trees: Sequence) -> List[TreeScores]:

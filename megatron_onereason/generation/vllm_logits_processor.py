@@ -37,13 +37,20 @@ GREEDY_EPS = 1e-5  # vLLM samples greedily below this temperature (its sampler's
 
 # key -> {output step -> c (None: a forced step)}, filled in the worker process, emptied by pop_normalisers.
 _NORMALISERS: Dict[str, Dict[int, Optional[float]]] = {}
+# key -> {output step -> (token ids, raw log-probs)}: a beam request's best allowed candidates (pop_candidates).
+_CANDIDATES: Dict[str, Dict[int, Tuple[List[int], List[float]]]] = {}
 
 
 def request_spec(rule: TokenRule, vocab_dir: str, catalog_dir: Optional[str], num_valid: int,
-                 key: Optional[str] = None) -> Dict[str, object]:
-    """The ``extra_args[REQUEST_ARG]`` of one request (plain data: it crosses vLLM's msgpack boundary)."""
+                 key: Optional[str] = None, top_k: int = 0) -> Dict[str, object]:
+    """The ``extra_args[REQUEST_ARG]`` of one request (plain data: it crosses vLLM's msgpack boundary).
+
+    ``top_k > 0`` (beam search; needs a ``key``): every unforced step also records the ``top_k`` allowed tokens
+    with the highest raw log-probs (fewer where fewer are allowed), collected by :func:`pop_candidates`."""
+    if top_k and key is None:
+        raise ValueError("a request recording candidates (top_k > 0) needs a key")
     return {"rule": rule.to_args(), "vocab_dir": vocab_dir, "catalog_dir": catalog_dir, "num_valid": int(num_valid),
-            "key": key}
+            "key": key, "top_k": int(top_k)}
 
 
 def behaviour_logprob(raw_logprob: float, temperature: float, normaliser: Optional[float]) -> float:
@@ -57,9 +64,18 @@ def behaviour_logprob(raw_logprob: float, temperature: float, normaliser: Option
 def pop_normalisers(keys: Sequence[str], prefix: str) -> Dict[str, Dict[int, Optional[float]]]:
     """The records of ``keys``, removed; also drops the other records under ``prefix`` (one backend's keys: left
     over from a call that failed). Engines sharing a process (in-process executors) use distinct prefixes."""
-    found = {k: _NORMALISERS.pop(k) for k in keys if k in _NORMALISERS}
-    for stale in [k for k in _NORMALISERS if k.startswith(prefix)]:
-        del _NORMALISERS[stale]
+    return _pop(_NORMALISERS, keys, prefix)
+
+
+def pop_candidates(keys: Sequence[str], prefix: str) -> Dict[str, Dict[int, Tuple[List[int], List[float]]]]:
+    """The candidate records of ``keys`` (requests with ``top_k``), removed, as :func:`pop_normalisers`."""
+    return _pop(_CANDIDATES, keys, prefix)
+
+
+def _pop(records: Dict[str, Dict], keys: Sequence[str], prefix: str) -> Dict[str, Dict]:
+    found = {k: records.pop(k) for k in keys if k in records}
+    for stale in [k for k in records if k.startswith(prefix)]:
+        del records[stale]
     return found
 
 
@@ -86,6 +102,7 @@ class _Request:
         self.catalog_dir = spec.get("catalog_dir")
         self.num_valid = int(spec["num_valid"])
         self.key = spec.get("key")
+        self.top_k = int(spec.get("top_k", 0))
         self.temperature = temperature if temperature >= GREEDY_EPS else 1.0
         self.history_len = _levels(self.vocab_dir) + 1 if self.rule.trie else 0  # tokens the trie reads
 
@@ -120,6 +137,14 @@ def apply_requests(logits: torch.Tensor, rows: Sequence[int], requests: Sequence
     single = (mask[keyed].sum(-1) == 1).tolist()
     for i, value, forced in zip(keyed, c.tolist(), single):
         _NORMALISERS.setdefault(requests[i].key, {})[steps[i]] = None if forced else value
+    beams = [i for i, req in enumerate(requests) if req.top_k and steps[i] >= len(req.rule.forced)]
+    if beams:  # one top-k over the beam rows, one transfer: no per-row host sync
+        k = min(max(requests[i].top_k for i in beams), width)
+        raw = masked[beams] - torch.logsumexp(z[beams], -1, keepdim=True)
+        values, ids = raw.topk(k, dim=-1)
+        for i, v, t in zip(beams, values.tolist(), ids.tolist()):
+            n = min(requests[i].top_k, sum(x != float("-inf") for x in v))
+            _CANDIDATES.setdefault(requests[i].key, {})[steps[i]] = (t[:n], v[:n])
 
 
 def processor_for_runner(use_v2_model_runner: bool) -> str:
@@ -188,28 +213,36 @@ class ItemicLogitsProcessorV2(_v2_base()):
         return True
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        """One device→host transfer for the whole batch (slots, positions and the trie's token histories gathered
+        on the device), none per row."""
+        if not self.slots:
+            return logits
         slot_of_row = ctx.expanded_idx_mapping.tolist()
         rows = [r for r, slot in enumerate(slot_of_row) if slot in self.slots]
         if not rows:
             return logits
-        pos = ctx.pos[rows].tolist()
+        n = max(self.slots[slot_of_row[r]].history_len for r in rows)
+        index = torch.tensor(rows, device=ctx.pos.device)
+        pos = ctx.pos.index_select(0, index).long()
+        table = pos[:, None]
+        if n:  # tokens at positions p-n+1 .. p: the committed ones, then this step's input token
+            slots = torch.tensor([slot_of_row[r] for r in rows], device=pos.device)
+            columns = (pos[:, None] - n + 1 + torch.arange(n - 1, device=pos.device)).clamp(min=0)
+            committed = self.req_states.all_token_ids.gpu[slots[:, None], columns].long()
+            table = torch.cat([table, committed, ctx.input_ids.index_select(0, index).long()[:, None]], dim=1)
         prompt_len = self.req_states.prompt_len.np
         reqs, steps, histories, kept = [], [], [], []
-        for row, p in zip(rows, pos):
+        for row, (p, *tokens) in zip(rows, table.tolist()):
             slot = slot_of_row[row]
             step = p + 1 - int(prompt_len[slot])
             if step < 0:  # a prompt chunk: nothing is sampled from this row
                 continue
             req = self.slots[slot]
-            n = req.history_len
-            history = []
-            if n:  # tokens at positions p-n+1 .. p: the committed ones, then this step's input token
-                history = self.req_states.all_token_ids.gpu[slot, max(0, p - n + 1):p].tolist()
-                history.append(int(ctx.input_ids[row]))
+            have = min(req.history_len, p + 1)  # positions below 0 do not exist
             kept.append(row)
             reqs.append(req)
             steps.append(step)
-            histories.append(history)
+            histories.append(tokens[len(tokens) - have:] if have else [])
         if kept:
             apply_requests(logits, kept, reqs, steps, histories)
         return logits

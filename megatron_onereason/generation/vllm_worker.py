@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from megatron_onereason.generation.vllm_logits_processor import pop_normalisers
+from megatron_onereason.generation.vllm_logits_processor import pop_candidates, pop_normalisers
 
 EncodedTensor = Tuple[str, str, List[int], bytes]  # (name, dtype name, shape, raw bytes)
 
@@ -43,6 +43,10 @@ class VLLMWorkerExtension:
 
     def onereason_pop_normalisers(self, keys: Sequence[str], prefix: str) -> Dict[str, Dict[int, Optional[float]]]:
         return pop_normalisers(keys, prefix)
+
+    def onereason_pop_candidates(self, keys: Sequence[str], prefix: str) -> Dict[str, Dict[int, Tuple[List[int],
+                                                                                                     List[float]]]]:
+        return pop_candidates(keys, prefix)
 
     # ------------------------------------------------------------------------------------------ weights
     def onereason_begin_weight_update(self) -> None:

@@ -11,8 +11,6 @@ from megatron_onereason.rl.rft import RFTFilters
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 
 
-# Generation backends whose ``generate`` runs beam search over items (Recall@K evaluation, Rollout-Beam rewards).
-BEAM_SEARCH_BACKENDS = ("hf",)
 # An inference engine of a larger model on CPU (its section's gpus: 0) is refused: fp32 on the host, it would stall.
 CPU_ENGINE_MAX_PARAMS = 2e9
 
@@ -185,9 +183,6 @@ class RLConfig:
                             ("rollout.replicas", self.rollout.replicas)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.evaluator.backend not in BEAM_SEARCH_BACKENDS:
-            raise ValueError("evaluator.backend must be hf: Recall@K ranks items by beam search, which the vLLM "
-                             "backend does not do")
         for role in ("rollout", "teachers", "reference", "evaluator"):
             e = getattr(self, role)
             if e.tensor_parallel_size < 1 or (e.backend == "hf" and e.tensor_parallel_size != 1):
@@ -247,10 +242,6 @@ def validate_method_settings(cfg: RLConfig) -> None:
     unknown = [t for t in d.tasks if t not in RL_TASKS]
     if unknown or not d.tasks:
         raise ValueError(f"data.tasks must be a non-empty list from {list(RL_TASKS)}, got {d.tasks}")
-    if (cfg.algorithm == "grpo" and g.reward in ("rollout-beam", "beam-prefix")
-            and r.backend not in BEAM_SEARCH_BACKENDS):
-        raise ValueError(f"grpo.reward={g.reward} needs beam search in stage 2 (OneRec-Think eq. 7), which the "
-                         f"{r.backend} rollout backend does not run: set rollout.backend=hf")
     scorers = [role for role, on in (("teachers", cfg.algorithm == "mopd"), ("reference", g.kl_coef > 0))
                if on and getattr(cfg, role).backend == "vllm"]
     if r.sampling == "constrained" and scorers:

@@ -18,7 +18,7 @@ import numpy as np
 
 from megatron_onereason.generation.params import GenerationParams
 from megatron_onereason.rl.actor import ActorSpec
-from megatron_onereason.rl.config import BEAM_SEARCH_BACKENDS, CPU_ENGINE_MAX_PARAMS, RayLayout, RLConfig
+from megatron_onereason.rl.config import CPU_ENGINE_MAX_PARAMS, RayLayout, RLConfig
 from megatron_onereason.rl.data import RLPrompt
 from megatron_onereason.rl.metrics import ItemValidity, mean_over_minibatches
 from megatron_onereason.rl.rollout_batch import group_into_packs, tree_length, trees_within
@@ -82,10 +82,9 @@ def engine_plan(cfg: RLConfig, external_rollouts: bool = False) -> EnginePlan:
     reference = cfg.grpo.kl_coef > 0 and cfg.algorithm == "grpo"
     evaluator = None
     if trains and cfg.eval_interval and cfg.data.eval_prompts:
-        # The rollout engines hold the current policy: evaluate there when they sit beside the actor (colocated)
-        # and can beam-search; disaggregated rollout engines keep rolling out, the evaluator has its own.
-        on_rollouts = cfg.ray.layout == "colocated" and r.backend in BEAM_SEARCH_BACKENDS
-        evaluator = "rollout" if on_rollouts else "own"
+        # The rollout engines hold the current policy: evaluate there when they sit beside the actor (colocated);
+        # disaggregated rollout engines keep rolling out, the evaluator has its own.
+        evaluator = "rollout" if cfg.ray.layout == "colocated" else "own"
     own_rollouts = 0 if external_rollouts or not trains else r.replicas
     engines = [EngineSpec(f"rollout/{i}", r.gpus) for i in range(own_rollouts)]
     engines += [EngineSpec(f"teacher/{i}", (r if cfg.algorithm == "rft" else cfg.teachers).gpus)

@@ -59,6 +59,7 @@ class ItemCatalog:
             raise ValueError(f"catalog has domain names {bad[:3]} that are not lower-case identifiers")
         self.item_ids = list(item_ids)
         self.domains = list(domains)
+        self.directory: Optional[str] = None  # where load() read it (the trie pickles by this reference)
         self.codes = codes.astype(np.int32)
         self.codebook_size = int(codebook_size)
         self.keys = pack_codes(self.codes, self.codebook_size)
@@ -181,7 +182,9 @@ class ItemCatalog:
             raise ValueError(f"{path}: missing column(s) {missing} (has {table.column_names})")
         codes = np.stack([table.column(c).to_numpy() for c in letters], axis=1) if len(table) else np.zeros((0, levels))
         try:
-            return cls(table.column("item_id").to_pylist(), table.column("domain").to_pylist(), codes, size, shared)
+            catalog = cls(table.column("item_id").to_pylist(), table.column("domain").to_pylist(), codes, size, shared)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        catalog.directory = os.path.abspath(directory)
+        return catalog
 

@@ -8,6 +8,19 @@ import torch
 from megatron_onereason.checkpoint.hf_mapping import fuse_fc1, hf_layer_to_mcore
 
 
+def user_prompts(tokenizer):
+    """Two rendered chat prompts per mode (``{thinking: [Prompt, ...]}``): one forcing the video domain, one letting
+    the model choose."""
+    from megatron_onereason.generation.params import Prompt
+    from megatron_onereason.generation.prompts import chat_prompt_ids
+
+    texts = (("I watched three cooking videos and a travel vlog yesterday. Recommend the next video for me.",
+              "video"),
+             ("Here is my recent history of purchases and views. What would I like to see or buy next?", None))
+    return {thinking: [Prompt(chat_prompt_ids(tokenizer, [{"role": "user", "content": text}], thinking), domain)
+                       for text, domain in texts] for thinking in (True, False)}
+
+
 def legal_items(catalog, scheme, domain=None):
     """(begin key, codes) of the catalog items a (forced) domain allows: its own items, or all of them when the
     scheme's begin token is shared."""

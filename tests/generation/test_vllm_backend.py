@@ -11,10 +11,9 @@ import torch
 
 from megatron_onereason.generation.hf_backend import TransformersBackend
 from megatron_onereason.generation.params import GenerationParams, Prompt
-from megatron_onereason.generation.prompts import chat_prompt_ids
 from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
-from oracles import assert_rollouts_exact, legal_items, megatron_named, oracle_logp
+from oracles import assert_rollouts_exact, legal_items, megatron_named, oracle_logp, user_prompts
 
 pytest.importorskip("vllm")
 
@@ -25,12 +24,7 @@ ATOL = 1e-4  # fp32 engine vs fp32 transformers
 def setup(vllm_backend, tiny_recommender):
     oracle = TransformersBackend.from_pretrained(tiny_recommender.model_dir, tiny_recommender.catalog_dir)
     catalog = ItemCatalog.load(tiny_recommender.catalog_dir)
-    tok = vllm_backend.tokenizer
-    texts = (("I watched three cooking videos and a travel vlog yesterday. Recommend the next video for me.",
-              "video"),
-             ("Here is my recent history of purchases and views. What would I like to see or buy next?", None))
-    prompts = {thinking: [Prompt(chat_prompt_ids(tok, [{"role": "user", "content": text}], thinking), domain)
-                          for text, domain in texts] for thinking in (True, False)}
+    prompts = user_prompts(vllm_backend.tokenizer)
     return vllm_backend, oracle, catalog, prompts
 
 
@@ -129,8 +123,6 @@ def test_seeded_generation_is_reproducible(setup):
 
 def test_unsupported_requests_say_what_to_do(setup):
     backend, _, _, prompts = setup
-    with pytest.raises(ValueError, match="transformers backend"):
-        backend.generate(prompts[False], GenerationParams(thinking=False, item_strategy="beam"))
     with pytest.raises(ValueError, match=r"item_temperature=2.5: vLLM samples at temperatures in \[0, 2.0\]"):
         backend.generate(prompts[False], GenerationParams(thinking=False, item_temperature=2.5))
     with pytest.raises(ValueError, match="no item of domain 'ad'"):

@@ -68,10 +68,11 @@ def test_inert_clipping_is_warned_about(caplog):
     assert caplog.text == ""
 
 
-def test_rollout_beam_needs_a_backend_that_runs_beam_search():
-    with pytest.raises(ConfigError, match="set rollout.backend=hf"):
-        config("grpo.reward=rollout-beam")
-    assert config("grpo.reward=rollout-beam", "rollout.backend=hf").grpo.reward == "rollout-beam"
+def test_rollout_beam_and_recall_evaluation_run_on_either_backend():
+    """Both backends beam-search items (vLLM: prefix-cached rounds, tests/generation/test_vllm_beam.py)."""
+    for backend in ("vllm", "hf"):
+        cfg = config("grpo.reward=rollout-beam", f"rollout.backend={backend}", f"evaluator.backend={backend}")
+        assert (cfg.grpo.reward, cfg.rollout.backend, cfg.evaluator.backend) == ("rollout-beam", backend, backend)
 
 
 def test_constrained_sampling_needs_scorers_that_renormalise():

@@ -1,8 +1,12 @@
 """The valid-item trie allows exactly the catalog's code tuples; batch masks hit exactly the allowed token ids."""
 import itertools
+import json
+import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.item_trie import ItemTrie
@@ -90,3 +94,56 @@ def test_batch_mask_marks_exactly_the_allowed_token_ids(catalog):
         trie.allowed_token_mask(vocab, ["video"], [video[0]])
     with pytest.raises(ValueError, match="3 levels x 4 codes, the catalog 3 x 6"):
         trie.allowed_token_mask(contiguous_vocab(preset("onereason_report", codebook_size=4), 53), ["video"], [()])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), levels=st.integers(1, 3), k=st.integers(2, 9), n=st.integers(1, 60),
+       shared=st.booleans())
+def test_csr_trie_allows_exactly_the_catalog_prefix_sets_of_random_catalogs(seed, levels, k, n, shared):
+    """Every prefix of every catalog item and random other prefixes: the codes allowed next are exactly those of the
+    catalog rows starting with it (sets recomputed from the rows), per begin key; the batched walk agrees."""
+    rng = np.random.default_rng(seed)
+    keys = rng.choice(k ** levels, size=min(n, k ** levels), replace=False)
+    codes = np.stack([keys // k ** (levels - 1 - i) % k for i in range(levels)], axis=1)
+    domains = [("video", "prod", "ad")[i] for i in rng.integers(0, 3, len(keys))]
+    catalog = ItemCatalog([f"i{i}" for i in range(len(keys))], domains, codes, k)
+    scheme = preset("openonerec" if shared else "onereason_report", codebook_size=k, levels=levels)
+    trie = ItemTrie.from_catalog(catalog, scheme)
+    rows = {d: [tuple(c) for c, dd in zip(codes.tolist(), domains) if shared or dd == d] for d in trie.domains}
+    queries = [(d, t[:length]) for d, items in rows.items() for t in items for length in range(levels)]
+    queries += [(d, tuple(rng.integers(0, k + 1, length).tolist())) for d in [*trie.domains, "living"]
+                for length in range(levels)]
+    for domain, prefix in queries:
+        want = sorted({t[len(prefix)] for t in rows.get(domain, []) if t[:len(prefix)] == prefix})
+        assert trie.allowed_next(domain, prefix).tolist() == want
+    nodes = trie.nodes([d for d, _ in queries], [p for _, p in queries])
+    assert nodes.tolist() == [trie.node(d, p) for d, p in queries]
+    for domain, items in rows.items():
+        assert all(trie.contains(domain, t) for t in items)
+
+
+def test_a_loaded_catalogs_trie_pickles_by_reference(catalog, tmp_path):
+    """An actor rank unpickling tree packs gets the one trie its process built from the catalog directory; the
+    message carries the directory, not the arrays."""
+    import pickle
+
+    catalog.save(str(tmp_path))
+    with open(tmp_path / "manifest.json", "w") as f:
+        json.dump({"levels": 3, "codebook_size": K}, f)
+    trie = ItemTrie.from_catalog(ItemCatalog.load(str(tmp_path)), REPORT)
+    message = pickle.dumps(trie)
+    assert len(message) < 2000 < trie.offsets.nbytes + trie.edge_key.nbytes
+    first, again = pickle.loads(message), pickle.loads(message)
+    assert first is again and first is not trie
+    assert [first.allowed_next(d, ()).tolist() for d in DOMAINS] == [trie.allowed_next(d, ()).tolist() for d in DOMAINS]
+    in_memory = ItemTrie.from_catalog(catalog, REPORT)  # no directory: the arrays travel
+    assert pickle.loads(pickle.dumps(in_memory)).edge_key.tolist() == in_memory.edge_key.tolist()
+    os.utime(tmp_path / "catalog.parquet", ns=(1, 1))  # touched, same content (a copy on another node)
+    assert pickle.loads(message) is first
+    edited = ItemCatalog(catalog.item_ids[1:], catalog.domains[1:], catalog.codes[1:], K)
+    edited.save(str(tmp_path))
+    with pytest.raises(RuntimeError, match="differs from the catalog the trie sent to this process was built from"):
+        pickle.loads(message)
+    (tmp_path / "catalog.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="every node of a run must see the catalog directory"):
+        pickle.loads(message)
