@@ -230,17 +230,24 @@ def _train(work: str, name: str, overrides: List[str]) -> List[Dict]:
         return [json.loads(line) for line in f]
 
 
-def step_train(sizes: Sizes, work: str, peak_tflops: float = 0.0) -> Dict:
-    import statistics
-
+def _slice_model(sizes: Sizes, model_dir: str):
+    """The trained slice (the preset's width, ``train_layers`` layers, ``train_vocab`` tokens) as a HF config.json in
+    ``model_dir`` (``model.init_from``: random weights); its Qwen3Config."""
     from megatron_onereason.model.qwen3_config import qwen3_preset
 
     cfg = dataclasses.replace(qwen3_preset(sizes.train_preset), num_layers=sizes.train_layers,
                               vocab_size=sizes.train_vocab)
-    model_dir = os.path.join(work, "train_model")
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(cfg.to_hf_dict(), f)
+    return cfg
+
+
+def step_train(sizes: Sizes, work: str, peak_tflops: float = 0.0) -> Dict:
+    import statistics
+
+    model_dir = os.path.join(work, "train_model")
+    cfg = _slice_model(sizes, model_dir)
     corpus = os.path.join(work, "train_corpus")
     docs_needed = sizes.train_iters * sizes.train_seq // sizes.train_docs[0] + 16
     _corpus(corpus, docs_needed, sizes.train_docs, cfg.vocab_size)
@@ -329,18 +336,13 @@ def step_rl(sizes: Sizes, work: str) -> Dict:
     import torch
 
     from megatron_onereason.model.packed_attention import resolve_backend
-    from megatron_onereason.model.qwen3_config import qwen3_preset
     from megatron_onereason.platform import device
     from megatron_onereason.rl.actor import ActorSpec, GRPOMicroBatch, MegatronActor
     from megatron_onereason.rl.tree_pack import pack_trees, tree_logprobs_layout
     from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 
-    cfg = dataclasses.replace(qwen3_preset(sizes.train_preset), num_layers=sizes.train_layers,
-                              vocab_size=sizes.train_vocab)
     model_dir = os.path.join(work, "rl_model")
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_hf_dict(), f)
+    cfg = _slice_model(sizes, model_dir)
     spec = ActorSpec(ModelSection(init_from=model_dir, layer_spec="local"), ParallelSection(),
                      PrecisionSection(bf16=True), OptimSection(lr=1e-6, min_lr=1e-6, decay_style="constant"),
                      pack_length=sizes.rl_lengths[0], total_steps=100)
