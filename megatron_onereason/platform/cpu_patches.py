@@ -10,8 +10,8 @@ The ``cuda``→``cpu`` device rewrite is a :class:`torch.overrides.TorchFunction
 call :func:`enter_cpu_device_mode` in every extra thread that runs megatron code.
 
 megatron-core releases these patches are tested with: 0.16.1 (the lock: CI's whole suite) and 0.19.2 (its sources
-on CPU: the GPU check's dry run — conversion, bf16 logits, stage-1 freezing, the trainer, the RL actor — and the
-trainer / freezing / platform tests; 0.19 needed the ``current_stream`` patch). 0.17 and 0.18 are untested.
+on CPU, once: the GPU check's dry run — conversion, bf16 logits, stage-1 freezing, the trainer, the RL actor — and
+tests/training/test_freezing.py; 0.19 needed the ``current_stream`` patch). 0.17 and 0.18 are untested.
 """
 from __future__ import annotations
 
