@@ -1,7 +1,9 @@
 # GPU cluster image: NGC PyTorch (Python 3.12, CUDA, Transformer Engine and apex inside) + vLLM + megatron_onereason.
 #   docker build -t megatron-onereason .                      # training + the vLLM rollout engine
 #   docker build --build-arg WITH_VLLM=0 -t megatron-onereason .  # training only (any BASE)
+#   docker run --gpus 1 megatron-onereason bash benchmarks/gpu_check.sh --out /tmp/gpu_check.md   # its own GPU check
 #   (SLURM + pyxis/enroot: srun --container-image=megatron-onereason ...; see examples/)
+# Versions: those CI tests (requirements/lock-cpu.txt; tests/examples/test_dockerfile.py keeps them equal).
 #
 # vLLM version: the rollout backend supports vLLM 0.32.x only (generation/vllm_backend.py). vLLM 0.32's wheels pin
 # torch==2.13.0, so `pip install vllm` would replace the container's PyTorch (and break TE and apex, built against
@@ -42,10 +44,15 @@ COPY megatron_onereason ./megatron_onereason
 COPY tools ./tools
 COPY checkpoints_convert ./checkpoints_convert
 COPY examples ./examples
+COPY benchmarks ./benchmarks
+COPY requirements ./requirements
 
-# Keep the container's torch, TE and apex: install megatron-core (0.16-0.19 supported) and our package against
-# them without letting pip replace torch. Check TE is importable so FP8/thd paths are available at run time.
+# Keep the container's torch, TE and apex: install megatron-core and transformers at the tested versions, then our
+# package against them, without letting pip replace torch. Check TE is importable so FP8/thd paths are available.
+ARG MEGATRON_CORE_VERSION=0.16.1
+ARG TRANSFORMERS_VERSION=5.19.0
 RUN python -c "import torch, transformer_engine; print('torch', torch.__version__, 'TE', transformer_engine.__version__)" \
- && pip install --no-cache-dir "megatron-core>=0.16,<0.20" \
+ && pip install --no-cache-dir "megatron-core==${MEGATRON_CORE_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
  && pip install --no-cache-dir --no-build-isolation -e ".[dev]" \
- && python -c "import megatron.core, megatron_onereason; print('megatron-core', megatron.core.__version__)"
+ && python -c "import megatron.core, transformers, megatron_onereason; \
+print('megatron-core', megatron.core.__version__, 'transformers', transformers.__version__)"

@@ -9,6 +9,7 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
+#SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 export CONFIG=${CONFIG:-examples/configs/mopd_8b.yaml} JOB_NAME=onereason-mopd  # JOB_NAME: for a dry run

@@ -8,6 +8,10 @@ calls it.
 
 The ``cuda``→``cpu`` device rewrite is a :class:`torch.overrides.TorchFunctionMode`, which is thread-local:
 call :func:`enter_cpu_device_mode` in every extra thread that runs megatron code.
+
+megatron-core releases these patches are tested with: 0.16.1 (the lock: CI's whole suite) and 0.19.2 (its sources
+on CPU, once: the GPU check's dry run — conversion, bf16 logits, stage-1 freezing, the trainer, the RL actor — and
+tests/training/test_freezing.py; 0.19 needed the ``current_stream`` patch). 0.17 and 0.18 are untested.
 """
 from __future__ import annotations
 
@@ -65,6 +69,26 @@ def _cpu_manual_seed(seed, *_args, **_kwargs):
     torch.default_generator.manual_seed(int(seed))
 
 
+class _NoStream:
+    """``torch.cuda.current_stream()`` on CPU. megatron-core 0.19 asks for it on every gradient sync
+    (``param_and_grad_buffer.start_grad_sync``: the current stream waits for CUDA-graph gradient events, and the
+    communication stream for the current one); on CPU there is nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_NO_STREAM = _NoStream()
+
 _TENSOR_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -100,9 +124,10 @@ def apply_cpu_patches() -> bool:
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
     mcore_random.device_ctx_manager = lambda *_a, **_k: contextlib.nullcontext()
 
-    # 3. Synchronisation and cache management have nothing to do on CPU.
+    # 3. Synchronisation, streams and cache management have nothing to do on CPU.
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: _NO_STREAM
 
     # 5. The optimizer checks Tensor.type() strings for CUDA tensor types.
     original_type = torch.Tensor.type

@@ -36,6 +36,29 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+# Rendezvous ports derived from the SLURM job id stay below Linux's ephemeral range (32768-60999 by default), where
+# the kernel hands out the source ports of outgoing connections: a port there can be taken by any process's socket.
+# examples/slurm_lib.sh exports the same MASTER_PORT.
+JOB_PORT_BASE, JOB_PORT_SPAN = 20000, 10000
+
+
+def job_port(job_id: int) -> int:
+    """The rendezvous port of SLURM job ``job_id``: concurrent jobs on shared nodes get different ones."""
+    return JOB_PORT_BASE + job_id % JOB_PORT_SPAN
+
+
+def local_device_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device of this rank among those ``CUDA_VISIBLE_DEVICES`` shows: ``local_rank`` when the node's GPUs
+    are all visible (torchrun; srun without GPU binding), 0 when SLURM binds one GPU per task (each task sees one)."""
+    if visible_devices == 1:
+        return 0
+    if 0 <= local_rank < visible_devices:
+        return local_rank
+    raise ValueError(f"local rank {local_rank} but this process sees {visible_devices} CUDA devices "
+                     f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start one task per "
+                     "GPU, and either bind one GPU per task (srun --gpus-per-task=1) or show each task all of them")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,10 +82,8 @@ def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST")
                                                           or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        # A port derived from the job id lets concurrent jobs on shared nodes avoid each other.
-        job_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         addr, port(job_port), "slurm")
+                         addr, port(job_port(int(env.get("SLURM_JOB_ID", "0")))), "slurm")
     if "OMPI_COMM_WORLD_RANK" in env:
         return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"),
@@ -98,7 +119,7 @@ def initialize_distributed(
         )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(launch.local_rank)
+            torch.cuda.set_device(local_device_index(launch.local_rank, torch.cuda.device_count()))
         if launch.launcher == "single":
             # Not through the environment: child processes (converters, tests) must not inherit this port.
             init_method = f"tcp://{launch.master_addr}:{launch.master_port}"

@@ -1,6 +1,11 @@
 import pytest
 
-from megatron_onereason.platform.distributed import detect_launch_env, first_slurm_host
+from megatron_onereason.platform.distributed import (
+    detect_launch_env,
+    first_slurm_host,
+    job_port,
+    local_device_index,
+)
 
 
 @pytest.mark.parametrize("nodelist, first", [("gpu[03-05,9],cpu1", "gpu03"), ("node7", "node7"),
@@ -23,7 +28,23 @@ def test_slurm_srun_layout():
     launch = detect_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.launcher) == (
         5, 16, 5, "dgx101", "slurm")
-    assert launch.master_port == 20000 + 123456 % 20000
+    assert launch.master_port == 20000 + 123456 % 10000
+
+
+@pytest.mark.parametrize("job_id", [0, 9999, 12345, 10 ** 7 + 9999, 2 ** 31 - 1])
+def test_job_ports_stay_below_the_ephemeral_range(job_id):
+    assert 1024 <= job_port(job_id) < 32768
+
+
+@pytest.mark.parametrize("local_rank, visible, device", [(5, 8, 5), (0, 8, 0), (5, 1, 0), (0, 1, 0)])
+def test_device_is_the_local_rank_among_the_visible_devices(local_rank, visible, device):
+    """torchrun / srun showing all 8 GPUs: device = local rank; SLURM binding one GPU per task: device 0."""
+    assert local_device_index(local_rank, visible) == device
+
+
+def test_more_local_ranks_than_visible_devices_is_refused():
+    with pytest.raises(ValueError, match="local rank 5 but this process sees 2 CUDA devices"):
+        local_device_index(5, 2)
 
 
 @pytest.mark.parametrize("env, expected", [
