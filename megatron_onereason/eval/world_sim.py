@@ -181,12 +181,15 @@ def rollout_logp(policy: WorldPolicy, r: Rollouts) -> torch.Tensor:
 
 
 def recall_at_k(policy: WorldPolicy, users: Sequence[BenchmarkUser], ks: Sequence[int]) -> Dict[int, float]:
-    """Held-out Recall@K: the target among the K items of highest marginal probability (one target per user)."""
+    """Held-out Recall@K: the target among the K items of highest marginal probability (one target per user), ties
+    broken uniformly at random (in expectation: a uniform policy scores K / items)."""
     with torch.no_grad():
         lp = policy.marginal_logp(users)
         target = torch.tensor([policy.index[_target_ids(u)[0]] for u in users])
-        rank = (lp > lp.gather(1, target[:, None])).sum(1)  # items strictly more probable than the target
-        return {k: float((rank < k).float().mean()) for k in ks}
+        mine = lp.gather(1, target[:, None])
+        above = (lp > mine).sum(1)  # items strictly more probable than the target
+        tied = (lp == mine).sum(1) - 1  # others as probable: the target's place among them is uniformly random
+        return {k: float(((k - above) / (tied + 1)).clamp(0, 1).mean()) for k in ks}
 
 
 def hit_probability(policy: WorldPolicy, users: Sequence[BenchmarkUser]) -> float:
@@ -224,7 +227,10 @@ def grpo_step(policy: WorldPolicy, optimizer: torch.optim.Optimizer, r: Rollouts
         optimizer.step()
         for key in metrics:
             metrics[key].append(float(m[key]))
+    ordered = r.items.sort(dim=-1).values
+    distinct = 1 + (ordered[..., 1:] != ordered[..., :-1]).sum(-1)  # distinct items among a trace's K
     return {"reward": float(rewards.reward.mean()), "hit_rate": float(rewards.hit.float().mean()),
+            "distinct_items": float((distinct.float() / k).mean()),
             **{key: sum(v) / len(v) for key, v in metrics.items()}}
 
 
