@@ -58,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--dominant-share", type=float, default=WorldConfig.dominant_share,
                    help="chance a history event belongs to the dominant interest")
     p.add_argument("--train-users", type=int, default=64, help="RL training prompts")
-    p.add_argument("--eval-users", type=int, default=32, help="held-out RL prompts")
+    p.add_argument("--eval-users", type=int, default=64, help="held-out RL prompts")
     p.add_argument("--sft-users", type=int, default=600, help="SFT samples with CoT")
     p.add_argument("--pretrain-users", type=int, default=300, help="user timelines added to the corpus")
     p.add_argument("--ks", default="1,8,32", help="comma-separated K of the oracle Recall@K")
