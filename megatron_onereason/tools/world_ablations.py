@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.eval.world_sim import MopdConfig, SimConfig, WorldPolicy, tiny_world, train_grpo, train_mopd
 
 KS = (1, 8, 32)
@@ -144,7 +145,7 @@ def claims(results: Dict) -> List[Dict]:
 
 
 def markdown(results: Dict, rows: List[Dict], seeds: Sequence[int], steps: int, seconds: float) -> str:
-    lines = [f"GRPO/MOPD ablations on the tiny world (eval/world_sim.py), {len(seeds)} seeds ({list(seeds)}), "
+    lines = [f"GRPO/MOPD ablations on the tiny world (megatron_onereason/eval/world_sim.py), {len(seeds)} seeds ({list(seeds)}), "
              f"{steps} steps each, {seconds:.0f} s in all. Mean ± std over seeds.", "",
              "| run | " + " | ".join(f"Recall@{k}" for k in KS) + f" | reward (last {LAST}) | hit rate (last {LAST}) "
              "| distinct items / trace |", "|---|" + "---|" * (len(KS) + 3)]
@@ -207,7 +208,7 @@ def plot(results: Dict, out_dir: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def run(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (results.json, table.md, PNGs)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (>= 3 for a standard error)")
@@ -234,6 +235,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     plot(results, args.out)
     print(table)
     print(f"wrote {args.out}/table.md, results.json, grpo_curves.png, recall_by_variant.png")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: user errors become one line on stderr and exit code 1."""
+    return run_cli("world_ablations", lambda: run(argv))
 
 
 if __name__ == "__main__":
