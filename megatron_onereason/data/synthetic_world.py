@@ -33,19 +33,13 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from megatron_onereason.data.synthetic_catalog import DOMAIN_NOUNS, SyntheticCatalog
-from megatron_onereason.eval.benchmark import BenchmarkUser
+from megatron_onereason.data.synthetic_corpus import CorpusItem, items_from_catalogs
+from megatron_onereason.eval.benchmark import PORTRAIT_AGES, BenchmarkUser
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME, ItemicScheme
 
-_AGES = ("a student", "a young professional", "a parent", "a retiree")
-
-
 @dataclass(frozen=True)
-class WorldItem:
-    item_id: str
-    domain: str
-    caption: str
-    codes: Tuple[int, ...]
+class WorldItem(CorpusItem):
     interest: int  # the catalog's topic cluster
 
 
@@ -136,7 +130,7 @@ class World:
                 continue  # the rule must be readable from the history
             probs = self.next_item_distribution(history, domain)
             target = rng.choices(list(probs), weights=list(probs.values()))[0]
-            portrait = (f"The user is {rng.choice(_AGES)} who often engages with content about "
+            portrait = (f"The user is {rng.choice(PORTRAIT_AGES)} who often engages with content about "
                         f"{interest_topics(self.sequences[dominant][0])}.")
             return BenchmarkUser(user_id, portrait, tuple(history), {domain: (target,)})
         raise ValueError(f"could not draw a user whose history has a majority interest in {domain!r}: "
@@ -173,15 +167,9 @@ def interest_topics(item: WorldItem) -> str:
 
 
 def world_items(synthetic: SyntheticCatalog, catalog: ItemCatalog) -> List[WorldItem]:
-    """Join captions and interests (synthetic catalog) with codes (itemic tokenizer catalog) by item id."""
-    items = []
-    for item_id, domain, caption, cluster in zip(synthetic.item_ids, synthetic.domains, synthetic.captions,
-                                                 synthetic.clusters.tolist()):
-        if catalog.domain_for(item_id) != domain:
-            raise ValueError(f"item {item_id!r}: domain {domain!r} in the synthetic catalog, "
-                             f"{catalog.domain_for(item_id)!r} in the item catalog")
-        items.append(WorldItem(item_id, domain, caption, tuple(catalog.codes_for(item_id)), int(cluster)))
-    return items
+    """Captions and interests (synthetic catalog) joined with codes (itemic tokenizer catalog) by item id."""
+    return [WorldItem(item.item_id, item.domain, item.caption, item.codes, int(cluster))
+            for item, cluster in zip(items_from_catalogs(synthetic, catalog), synthetic.clusters.tolist())]
 
 
 def world_reasoning(world: World, user: BenchmarkUser, domain: str, scheme: ItemicScheme = DEFAULT_SCHEME) -> str:
