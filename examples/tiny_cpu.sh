@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default: OneReason's pre-training pipeline end to end on a tiny random Qwen3, on CPU, no downloads.
 #   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh, deleting RUN_DIR only
-#   if this script created it; 37 min measured at a load average of 25-28 on 2 cores, not yet re-measured quiet). WORLD_SEED (default 0) and RL_SEED (default 1234) pick the world
-#   and the RL runs' seeds.
+#   if this script created it; 37 min measured at a load average of 25-28 on 2 cores, not yet re-measured quiet).
+#   WORLD_SEED (default 0) and RL_SEED (default 1234) pick the world and the RL runs' seeds.
 # learnable synthetic world (catalog, RQ-KMeans itemic codes, corpus, SFT data with CoTs, RL prompts, oracle) ->
 # tiny Qwen3 + extended vocabulary -> megatron checkpoint -> preprocessing -> stage 1 (TP=2) -> stage 2 (PP=2) ->
 # stage 3 (DP=2) -> SFT (TP=2) -> export to Hugging Face -> GRPO (video, TP=2 actor + rollout on Ray) -> MOPD (PP=2
