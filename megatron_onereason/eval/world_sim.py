@@ -235,13 +235,13 @@ def grpo_step(policy: WorldPolicy, optimizer: torch.optim.Optimizer, r: Rollouts
 
 
 def train_grpo(world: World, train_users: Sequence[BenchmarkUser], cfg: SimConfig,
-               eval_users: Sequence[BenchmarkUser] = (), ks: Sequence[int] = (1, 8, 32),
-               policy: Optional[WorldPolicy] = None) -> Tuple[WorldPolicy, List[Dict[str, float]]]:
+               eval_users: Sequence[BenchmarkUser] = (),
+               ks: Sequence[int] = (1, 8, 32)) -> Tuple[WorldPolicy, List[Dict[str, float]]]:
     """``cfg.steps`` GRPO steps; returns the policy and one metrics row per step (held-out Recall@K and hit
     probability of the policy before the step's update; the last row is after the last step)."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    policy = policy or WorldPolicy(world, cfg.thinking)
+    policy = WorldPolicy(world, cfg.thinking)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     history = []
     for step in range(cfg.steps + 1):
@@ -291,7 +291,7 @@ def train_mopd(student: WorldPolicy, teacher: WorldPolicy, train_users: Sequence
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            row.update(pg_loss=float(m["pg_loss"]), logp_gap=float((teacher_logp - logp).abs().mean()),
+            row.update(pg_loss=float(m["pg_loss"]), logp_gap=float((teacher_logp - logp.detach()).abs().mean()),
                        kept=len(kept) / logp.shape[0])
         history.append(row)
     return history

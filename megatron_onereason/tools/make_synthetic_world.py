@@ -95,7 +95,8 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
             _write_jsonl(os.path.join(tmp, "corpus", f"{name}.jsonl"), records)
         write_benchmark(os.path.join(tmp, "rl_train.jsonl"), train)
         write_benchmark(os.path.join(tmp, "rl_eval.jsonl"), held_out)
-        oracle = {split: {"oracle_recall": world.oracle_recall(users, ks), "random_recall": world.random_recall(users, ks)}
+        oracle = {split: {"oracle_recall": world.oracle_recall(users, ks),
+                          "random_recall": world.random_recall(users, ks)}
                   for split, users in (("held_out", held_out), ("train", train))}
         oracle["config"] = {"seed": args.seed, "follow_prob": config.follow_prob,
                             "dominant_share": config.dominant_share, "target_domains": list(world.target_domains)}

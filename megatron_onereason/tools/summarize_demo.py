@@ -115,7 +115,8 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
                           ("GRPO (after)", g["recall_after"]), ("Bayes-optimal", summary["oracle_recall"])):
         print(f"| {label} | " + " | ".join(f"{values[k]:.3f}" for k in ks) + " |")
     m = summary["mopd"]
-    print(f"GRPO reward {g['reward']['first']:.3f} → {g['reward']['last']:.3f}, hit rate {g['hit_rate']['first']:.3f} "
+    print(f"GRPO reward {g['reward']['first']:.3f} → {g['reward']['last']:.3f}, "
+          f"hit rate {g['hit_rate']['first']:.3f} "
           f"→ {g['hit_rate']['last']:.3f} (first vs last {args.window} steps); MOPD student–teacher |Δlog p| "
           f"{m['logp_gap']['first']:.3f} → {m['logp_gap']['last']:.3f}, {m['recall_gap']['metric']} gap "
           f"{m['recall_gap']['before']:.3f} → {m['recall_gap']['after']:.3f}; "

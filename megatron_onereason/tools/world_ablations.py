@@ -145,7 +145,8 @@ def claims(results: Dict) -> List[Dict]:
 
 
 def markdown(results: Dict, rows: List[Dict], seeds: Sequence[int], steps: int, seconds: float) -> str:
-    lines = [f"GRPO/MOPD ablations on the tiny world (megatron_onereason/eval/world_sim.py), {len(seeds)} seeds ({list(seeds)}), "
+    lines = [f"GRPO/MOPD ablations on the tiny world (megatron_onereason/eval/world_sim.py), {len(seeds)} seeds "
+             f"({list(seeds)}), "
              f"{steps} steps each, {seconds:.0f} s in all. Mean ± std over seeds.", "",
              "| run | " + " | ".join(f"Recall@{k}" for k in KS) + f" | reward (last {LAST}) | hit rate (last {LAST}) "
              "| distinct items / trace |", "|---|" + "---|" * (len(KS) + 3)]
@@ -159,7 +160,8 @@ def markdown(results: Dict, rows: List[Dict], seeds: Sequence[int], steps: int, 
     for name, runs in results["mopd"].items():
         cells = [_fmt(_stats([r[f"recall@{k}"] for r in runs])) for k in KS]
         lines.append(f"| {name} (student) | " + " | ".join(cells) + " | | | |")
-    lines += ["", "| report's claim | metric | A | B | A − B (± SE) | report's claim: |", "|---|---|---|---|---|---|"]
+    lines += ["", "| report's claim | metric | A | B | A − B (± SE) | report's claim: |",
+              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['claim']} | {r['metric']} | {r['a']} {_fmt(r['a_stats'])} | {r['b']} "
                      f"{_fmt(r['b_stats'])} | {r['diff']:+.3f} ± {r['se']:.3f} | {r['verdict']} |")
