@@ -20,6 +20,7 @@ setup(
         "psutil>=5.9",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # the demo's and the ablations' reward / Recall plots
         "faiss-cpu>=1.8",
         "pyarrow>=14",
         "ray>=2.40",  # the RL engine's orchestration (actor, rollout, teachers)

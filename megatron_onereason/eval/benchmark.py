@@ -37,7 +37,7 @@ from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme
 
 TASKS = ("rec",)  # what evaluate.py scores
 RL_TASKS = ("rec", "evolution")  # what the RL data can hold (Mix-RL: R3 + R2)
-_AGES = ("a student", "a young professional", "a parent", "a retiree")
+PORTRAIT_AGES = ("a student", "a young professional", "a parent", "a retiree")
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ def make_synthetic_benchmark(synthetic: SyntheticCatalog, catalog: ItemCatalog,
                    for d, ids in sorted(unseen.items())}
         topics = Counter(t for item in pool for t in _caption_topics(item.caption))
         likes = ", ".join(t for t, _ in topics.most_common(3))
-        portrait = f"The user is {rng.choice(_AGES)} who often engages with content about {likes}."
+        portrait = f"The user is {rng.choice(PORTRAIT_AGES)} who often engages with content about {likes}."
         evolution = _evolution_tasks(history) if config.evolution else ()
         users.append(BenchmarkUser(f"u{len(users):06d}", portrait, tuple(i.item_id for i in history), targets,
                                    evolution))

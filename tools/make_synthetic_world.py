@@ -1,0 +1,7 @@
+"""Thin script: the command is megatron_onereason/tools/make_synthetic_world.py (same command line; see its --help)."""
+import sys
+
+from megatron_onereason.tools.make_synthetic_world import main
+
+if __name__ == "__main__":
+    sys.exit(main())

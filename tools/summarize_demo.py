@@ -1,0 +1,7 @@
+"""Thin script: the command is megatron_onereason/tools/summarize_demo.py (same command line; see its --help)."""
+import sys
+
+from megatron_onereason.tools.summarize_demo import main
+
+if __name__ == "__main__":
+    sys.exit(main())
