@@ -14,7 +14,7 @@ table per section:
 * ``score``: log-probs of given tokens (a teacher or the reference scoring the rollouts) — vLLM's ``score``, the
   transformers backend's ``score`` (one forward per tree) and the RL engine's tree-pack forward
   (``rl.workers.hf_tree_logprobs``): seconds, tokens/s and max |Δ log p| against the transformers ``score``;
-* ``sync``: full weight syncs over the RL engine's transport (``rl.weight_sync``: a private gloo group on CPU, NCCL
+* ``sync``: full weight syncs over the RL engine's transport (``generation.weight_sync``: a private gloo group on CPU, NCCL
   on GPU, ``--sync-bucket-mb`` buckets): a spawned sender process plays the actor's stage leader (HF-named tensors,
   what ``hf_named_tensors`` yields) and the receiver is a backend as the inference workers drive it — the vLLM
   engine's workers (``open_weight_channels`` / ``receive_weights``) and the transformers backend
@@ -107,7 +107,7 @@ def score_section(bench: Bench, args) -> None:
 
 def _sync_sender(named, world_size: int, bucket_bytes: int, syncs: int, specs, go, sent) -> None:
     """The actor stage leader's side, in its own process: serve the channel, then one ``send_weights`` per ``go``."""
-    from megatron_onereason.rl.weight_sync import join_channel, send_weights, serve_channel
+    from megatron_onereason.generation.weight_sync import join_channel, send_weights, serve_channel
 
     spec, store = serve_channel("bench/pp0", world_size, "gloo", timeout_s=300)
     specs.put(spec)
@@ -119,7 +119,7 @@ def _sync_sender(named, world_size: int, bucket_bytes: int, syncs: int, specs, g
 
 def _sync_row(label: str, backend, named, args) -> None:
     """Time ``args.repeats`` full syncs of ``named`` into ``backend`` (after one warm-up sync) and print a row."""
-    from megatron_onereason.rl.weight_sync import join_channel, receive_weights
+    from megatron_onereason.generation.weight_sync import join_channel, receive_weights
 
     in_process = hasattr(backend, "model")  # the transformers backend; vLLM's model lives in its workers
     ctx = torch.multiprocessing.get_context("spawn")

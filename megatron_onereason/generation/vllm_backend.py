@@ -97,6 +97,8 @@ class _Sampled:
 
 
 class VLLMBackend:
+    in_process_model = None  # the model lives in vLLM's workers: given tokens are scored with ``score``
+
     def __init__(self, model_dir: str, catalog_dir: Optional[str] = None, *, device: Optional[str] = None,
                  dtype: torch.dtype = torch.float32, seed: int = 0, enable_sleep: bool = False, **engine_kwargs):
         """A vLLM engine over a HF model directory with the extended tokenizer (``itemic_tokens.json``).
@@ -311,13 +313,13 @@ class VLLMBackend:
         return self.llm.llm_engine.vllm_config.parallel_config.world_size
 
     def open_weight_channels(self, specs: Sequence, first_rank: int) -> None:
-        """Every worker joins the weight-sync channels (``rl.weight_sync.ChannelSpec``) as ``first_rank + rank``."""
+        """Every worker joins the weight-sync channels (``generation.weight_sync.ChannelSpec``) as ``first_rank + rank``."""
         self.llm.collective_rpc("onereason_open_weight_channels",
                                 args=([dataclasses.asdict(s) for s in specs], first_rank))
 
     def receive_weights(self):
         """Receive one weight sync on every worker, then reset the prefix cache; the first worker's ``SyncStats``."""
-        from megatron_onereason.rl.weight_sync import SyncStats
+        from megatron_onereason.generation.weight_sync import SyncStats
 
         stats = self.llm.collective_rpc("onereason_receive_weights")
         self.llm.reset_prefix_cache()

@@ -9,7 +9,7 @@ vLLM's reload does not re-process a tied ``lm_head`` (it shares the embedding's 
 copy on CPU), so the extension does.
 
 Tensors reach a worker two ways: ``onereason_load_weight_bucket`` (bytes through the RPC: the backend's
-``update_weights``, small models and tests) or the weight-sync channels of :mod:`megatron_onereason.rl.weight_sync`
+``update_weights``, small models and tests) or the weight-sync channels of :mod:`megatron_onereason.generation.weight_sync`
 (``onereason_open_weight_channels`` / ``onereason_receive_weights``: a private process group, gloo on CPU, NCCL on
 GPU). Names are Hugging Face names. Method names carry a prefix: vLLM refuses extensions that shadow its workers'.
 """
@@ -97,7 +97,7 @@ class VLLMWorkerExtension:
     # ------------------------------------------------------------------------------------------ sync channels
     def onereason_open_weight_channels(self, specs: Sequence[Dict], first_rank: int) -> int:
         """Join the weight-sync channels (``ChannelSpec`` fields as dicts) as ``first_rank + self.rank``."""
-        from megatron_onereason.rl.weight_sync import ChannelSpec, join_channel
+        from megatron_onereason.generation.weight_sync import ChannelSpec, join_channel
 
         rank = first_rank + self.rank
         self._onereason_channels = [join_channel(ChannelSpec(**spec), rank, device=self.device) for spec in specs]
@@ -105,7 +105,7 @@ class VLLMWorkerExtension:
 
     def onereason_receive_weights(self) -> Dict[str, float]:
         """Receive one sync from every channel into the model; returns the ``SyncStats`` fields."""
-        from megatron_onereason.rl.weight_sync import receive_weights
+        from megatron_onereason.generation.weight_sync import receive_weights
 
         self.onereason_begin_weight_update()
         try:

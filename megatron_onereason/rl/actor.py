@@ -8,7 +8,7 @@ megatron's pipeline schedules, DDP and optimizer) and adds:
 * ``train_grpo`` / ``train_mopd``: one optimizer step per mini-batch with the shared-prefix GRPO loss (eqs. 10–13)
   or the MOPD loss (eq. 18), normalised per token over the whole mini-batch;
 * ``send_weights``: this pipeline stage's weights gathered over TP, converted to HF names by the converter's
-  mapping and broadcast by the stage leader to the inference engines (:mod:`megatron_onereason.rl.weight_sync`).
+  mapping and broadcast by the stage leader to the inference engines (:mod:`megatron_onereason.generation.weight_sync`).
 
 With DP > 1 each DP rank gets its own share of the tree packs; losses are sums over tokens (GRPO) or trajectories
 (MOPD) and megatron divides the gradients by the count over all DP ranks (``calculate_per_token_loss``), so the
@@ -275,7 +275,7 @@ class MegatronActor:
 
     def serve_weight_channel(self, role: str, world_size: int, backend: str):
         """Stage leaders start the store of their channel to ``role``; returns its spec (``None`` elsewhere)."""
-        from megatron_onereason.rl.weight_sync import serve_channel
+        from megatron_onereason.generation.weight_sync import serve_channel
 
         if not self._is_stage_leader():
             return None
@@ -284,7 +284,7 @@ class MegatronActor:
         return spec
 
     def join_weight_channel(self, role: str) -> None:
-        from megatron_onereason.rl.weight_sync import join_channel
+        from megatron_onereason.generation.weight_sync import join_channel
 
         if role in self._pending_channels:
             spec, store = self._pending_channels.pop(role)
@@ -292,9 +292,9 @@ class MegatronActor:
 
     def send_weights(self, role: str, bucket_bytes: int):
         """Broadcast this stage's weights, converted to HF names by the converter's mapping, to ``role``'s
-        receivers (stage leaders return the :class:`~megatron_onereason.rl.weight_sync.SyncStats`)."""
+        receivers (stage leaders return the :class:`~megatron_onereason.generation.weight_sync.SyncStats`)."""
         from megatron_onereason.generation.weights import hf_named_tensors
-        from megatron_onereason.rl.weight_sync import send_weights
+        from megatron_onereason.generation.weight_sync import send_weights
 
         if self.ps.get_data_parallel_rank() != 0:
             return None  # DP replicas hold the same weights: replica 0 sends

@@ -6,12 +6,11 @@ those of the token the student sampled, so a teacher only scores single points (
 
 General-domain distillation (OpenOneRec §5.2): prompts come *only* from a general-domain source
 (:func:`load_general_prompts`, ``data.general_prompts``) and go to the original Qwen3 (``mopd.general_teacher``,
-no itemic vocabulary: :func:`load_plain_teacher`). The itemic penalty and truncation apply to those rollouts only
+no itemic vocabulary: the ``plain`` backend of :func:`~megatron_onereason.generation.backend.make_backend`). The itemic penalty and truncation apply to those rollouts only
 (:func:`general_itemic_penalty`); recommendation prompts go to their domain teachers untouched.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Hashable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -220,16 +219,6 @@ def check_teacher_vocabulary(student_vocab: Mapping[str, int], teacher_vocab: Ma
         if i not in teacher_ids and not student_vocab_obj.is_itemic(i):
             raise ValueError(f"{teacher_dir}: the teacher lacks the student's non-itemic token {token!r} (id {i}); "
                              "it could not score a rollout that uses it")
-
-
-def load_plain_teacher(model_dir: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A scoring-only Hugging Face causal LM — the original Qwen3 of OpenOneRec §5.2 — with no itemic vocabulary
-    (no ``itemic_tokens.json``) and no catalog: it only scores given tokens (``hf_tree_logprobs``)."""
-    from transformers import AutoModelForCausalLM
-
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ValueError(f"{model_dir}: no config.json: not a Hugging Face model directory (mopd.general_teacher)")
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
 
 class GeneralPrompts(NamedTuple):

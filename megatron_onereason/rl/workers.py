@@ -11,7 +11,7 @@ Placement (:func:`plan_placement`): one placement group; the actor ranks get one
 each inference engine on an actor bundle (round robin: on GPUs they share that rank's device and vLLM sleeps while
 the actor trains), ``disaggregated`` gives each engine its own bundle.
 
-Weights go actor → engines directly over :mod:`megatron_onereason.rl.weight_sync` channels (one per pipeline stage
+Weights go actor → engines directly over :mod:`megatron_onereason.generation.weight_sync` channels (one per pipeline stage
 and receiving role; NCCL when sender and receivers have their own GPUs, gloo otherwise), never through the driver.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -233,8 +232,9 @@ def pack_logprobs_from_scores(pack: TreePack, scores) -> torch.Tensor:
 
 
 class InferenceWorker:
-    """An inference engine in its own process: generation (rollout; RFT teachers), scoring of given tokens (MOPD
-    teachers, the reference), and the receiving end of the weight sync."""
+    """An inference engine in its own process: generation (rollout; RFT teachers; the evaluator), scoring of given
+    tokens (MOPD teachers, the reference), and the receiving end of the weight sync — any
+    :class:`~megatron_onereason.generation.backend.GenerationBackend` (``backend``: a kind of ``make_backend``)."""
 
     def __init__(self, backend: str, model_dir: str, catalog_dir: Optional[str], gpus: float, dtype: str,
                  tensor_parallel_size: int = 1, engine_args: Optional[Dict[str, Any]] = None, seed: int = 0,
@@ -243,19 +243,9 @@ class InferenceWorker:
 
         torch.manual_seed(seed)
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-        if backend == "plain":  # scoring only, no itemic vocabulary: OpenOneRec's general-domain teacher (§5.2)
-            from megatron_onereason.generation.backend import resolve_dtype
-            from megatron_onereason.rl.distill import load_plain_teacher
-
-            model = load_plain_teacher(model_dir, device, resolve_dtype(None if dtype == "auto" else dtype, device))
-            self.backend = types.SimpleNamespace(model=model)
-        else:
-            kwargs = (dict(seed=seed, tensor_parallel_size=tensor_parallel_size, enable_sleep=sleep,
-                           **(engine_args or {})) if backend == "vllm" else {})
-            self.backend = make_backend(backend, model_dir, catalog_dir, device=device,
-                                        dtype=None if dtype == "auto" else dtype, **kwargs)
-        self.kind = backend
-        self.channels: List = []
+        self.backend = make_backend(backend, model_dir, catalog_dir, device=device,
+                                    dtype=None if dtype == "auto" else dtype, seed=seed, enable_sleep=sleep,
+                                    tensor_parallel_size=tensor_parallel_size, **(engine_args or {}))
 
     def ready(self) -> str:
         return socket.gethostname()
@@ -266,36 +256,25 @@ class InferenceWorker:
     def tree_logprobs(self, packs: Sequence[TreePack], trees: Sequence[Sequence]) -> List[torch.Tensor]:
         """Per-position log-probs of each pack's labels; ``trees[i]``: pack i's ``TreeSequence`` list, in order.
 
-        HF: one forward per pack with the tree mask; vLLM: the backend's ``score`` (prompt log-probs + forced
-        decoding from the prefix cache), placed at the pack's positions."""
-        if self.kind != "vllm":  # hf, plain
-            return [hf_tree_logprobs(self.backend.model, p) for p in packs]
+        A model in this process: one forward per pack with the tree mask; an engine in its own processes (vLLM):
+        the backend's ``score`` (prompt log-probs + forced decoding from the prefix cache), placed at the pack's
+        positions."""
+        model = self.backend.in_process_model
+        if model is not None:
+            return [hf_tree_logprobs(model, p) for p in packs]
         if any(p.item_allowed is not None for p in packs):
             raise ValueError("vLLM given-token scoring has no renormalised (constrained) log-probs: set "
                              "teachers.backend=hf / reference.backend=hf, or rollout.sampling=unconstrained")
         return [pack_logprobs_from_scores(p, self.backend.score(t)) for p, t in zip(packs, trees)]
 
     # -------------------------------------------------------------------------------------------- weights
-    @property
-    def _in_process(self) -> bool:
-        return self.kind != "vllm"  # a transformers model lives in this process; vLLM's in its workers
-
     def weight_receivers(self) -> int:
-        return 1 if self._in_process else self.backend.weight_receivers
+        return self.backend.weight_receivers
 
     def open_weight_channels(self, specs, first_rank: int) -> None:
-        from megatron_onereason.rl.weight_sync import join_channel
-
-        if self._in_process:
-            self.channels = [join_channel(s, first_rank) for s in specs]
-        else:
-            self.backend.open_weight_channels(specs, first_rank)
+        self.backend.open_weight_channels(specs, first_rank)
 
     def receive_weights(self):
-        from megatron_onereason.rl.weight_sync import receive_weights
-
-        if self._in_process:
-            return receive_weights(self.channels, self.backend.update_weights)
         return self.backend.receive_weights()
 
     def sleep(self) -> None:
@@ -308,8 +287,7 @@ class InferenceWorker:
 
     def close(self) -> None:
         """Stop the engine's own processes (vLLM's engine core) before Ray ends this one."""
-        if hasattr(self.backend, "close"):
-            self.backend.close()
+        self.backend.close()
 
 
 def start_inference_worker(placement_group, bundle: int, gpus: float, env: Dict[str, str], *args, **kwargs):

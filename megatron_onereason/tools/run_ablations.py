@@ -66,7 +66,8 @@ def run_variants(configs: Dict[str, object], window: int = 5, share_engine: bool
     """Train every variant and summarise it (see the module docstring); engines are shut down at the end."""
     import ray
 
-    from megatron_onereason.rl.engine import RLEngine, init_ray
+    from megatron_onereason.rl.engine import RLEngine
+    from megatron_onereason.rl.runtime import init_ray
 
     first = next(iter(configs.values()))
     p = first.actor.parallel

@@ -190,7 +190,7 @@ def test_update_weights_then_logprobs_follow_a_transformers_model_with_the_same_
 def test_weight_sync_channels_load_bucketed_weights_into_the_engine(setup):
     """The RL engine's path: a private gloo channel, buckets smaller than a layer (the worker holds a layer until
     it is complete), then log-probs follow the sent weights — and the original weights come back the same way."""
-    weight_sync = pytest.importorskip("megatron_onereason.rl.weight_sync")
+    weight_sync = pytest.importorskip("megatron_onereason.generation.weight_sync")
     backend, oracle, catalog, prompts = setup
     spec, store = weight_sync.serve_channel("test/rollout", 1 + backend.weight_receivers, "gloo")
     sender = {}

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from megatron_onereason.generation.hf_backend import TransformersScorer
 from megatron_onereason.rl.distill import (
     check_teacher_vocabulary,
     general_itemic_penalty,
@@ -15,7 +16,6 @@ from megatron_onereason.rl.distill import (
     itemic_penalty,
     itemic_token_mask,
     load_general_prompts,
-    load_plain_teacher,
     mopd_advantages,
     mopd_loss,
     route_to_teachers,
@@ -220,7 +220,7 @@ def test_plain_qwen3_teacher_loads_and_scores_student_tokens(tokenizers_3x32):
     student_tok, teacher_tok = AutoTokenizer.from_pretrained(extended), AutoTokenizer.from_pretrained(base)
     vocab = ItemicVocab.load(extended)
     check_teacher_vocabulary(student_tok.get_vocab(), teacher_tok.get_vocab(), vocab, base)
-    teacher = load_plain_teacher(base)
+    teacher = TransformersScorer.from_pretrained(base).model
     text = "hello world " + vocab.scheme.format_item("video", (1, 2, 3)) + " bye"
     ids = torch.tensor([student_tok.encode(text, add_special_tokens=False)])
     is_itemic = itemic_token_mask(ids, vocab)
@@ -243,7 +243,7 @@ def test_plain_qwen3_teacher_loads_and_scores_student_tokens(tokenizers_3x32):
     with pytest.raises(ValueError, match="lacks the student's non-itemic token"):
         check_teacher_vocabulary(student_tok.get_vocab(), smaller, vocab, "other")
     with pytest.raises(ValueError, match="no config.json"):
-        load_plain_teacher(os.path.dirname(base))
+        TransformersScorer.from_pretrained(os.path.dirname(base))
 
 
 def test_general_prompts_load_skip_and_count(tmp_path):

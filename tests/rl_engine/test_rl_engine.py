@@ -133,7 +133,7 @@ def fixed_rollout_agreement(engine, num_items=None) -> float:
     (the actor: megatron tree-pack forward; the rollout engine: vLLM given-token scoring)."""
     import ray
 
-    params = engine._params(999, **({"num_items": num_items} if num_items else {}))
+    params = engine.params(999, **({"num_items": num_items} if num_items else {}))
     outputs = engine.generate(engine.train_set[:2], params)
     trees = [t.tree for t in rollout_trees(outputs)]
     pack = pack_trees(trees, 512)
@@ -203,9 +203,9 @@ def test_mopd_moves_the_student_toward_its_teacher(task, vllm_rollout):
     def gap(engine):
         if "packs" not in fixed:
             instances = engine.train_set[:2]
-            trees = rollout_trees(engine.generate(instances, engine._params(999, num_items=1)))
+            trees = rollout_trees(engine.generate(instances, engine.params(999, num_items=1)))
             # Scored as MOPD scores them: item tokens under the rollout's (trie-constrained) sampling distribution.
-            fixed["packs"] = engine._packs(trees, list(range(len(trees))), instances)
+            fixed["packs"] = engine.packs(trees, list(range(len(trees))), instances)
             fixed["trees"] = [[trees[i].tree for i in members] for _, members in fixed["packs"]]
         packs = [p for p, _ in fixed["packs"]]
         assert all(p.item_allowed is not None for p in packs)

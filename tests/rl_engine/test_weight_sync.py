@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from megatron_onereason.rl.weight_sync import (
+from megatron_onereason.generation.weight_sync import (
     buckets,
     flatten_bucket,
     join_channel,
