@@ -63,7 +63,7 @@ from megatron_onereason.eval.recif import (
     write_generations,
 )
 from megatron_onereason.fileio import atomic_directory, atomic_file
-from megatron_onereason.generation.backend import GenerationBackend
+from megatron_onereason.generation.backend import BACKENDS, GenerationBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
 from megatron_onereason.help_text import DocHelpFormatter
@@ -101,7 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--constrain-reasoning", action="store_true",
                    help="also constrain itemic patterns inside the CoT to catalog items (γ_legal is then 1 by "
                         "construction; by default the CoT is free, as in OpenOneRec, and γ_legal measures the model)")
-    p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation engine (vLLM: sampling only)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf", help="generation engine (vLLM: sampling only)")
     p.add_argument("--device", default="cpu", help="hf backend device")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     recif = p.add_argument_group("RecIF-Bench (--recif, --score-generations)")

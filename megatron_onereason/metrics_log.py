@@ -8,6 +8,7 @@ later ``wandb sync`` (clusters without internet).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -56,6 +57,11 @@ class WandbLogging:
             return None
         return WandbSettings(self.wandb_project, self.wandb_entity, self.wandb_run_name, self.wandb_mode,
                              self.wandb_dir, run_id, config)
+
+
+def directory_run_id(path: str) -> str:
+    """A run id that stays the same for every run writing to the directory ``path`` (its resumes)."""
+    return hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
 
 
 class MetricsLogger:
