@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create or refresh .venv/ in the repo root with megatron_onereason installed editable (CPU torch), from the exact
 # versions in requirements/lock-cpu.txt, so a fresh machine gets what CI got.
-# Re-running is cheap: the install is skipped while setup.py and the lock file are unchanged.
-#   tools/setup_venv.sh --relock   resolve setup.py's ranges anew and rewrite the lock file from the result
+# Re-running is cheap: the install is skipped while pyproject.toml, setup.py and the lock file are unchanged.
+#   tools/setup_venv.sh --relock   resolve pyproject.toml's ranges anew and rewrite the lock file from the result
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
