@@ -39,7 +39,7 @@ PyTorch release with PyTorch 2.13>, or --build-arg WITH_VLLM=0 for a training-on
     fi
 
 WORKDIR /opt/megatron_onereason
-COPY setup.py README.md ./
+COPY setup.py pyproject.toml README.md ./
 COPY megatron_onereason ./megatron_onereason
 COPY tools ./tools
 COPY checkpoints_convert ./checkpoints_convert

@@ -70,6 +70,7 @@ def measure(args) -> dict:
     import torch
 
     from megatron_onereason.model.builder import ModelBuildConfig, build_qwen3_model
+    from megatron_onereason.model.packed_attention import pack_params
     from megatron_onereason.platform import device, initialize_distributed
 
     initialize_distributed(1, 1)
@@ -84,7 +85,7 @@ def measure(args) -> dict:
     rng = np.random.default_rng(0)
     layout = pack_layout(args.kind, args.length, args, rng)
     tokens = torch.from_numpy(rng.integers(0, cfg.vocab_size, (1, layout.length))).to(dev)
-    params = layout.params(dev, backend="dense" if args.path == "dense" else "auto")
+    params = pack_params(layout, dev, backend="dense" if args.path == "dense" else "auto")
 
     def step():
         loss = model(tokens, None, None, labels=tokens, packed_seq_params=params).float().mean()

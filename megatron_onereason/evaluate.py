@@ -63,9 +63,10 @@ from megatron_onereason.eval.recif import (
     write_generations,
 )
 from megatron_onereason.fileio import atomic_directory, atomic_file
-from megatron_onereason.generation.backend import GenerationBackend
+from megatron_onereason.generation.backend import BACKENDS, GenerationBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.tokenizer.itemic_tokens import PRESETS, ItemicScheme, preset
 
 SYNTHETIC_KS = (1, 8, 16, 32, 64)
@@ -78,7 +79,7 @@ def _mode_name(thinking: bool) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--recif", metavar="PATH", help="RecIF-Bench task: a task folder, a .parquet or a .jsonl file")
     source.add_argument("--score-generations", metavar="FILE",
@@ -100,7 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--constrain-reasoning", action="store_true",
                    help="also constrain itemic patterns inside the CoT to catalog items (γ_legal is then 1 by "
                         "construction; by default the CoT is free, as in OpenOneRec, and γ_legal measures the model)")
-    p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+    p.add_argument("--backend", choices=BACKENDS, default="hf",
                    help="generation engine: hf (transformers, the reference) or vllm (beam rounds served from the "
                         "prefix cache)")
     p.add_argument("--device", default="cpu", help="hf backend device")

@@ -21,6 +21,8 @@ import sys
 import yaml
 
 from megatron_onereason.config import ConfigError, load_config, to_dict
+from megatron_onereason.help_text import DocHelpFormatter
+from megatron_onereason.model.builder import ModelBuildConfig, check_parallel_layout
 from megatron_onereason.training.config import TrainConfig
 from megatron_onereason.training.flops import H100_BF16_DENSE_TFLOPS
 from megatron_onereason.training.memory_plan import GIB, PlannedKernels, plan_training
@@ -46,7 +48,7 @@ def _model(spec, cfg: TrainConfig, vocab_size, tp: int):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--config", help="the trainer's YAML config")
     p.add_argument("--world-size", type=int, help="ranks (GPUs); default TP×PP×CP (DP=1)")
     p.add_argument("--model", help="Qwen3 preset, HF dir / config.json, or megatron checkpoint dir")
@@ -70,6 +72,11 @@ def main(argv=None) -> int:
         world = args.world_size or (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                     * par.context_parallel_size)
         model, rows = _model(args.model, cfg, args.vocab_size, par.tensor_model_parallel_size)
+        # the trainer's own checks at model build: heads, query groups, FFN and padded vocabulary by TP, layers by PP
+        check_parallel_layout(model, ModelBuildConfig(
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size, padded_vocab_size=rows))
         plan = plan_training(cfg, model, rows, world, PlannedKernels.named(args.kernels),
                              int(args.device_memory_gib * GIB), args.runtime_gib, args.doc_length)
     except (ConfigError, ValueError, FileNotFoundError) as e:

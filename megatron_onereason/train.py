@@ -15,13 +15,17 @@ import sys
 
 from megatron_onereason.cli import EXIT_OK, EXIT_REQUEUE, run_cli
 from megatron_onereason.config import load_config
-from megatron_onereason.training.config import TrainConfig
+from megatron_onereason.training.config import TrainConfig, config_yaml
+from megatron_onereason.help_text import DocHelpFormatter, config_epilog
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter,
+                                epilog=config_epilog(TrainConfig))
     p.add_argument("--config", help="YAML file (sections: model parallel precision optim data train checkpoint logging)")
     p.add_argument("--metrics-jsonl", help="shorthand for logging.metrics_jsonl=PATH")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML: file, then overrides, then defaults) and exit")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"logging.metrics_jsonl={args.metrics_jsonl}"] if args.metrics_jsonl else [])
@@ -33,6 +37,9 @@ def main(argv=None) -> int:
         from megatron_onereason.training.trainer import run_training
 
         cfg = load_config(TrainConfig, args.config, overrides)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return EXIT_OK
         try:
             result = run_training(cfg)
         finally:

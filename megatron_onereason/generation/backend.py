@@ -8,7 +8,7 @@ with :func:`make_backend`, the one place that knows the kinds: everything else t
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Iterable, List, Literal, Optional, Protocol, Sequence, Tuple, Union, get_args
 
 import torch
 
@@ -18,7 +18,8 @@ from megatron_onereason.generation.prompts import ChatTokens
 from megatron_onereason.generation.weight_sync import ChannelSpec, SyncStats
 from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
 
-BACKENDS = ("vllm", "hf")  # generating backends
+GenerationKind = Literal["vllm", "hf"]  # generating backends (config fields, --backend choices)
+BACKENDS = get_args(GenerationKind)
 SCORING_BACKENDS = ("plain",)  # score given tokens only
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}

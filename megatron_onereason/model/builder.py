@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
+from megatron_onereason.cli import UserError
 from megatron_onereason.model.packed_attention import (
     PackedAttentionParams,
     PackedDotProductAttention,
@@ -78,25 +79,41 @@ class ModelBuildConfig:
         return self.layer_spec
 
     def vocab_rows(self, cfg: Qwen3Config) -> int:
-        padded = self.padded_vocab_size or padded_vocab_size(cfg.vocab_size, self.tensor_model_parallel_size)
-        if padded < cfg.vocab_size or padded % self.tensor_model_parallel_size:
-            raise ValueError(
-                f"padded vocab size {padded} must be >= vocab size {cfg.vocab_size} and divisible by "
-                f"TP={self.tensor_model_parallel_size}"
-            )
+        """The embedding's rows: the checkpoint's padded vocabulary, which TP must divide (:class:`UserError`)."""
+        tp = self.tensor_model_parallel_size
+        padded = self.padded_vocab_size or padded_vocab_size(cfg.vocab_size, tp)
+        if padded < cfg.vocab_size:
+            raise UserError(f"the checkpoint's padded vocabulary ({padded} rows) is smaller than its vocabulary "
+                            f"({cfg.vocab_size}): the checkpoint is damaged; convert it again")
+        if padded % tp:
+            raise UserError(
+                f"the checkpoint's padded vocabulary ({padded} rows) is not divisible by TP={tp}: re-convert the HF "
+                f"checkpoint with --tp {tp} (checkpoints_convert/hf_to_mcore.py --hf-dir HF --out-dir OUT --tp {tp}),"
+                f" or use a TP that divides {padded} ({_divisors(padded, limit=tp * 4)})")
         return padded
 
 
+def _divisors(n: int, limit: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
 def check_parallel_layout(cfg: Qwen3Config, build: ModelBuildConfig) -> None:
-    """Refuse a TP/PP the architecture cannot be split by, with the numbers in the message."""
+    """Refuse a TP/PP the architecture (and the padded vocabulary) cannot be split by: a :class:`UserError` (every
+    rank reaches it: reported once) naming the numbers and the sizes that would work. The trainer (at model build)
+    and ``python -m megatron_onereason.plan`` both run it."""
     tp, pp = build.tensor_model_parallel_size, build.pipeline_model_parallel_size
-    for what, n in (("num_attention_heads", cfg.num_attention_heads), ("num_query_groups", cfg.num_query_groups),
-                    ("ffn_hidden_size", cfg.ffn_hidden_size)):
+    sizes = {"num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.num_query_groups,
+             "ffn_hidden_size": cfg.ffn_hidden_size}
+    for what, n in sizes.items():
         if n % tp:
-            raise ValueError(f"TP={tp} does not divide {what}={n}")
-    stages = pp * (build.virtual_pipeline_model_parallel_size or 1)
-    if cfg.num_layers % stages:
-        raise ValueError(f"PP={pp} (× virtual stages) does not divide num_layers={cfg.num_layers}")
+            common = [d for d in range(1, cfg.num_query_groups + 1) if all(v % d == 0 for v in sizes.values())]
+            raise UserError(f"TP={tp} does not divide {what}={n}: use a TP among {', '.join(map(str, common))}")
+    virtual = build.virtual_pipeline_model_parallel_size or 1
+    if cfg.num_layers % (pp * virtual):
+        stages = f"PP={pp}" + (f" × {virtual} virtual stages" if virtual > 1 else "")
+        raise UserError(f"{stages} does not divide num_layers={cfg.num_layers}: use a PP (× virtual stages) among "
+                        f"{_divisors(cfg.num_layers, cfg.num_layers)}")
+    build.vocab_rows(cfg)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_onereason.model.pack_layout import PackLayout
+from megatron_onereason.model.packed_attention import pack_params
 
 
 def pack_to_device(pack: Dict, device: torch.device) -> Dict:
@@ -52,7 +53,7 @@ def forward_logits(
         raise ValueError(f"packed forward takes one pack per call, got batch {tokens.size(0)}")
     batch, seq = tokens.shape
     position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, -1)
-    psp = layout.params(tokens.device) if layout is not None else None
+    psp = pack_params(layout, tokens.device) if layout is not None else None
 
     def forward_step(data_iterator, model):
         toks = next(data_iterator)

@@ -10,8 +10,8 @@ of the trunk nor another child, and nothing crosses segments:
   as children with ``prefix = trunk − 1`` (each child starts with a copy of the trunk's last token).
 
 Every query row therefore sees at most two contiguous key ranges (:meth:`PackLayout.key_ranges`), which is all that
-the kernels of :mod:`megatron_onereason.model.packed_attention` need. :meth:`PackLayout.params` turns a layout into the
-``packed_seq_params`` that the model takes.
+the kernels of :mod:`megatron_onereason.model.packed_attention` need; its ``pack_params`` turns a layout into the
+``packed_seq_params`` that the model takes (this module imports nothing of it: no import circle).
 """
 from __future__ import annotations
 
@@ -112,12 +112,6 @@ class PackLayout:
         """bool ``[S, S]``, True where row ``q`` may attend to column ``k``. ``S × S``: only for references (the
         ``dense`` oracle, transformers models that take a 4-D mask), never on the training path."""
         return allowed_keys(torch.from_numpy(self.key_ranges()), torch.arange(self.length))
-
-    def params(self, device, backend: str = "auto"):
-        """This pack's :class:`~megatron_onereason.model.packed_attention.PackedAttentionParams` on ``device``."""
-        from megatron_onereason.model.packed_attention import pack_params
-
-        return pack_params(self, device, backend)
 
 
 def allowed_keys(ranges: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

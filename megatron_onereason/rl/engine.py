@@ -16,7 +16,7 @@ import numpy as np
 
 from megatron_onereason.config import to_dict
 from megatron_onereason.eval.rec_eval import ranked_item_ids, rec_metrics
-from megatron_onereason.metrics_log import MetricsLogger, format_eta
+from megatron_onereason.metrics_log import MetricsLogger, directory_run_id, format_eta
 from megatron_onereason.rl.config import RLConfig
 from megatron_onereason.rl.data import RLPrompt, load_run_prompts, prompt_renderer
 from megatron_onereason.rl.grpo_step import grpo_step
@@ -36,7 +36,8 @@ log = logging.getLogger("megatron_onereason.rl")
 
 
 # Settings an engine reads every step (RLEngine.reconfigure may change them); the rest shape the engines it starts.
-_PER_STEP_SETTINGS = ("steps", "seed", "eval_interval", "eval_k", "metrics_jsonl", "tensorboard_dir", "grpo", "rft",
+_PER_STEP_SETTINGS = ("steps", "seed", "eval_interval", "eval_k", "metrics_jsonl", "tensorboard_dir", "wandb_project",
+                      "wandb_entity", "wandb_run_name", "wandb_mode", "wandb_dir", "grpo", "rft",
                       "actor.mini_batches", "rollout.num_traces", "rollout.num_items", "rollout.temperature",
                       "rollout.item_temperature", "rollout.max_think_tokens", "rollout.sampling",
                       "data.prompts_per_step")
@@ -49,6 +50,12 @@ def _config_differences(a, b, prefix: str = "") -> set:
     return set() if a == b else {prefix.rstrip(".")}
 
 
+def _metrics_logger(cfg: RLConfig) -> MetricsLogger:
+    """JSONL, TensorBoard and W&B; a run resumed from the same ``save`` directory continues its W&B run."""
+    return MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl,
+                         wandb=cfg.wandb(directory_run_id(cfg.save) if cfg.save else None, to_dict(cfg)))
+
+
 class RLEngine(RLRuntime):
     def __init__(self, cfg: RLConfig, rollouts: Optional[Sequence] = None):
         """Check the inputs and the resume lineage, then start the runtime (``rollouts``: see
@@ -57,7 +64,7 @@ class RLEngine(RLRuntime):
         self._resume = cfg.save if has_checkpoint(cfg.save) else None
         self.step = 0
         super().__init__(cfg, rollouts, self._resume)
-        self.logger = MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl)
+        self.logger = _metrics_logger(cfg)
         self._evaluator_step: Optional[int] = None  # the step whose weights the evaluator holds
 
     def _load_inputs(self) -> None:
@@ -92,7 +99,7 @@ class RLEngine(RLRuntime):
         self.logger.close()
         self.cfg, self.step = cfg, 0
         self.constraint = self._constraint()
-        self.logger = MetricsLogger(cfg.tensorboard_dir, cfg.metrics_jsonl)
+        self.logger = _metrics_logger(cfg)
 
     def batch_for_step(self, step: int) -> List[RLPrompt]:
         """Deterministic in (seed, step), so a resumed run samples what the uninterrupted one would have."""

@@ -153,10 +153,12 @@ def importance_weights(
     return weights, ratio
 
 
-def _check_clip(name: str, clip: Tuple[float, float]) -> None:
+def check_clip(name: str, clip: Tuple[float, float]) -> None:
+    """The clipping range of eqs. 11-12 (also the config check of ``grpo.clip_cot`` / ``grpo.clip_item``)."""
     low, high = clip
     if not (0.0 <= low < 1.0 and high >= 0.0):
-        raise ValueError(f"{name} must be (eps_low, eps_high) with 0 <= eps_low < 1 and eps_high >= 0, got {clip}")
+        raise ValueError(f"{name} must be [eps_low, eps_high] with 0 <= eps_low < 1 and eps_high >= 0, "
+                         f"got {[low, high]}")
 
 
 def grpo_policy_loss(
@@ -208,8 +210,8 @@ def grpo_policy_loss(
             raise ValueError(f"sample_weight has shape {tuple(sample_weight.shape)}, expected {tuple(shape[:1])}")
         if not torch.isfinite(sample_weight).all() or (sample_weight < 0).any():
             raise ValueError("sample_weight must be finite and non-negative")
-    _check_clip("clip_cot", clip_cot)
-    _check_clip("clip_item", clip_item)
+    check_clip("clip_cot", clip_cot)
+    check_clip("clip_item", clip_item)
     if is_weights is not None:
         check_token_tensor("is_weights", is_weights, shape, mask)
         if (is_weights.detach()[mask] < 0).any():

@@ -9,11 +9,12 @@ set may be given as ``[]``) holding the ground-truth set ``C_u^+`` of user ``u``
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence, get_args
 
 import torch
 
-ACCURACY_REWARDS = ("rule", "prefix", "rollout-beam", "beam-prefix")
+AccuracyReward = Literal["rule", "prefix", "rollout-beam", "beam-prefix"]  # grpo.reward
+ACCURACY_REWARDS = get_args(AccuracyReward)
 # Trace-level rewards over a beam: the K completions of a trace must come from beam search (item_strategy="beam").
 BEAM_REWARDS = ("rollout-beam", "beam-prefix")
 

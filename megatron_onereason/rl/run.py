@@ -11,14 +11,20 @@ import argparse
 import logging
 import sys
 
+import yaml
+
 from megatron_onereason.cli import run_cli
-from megatron_onereason.config import load_config
+from megatron_onereason.config import load_config, to_dict
+from megatron_onereason.extras import import_optional
+from megatron_onereason.help_text import DocHelpFormatter, config_epilog
 from megatron_onereason.rl.config import RLConfig
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file (see megatron_onereason/rl/config.py)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter, epilog=config_epilog(RLConfig))
+    p.add_argument("--config", help="YAML file with the settings below (examples/configs/tiny/grpo.yaml)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML: file, then overrides, then defaults) and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, placement and actor memory plan; validate inputs; start nothing")
     p.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: GPUs per node, for the node count")
@@ -27,10 +33,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(RLConfig, args.config, args.overrides)  # bad settings: one line from run_cli (exit 2)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=120), end="")
+        return 0
     if args.dry_run:
         from megatron_onereason.rl.dry_run import dry_run
 
         return dry_run(cfg, args.gpus_per_node, args.device_memory_gib)
+    import_optional("ray", "rl", "the RL engine")
     from megatron_onereason.rl.engine import RLEngine
 
     engine = RLEngine(cfg)  # checks model directories, catalog and lineage first: one line (exit 1)
@@ -45,5 +55,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli(argv=None) -> int:
+    """The command line (console script ``onereason-rl``): user errors become one line on stderr."""
+    return run_cli("rl.run", lambda: main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli("rl.run", main))
+    sys.exit(cli())

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_onereason.cli import UserError
 from megatron_onereason.generation.params import GenerationParams
 from megatron_onereason.rl.actor import ActorSpec
 from megatron_onereason.rl.config import CPU_ENGINE_MAX_PARAMS, RayLayout, RLConfig
@@ -40,6 +42,16 @@ from megatron_onereason.tokenizer.itemic_tokens import ItemicVocab
 log = logging.getLogger("megatron_onereason.rl")
 
 
+def _ray_connect_remedy() -> str:
+    """What to check when the driver cannot join a running cluster; a token-authenticated cluster (Ray's
+    RAY_AUTH_MODE=token) refuses a driver without the head's token with nothing but a connection failure."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return ("RAY_AUTH_TOKEN is set: check that it is the token the head node was started with, and that the head "
+                "is reachable at that address")
+    return ("If the cluster was started with token authentication (RAY_AUTH_MODE=token), export RAY_AUTH_TOKEN=<the "
+            "head's token> here as on the head node; otherwise check that the head is running at that address")
+
+
 def init_ray(r: RayLayout, local_cpus: int) -> bool:
     """Join the cluster at ``ray.address`` (no resource arguments: the cluster has its own), or start a local one.
 
@@ -53,7 +65,10 @@ def init_ray(r: RayLayout, local_cpus: int) -> bool:
         return False
     if r.address:
         log.info("joining the Ray cluster at %s", r.address)
-        ray.init(address=r.address, include_dashboard=False, log_to_driver=r.log_to_driver)
+        try:
+            ray.init(address=r.address, include_dashboard=False, log_to_driver=r.log_to_driver)
+        except ConnectionError as e:
+            raise UserError(f"ray.address={r.address}: {e}. {_ray_connect_remedy()}") from e
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         log.info("Ray cluster: %d node(s), resources %s", len(nodes), ray.cluster_resources())
     else:

@@ -11,7 +11,7 @@ Several trees are packed block-diagonally; trailing padding is one causal segmen
 
 The structure is a :class:`~megatron_onereason.model.pack_layout.PackLayout` (one segment per tree: trunk = prompt +
 trace, children = the copies + completions, ``prefix = trunk − 1``), built here on the host with the pack. The
-megatron actor passes ``pack.layout.params(device)`` as ``packed_seq_params`` (RoPE positions and the tree attention
+megatron actor passes ``pack_params(pack.layout, device)`` as ``packed_seq_params`` (RoPE positions and the tree attention
 of :mod:`megatron_onereason.model.packed_attention`, no ``S × S`` mask); transformers references take
 :attr:`TreePack.allowed` and :attr:`TreePack.position_ids`. :func:`tree_logprobs_layout` maps per-position log-probs
 back to the ``[N, Tr]`` / ``[N, K, Tc]`` layout of :func:`megatron_onereason.rl.losses.shared_prefix_policy_loss`.

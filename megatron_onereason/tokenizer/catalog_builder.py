@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_onereason.fileio import atomic_directory
+from megatron_onereason.metrics_log import RateLog
 from megatron_onereason.tokenizer.code_collisions import CollisionReport, resolve_collisions
 from megatron_onereason.tokenizer.code_keys import pack_codes
 from megatron_onereason.tokenizer.embedding_io import (
@@ -47,7 +48,6 @@ from megatron_onereason.tokenizer.embedding_io import (
 )
 from megatron_onereason.tokenizer.item_catalog import MANIFEST_FILE, ItemCatalog
 from megatron_onereason.tokenizer.itemic_tokens import LEVEL_LETTERS, is_domain_name
-from megatron_onereason.tokenizer.progress import RateLog
 from megatron_onereason.tokenizer.rq_kmeans import (
     CODEBOOKS_FILE,
     RQCodebooks,

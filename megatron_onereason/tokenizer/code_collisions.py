@@ -15,8 +15,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_onereason.metrics_log import RateLog
 from megatron_onereason.tokenizer.code_keys import pack_codes
-from megatron_onereason.tokenizer.progress import RateLog
 from megatron_onereason.tokenizer.rq_kmeans import RQCodebooks
 
 log = logging.getLogger(__name__)

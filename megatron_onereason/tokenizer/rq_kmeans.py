@@ -13,16 +13,24 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-import faiss
 import numpy as np
 
+from megatron_onereason.extras import import_optional
 from megatron_onereason.tokenizer.code_keys import check_key_space
 from megatron_onereason.tokenizer.embedding_io import EmbeddingSource, nonfinite_error, nonfinite_rows
 from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_CODEBOOK_SIZE, DEFAULT_LEVELS, LEVEL_LETTERS
 
+if TYPE_CHECKING:
+    import faiss
+
 log = logging.getLogger(__name__)
+
+
+def import_faiss():
+    """faiss-cpu, the ``tokenizer`` extra (imported when codes are trained or encoded, not at import)."""
+    return import_optional("faiss", "tokenizer", "RQ-KMeans item codes")
 
 CODEBOOKS_FILE = "codebooks.safetensors"
 
@@ -78,6 +86,7 @@ class RQCodebooks:
 
     def _level_indexes(self) -> List[faiss.IndexFlatL2]:
         if self._indexes is None:
+            faiss = import_faiss()
             self._indexes = []
             for c in self.centroids:
                 index = faiss.IndexFlatL2(self.dim)
@@ -197,6 +206,7 @@ def train_rq_kmeans(x: np.ndarray, config: RQKMeansConfig) -> RQCodebooks:
     if config.codebook_size > size:
         raise ValueError(f"codebook size {config.codebook_size} is larger than the {size} training items")
     residual = np.array(x, dtype=np.float32, order="C", copy=True)
+    faiss = import_faiss()
     centroids = []
     for level in range(config.levels):
         start = time.time()

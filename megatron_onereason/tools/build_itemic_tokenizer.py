@@ -21,9 +21,8 @@ import argparse
 import logging
 import sys
 
-import faiss
-
 from megatron_onereason.cli import run_cli
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.tokenizer.catalog_builder import (
     CatalogInputs,
     CodesInputs,
@@ -31,12 +30,12 @@ from megatron_onereason.tokenizer.catalog_builder import (
     catalog_from_codes,
     extend_itemic_tokenizer,
 )
-from megatron_onereason.tokenizer.rq_kmeans import RQKMeansConfig
+from megatron_onereason.tokenizer.rq_kmeans import RQKMeansConfig, import_faiss
 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = RQKMeansConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--embeddings", help=".npy (memory-mapped), .safetensors, .zarr or .parquet [items, dim]")
     p.add_argument("--embeddings-key", help="tensor/array name in a safetensors file or zarr group; list column of "
                                             "a parquet file (default: embedding)")
@@ -91,7 +90,7 @@ def run(argv=None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
-        faiss.omp_set_num_threads(args.threads)
+        import_faiss().omp_set_num_threads(args.threads)
     result = _build(args)  # bad input: one line from run_cli
     manifest = result.manifest
     stats = manifest["statistics"]

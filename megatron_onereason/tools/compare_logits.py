@@ -11,12 +11,13 @@ import sys
 import torch
 
 from megatron_onereason.checkpoint.mcore_io import build_model_from_checkpoint
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.model.forward import forward_logits
 from megatron_onereason.platform import destroy_distributed, device, initialize_distributed
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--mcore-dir", required=True, help="megatron checkpoint directory")
     p.add_argument("--hf-dir", required=True, help="HF model directory to compare against")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size of the megatron model")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.tokenizer.itemic_import import run_tool
 from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_CODEBOOK_SIZE, DEFAULT_LEVELS, DEFAULT_SCHEME, \
     PRESETS, preset
@@ -21,7 +22,7 @@ from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DocHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="input HF Qwen3 directory (safetensors)")
     parser.add_argument("--out-dir", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--scheme", default=DEFAULT_SCHEME.name, choices=list(PRESETS),

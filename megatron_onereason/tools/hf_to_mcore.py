@@ -7,10 +7,11 @@ import logging
 import sys
 
 from megatron_onereason.checkpoint.convert import convert_hf_to_mcore, run_converter_cli, verify_logits
+from megatron_onereason.help_text import DocHelpFormatter
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--out-dir", required=True, help="megatron checkpoint directory to create")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size the vocab padding is made for")

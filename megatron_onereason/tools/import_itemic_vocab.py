@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.tokenizer.itemic_import import import_itemic_vocab, run_tool
 from megatron_onereason.tokenizer.itemic_tokens import PRESETS
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DocHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="input HF directory whose tokenizer has itemic tokens")
     parser.add_argument("--out-dir", required=True, help="output directory (must not exist unless --overwrite)")
     parser.add_argument("--scheme", default="auto", choices=["auto", *PRESETS],

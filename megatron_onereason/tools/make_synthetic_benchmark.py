@@ -16,11 +16,12 @@ import sys
 from megatron_onereason.cli import run_cli
 from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
 from megatron_onereason.eval.benchmark import SyntheticBenchmarkConfig, make_synthetic_benchmark, write_benchmark
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 
 
 def run(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--synthetic-catalog", required=True, help="directory of tools/make_synthetic_catalog.py")
     p.add_argument("--catalog", required=True, help="itemic tokenizer directory with catalog.parquet")
     p.add_argument("--out", required=True, help="benchmark JSONL to write")

@@ -10,10 +10,11 @@ import sys
 
 from megatron_onereason.cli import run_cli
 from megatron_onereason.data.synthetic_catalog import DEFAULT_SYNTHETIC_DOMAINS, make_synthetic_catalog
+from megatron_onereason.help_text import DocHelpFormatter
 
 
 def run(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--items-per-domain", type=int, default=200, help="items per domain")
     p.add_argument("--dim", type=int, default=32, help="embedding dimension")

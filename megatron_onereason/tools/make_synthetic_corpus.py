@@ -21,12 +21,13 @@ from megatron_onereason.cli import run_cli
 from megatron_onereason.data.synthetic_catalog import SyntheticCatalog
 from megatron_onereason.data.synthetic_corpus import CorpusConfig, generate_corpus, items_from_catalogs
 from megatron_onereason.fileio import atomic_directory
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.itemic_tokens import ItemicScheme
 
 
 def run(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--synthetic-catalog", required=True, help="directory with items.parquet (captions)")
     p.add_argument("--item-catalog", required=True, help="itemic tokenizer directory with catalog.parquet (codes)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")

@@ -9,12 +9,13 @@ import dataclasses
 import sys
 
 from megatron_onereason.cli import run_cli
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.model.qwen3_config import qwen3_preset
 from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
 
 
 def run(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DocHelpFormatter)
     parser.add_argument("--out", required=True, help="output HF directory (must not exist unless --overwrite)")
     parser.add_argument("--preset", default="tiny", help="Qwen3 preset: tiny, 0.6b, 1.7b, 4b, 8b, 14b")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")

@@ -8,10 +8,11 @@ import sys
 
 from megatron_onereason.checkpoint.convert import convert_mcore_to_hf, run_converter_cli, verify_logits
 from megatron_onereason.checkpoint.hf_io import DEFAULT_MAX_SHARD_BYTES
+from megatron_onereason.help_text import DocHelpFormatter
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--mcore-dir", required=True, help="megatron checkpoint directory (with onereason_model.json)")
     p.add_argument("--out-dir", required=True, help="HF model directory to create")
     p.add_argument("--iteration", type=int, help="export iter_N of a training checkpoint directory instead of the "

@@ -14,11 +14,12 @@ import sys
 import time
 
 from megatron_onereason.config import ConfigError, load_config
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.training.config import TrainConfig
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--config", help="the trainer's YAML config")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)

@@ -34,6 +34,7 @@ from megatron_onereason.cli import EXIT_TERMINATED, Terminated, raise_on_sigterm
 from megatron_onereason.data.formats import INPUT_FORMATS, FormatConfig, SampleEncoder, SampleError, iter_input, \
     open_parquet, parse_json_line, parse_sample, record_columns
 from megatron_onereason.fileio import is_no_space, no_space_message
+from megatron_onereason.help_text import DocHelpFormatter
 
 BATCH_SAMPLES = 256  # samples per worker task: large enough to amortise pickling, small enough to stream
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory on huge inputs
@@ -237,7 +238,7 @@ def preprocess(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=DocHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help="JSONL or .parquet files, one sample per line/row")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json, and "
                                                            "itemic_tokens.json for itemic text)")

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_onereason.help_text import DocHelpFormatter
+
 # the checkout this module lies in (megatron_onereason/tools/ -> repository root): the default ablation configs
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_VARIANTS = ("full", "n_by_1", "no_diversity", "uniform_clip", "no_downweight", "unconstrained")
@@ -104,7 +106,7 @@ def format_table(rows: Dict[str, Dict[str, float]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated ablation config names")
     p.add_argument("--configs", default=os.path.join(REPO, "examples", "configs", "ablations"),
                    help="directory of the variants' RL configs (default: the checkout's examples/configs/ablations)")

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from megatron_onereason.help_text import DocHelpFormatter
+
 
 def _values(rows, key):
     return [r[key] for r in rows if r.get(key) is not None]  # null: a skipped non-finite step
@@ -40,7 +42,7 @@ def _rl_row(name, rows):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="NAME=PATH",
                    help="a run's name and its metrics JSONL (logging.metrics_jsonl / metrics_jsonl of an RL run)")
     args = p.parse_args(argv)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 import yaml
 
 from megatron_onereason.config import to_dict
+from megatron_onereason.metrics_log import WandbLogging
 
 
 def _require(ok: bool, message: str) -> None:
@@ -167,13 +168,17 @@ class CheckpointSection:
 
 
 @dataclass
-class LoggingSection:
+class LoggingSection(WandbLogging):
+    """Metrics sinks: JSONL, TensorBoard and W&B (``wandb_*``: Weights & Biases beside TensorBoard, the wandb extra;
+    a resumed run, same ``checkpoint.save``, continues its W&B run)."""
+
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
     metrics_jsonl: Optional[str] = None
     peak_tflops_per_device: Optional[float] = None  # for MFU; default: 989 on H100/H200 (bf16 dense), none on CPU
 
     def __post_init__(self):
+        super().__post_init__()
         _at_least(self, 1, "log_interval")
         _require(self.peak_tflops_per_device is None or self.peak_tflops_per_device > 0,
                  f"peak_tflops_per_device={self.peak_tflops_per_device} must be > 0")

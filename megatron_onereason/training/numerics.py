@@ -6,8 +6,9 @@ into one all-reduce, the step's only host synchronisation for these guards. Shar
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -51,3 +52,37 @@ def step_health(loss_sums: Sequence[torch.Tensor], model_chunks: Sequence[torch.
     torch.distributed.all_reduce(flags)
     loss_bad, grads_bad, tokens = flags.tolist()
     return StepHealth(loss_bad > 0, grads_bad > 0, tokens > 0)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    losses: list  # what the forward-backward schedule returned (per micro-batch, on the last pipeline stage)
+    health: StepHealth
+    updated: bool  # False: unhealthy step (the caller decides: stop or skip), or the optimizer skipped it
+    grad_norm: Optional[float]
+
+
+def optimizer_step(model: Sequence[torch.nn.Module], chunks: Sequence[torch.nn.Module], optimizer, scheduler,
+                   forward_backward: Callable[[], list], loss_sums: Callable[[list], Sequence[torch.Tensor]],
+                   loss_tokens: int, row_params, device, label: str) -> StepResult:
+    """One optimizer step of the trainer or the RL actor: zero-grad → forward/backward → frozen rows masked →
+    health check (one all-reduce) → update, only when the loss and every gradient are finite and the batch has
+    loss tokens. A non-finite gradient norm after the update stops the run (:class:`NonFiniteError`)."""
+    from megatron_onereason.training.checkpointing import NonFiniteError
+    from megatron_onereason.training.freezing import mask_frozen_row_grads
+
+    for m in model:
+        m.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = forward_backward()
+    mask_frozen_row_grads(row_params)
+    health = step_health(loss_sums(losses), chunks, loss_tokens, device)
+    if not health.ok:
+        return StepResult(losses, health, False, None)
+    updated, grad_norm, _ = optimizer.step()
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise NonFiniteError(f"{label}: the gradient norm is {grad_norm}; stopped, nothing saved. Lower the learning "
+                             "rate or check the data")
+    if updated:
+        scheduler.step(increment=1)
+    return StepResult(losses, health, updated, grad_norm)

@@ -9,7 +9,6 @@ batch is split over micro-batches and ranks.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -29,10 +28,9 @@ from megatron_onereason.training import checkpointing
 from megatron_onereason.training.checkpointing import NonFiniteError
 from megatron_onereason.training.config import TrainConfig, config_fingerprint, config_yaml, resume_differences
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
-from megatron_onereason.training.freezing import mask_frozen_row_grads
 from megatron_onereason.training.loss import breakdown_metrics, loss_breakdown
 from megatron_onereason.training.memory_plan import check_run_fits
-from megatron_onereason.training.numerics import step_health
+from megatron_onereason.training.numerics import optimizer_step
 from megatron_onereason.training.run_dir import RunDirectory, rank0_decides
 from megatron_onereason.training.setup import (
     apply_optimizer_settings,
@@ -178,7 +176,8 @@ def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Opti
     forward_step = partial(_forward_step, itemic.id_ranges if itemic else [], len(dataset.source_names))
     forward_backward = get_forward_backward_func()
     peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
-    logger = MetricsLogger(cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl, enabled=logging_rank)
+    logger = MetricsLogger(cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl, enabled=logging_rank,
+                           wandb=cfg.logging.wandb(run_id, to_dict(cfg)))
     stop = _StopFlag(cfg.train.exit_after_minutes)
     history: List[Dict[str, float]] = []
     gbs = cfg.train.global_batch_size
@@ -203,16 +202,14 @@ def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Opti
             step_start = time.time()
             micro = data.next_global_batch()
             iterators = [iter(micro) for _ in model] if len(model) > 1 else iter(micro)
-            for m in model:
-                m.zero_grad_buffer()
-            optimizer.zero_grad()
-            losses = forward_backward(forward_step_func=forward_step, data_iterator=iterators,
-                                      model=model if len(model) > 1 else model[0], num_microbatches=len(micro),
-                                      seq_length=cfg.data.seq_length, micro_batch_size=1, forward_only=False)
-            mask_frozen_row_grads(row_params)
-            health = step_health([x["breakdown"][0] for x in losses], chunks,
-                                 sum(int(mb["loss_mask"].sum()) for mb in micro), device())
-            grad_norm, skipped = None, True
+            step = optimizer_step(
+                model, chunks, optimizer, scheduler,
+                lambda: forward_backward(forward_step_func=forward_step, data_iterator=iterators,
+                                         model=model if len(model) > 1 else model[0], num_microbatches=len(micro),
+                                         seq_length=cfg.data.seq_length, micro_batch_size=1, forward_only=False),
+                lambda losses: [x["breakdown"][0] for x in losses], sum(int(mb["loss_mask"].sum()) for mb in micro),
+                row_params, device(), f"iteration {iteration + 1}")
+            losses, health, grad_norm, skipped = step.losses, step.health, step.grad_norm, not step.updated
             if not health.has_loss_tokens:
                 empty_batches += 1
                 if rank == 0:
@@ -233,14 +230,6 @@ def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Opti
                 if rank == 0:
                     log.warning("iteration %d: non-finite %s; update skipped (%d of at most %d)", iteration + 1,
                                 what, skips, cfg.train.max_nonfinite_skips)
-            else:
-                updated, grad_norm, _ = optimizer.step()
-                if grad_norm is not None and not math.isfinite(grad_norm):
-                    raise NonFiniteError(f"iteration {iteration + 1}: the gradient norm is {grad_norm}; stopped, "
-                                         "nothing saved. Lower optim.lr or check the data")
-                skipped = not updated
-                if updated:
-                    scheduler.step(increment=1)
             iteration += 1
             consumed += gbs
 

@@ -29,8 +29,8 @@ def _copy(src, dst, edit_config=None, drop=()):
     [
         (None, ("model.safetensors",), (), "neither model.safetensors"),
         (lambda c: c.update(model_type="llama"), (), (), "only 'qwen3'"),
-        (None, (), ("--tp", "3"), "TP=3 does not divide num_attention_heads=4"),
-        (None, (), ("--pp", "3"), "PP=3 (× virtual stages) does not divide num_layers=4"),
+        (None, (), ("--tp", "3"), "TP=3 does not divide num_attention_heads=4: use a TP among 1, 2"),
+        (None, (), ("--pp", "3"), "PP=3 does not divide num_layers=4: use a PP (× virtual stages) among 1, 2, 4"),
         (lambda c: c.update(intermediate_size=100), (), (), "mlp.gate_proj.weight has shape (192, 64)"),
         (lambda c: c.pop("hidden_size"), (), (), "missing field 'hidden_size'"),
     ],

@@ -13,6 +13,7 @@ import sys
 import torch
 
 from megatron_onereason.checkpoint.mcore_io import build_model_from_checkpoint
+from megatron_onereason.model.packed_attention import pack_params
 from megatron_onereason.platform import initialize_distributed
 
 
@@ -22,7 +23,7 @@ def forward_backward(model, tokens, labels, layout, backend):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     weights = torch.rand(tokens.numel(), generator=torch.Generator().manual_seed(0)) / tokens.numel()
-    params = layout.params("cpu", backend=backend)
+    params = pack_params(layout, "cpu", backend=backend)
 
     def forward_step(data_iterator, chunk):
         next(data_iterator)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_onereason.model.pack_layout import PackLayout, Segment
-from megatron_onereason.model.packed_attention import _with_te_document_packs, flex_block_mask, packed_attention
+from megatron_onereason.model.packed_attention import _with_te_document_packs, flex_block_mask, pack_params, \
+    packed_attention
 from megatron_onereason.rl.tree_pack import TreeSequence, pack_trees
 
 
@@ -56,7 +57,7 @@ def test_sdpa_kernel_matches_dense_reference_in_outputs_and_gradients(pieces, he
     g = torch.Generator().manual_seed(0)
     s, dim, scale = layout.length, 16, 16 ** -0.5
     q, k, v = (torch.randn(s, 1, h, dim, generator=g, requires_grad=True) for h in (heads, groups, groups))
-    out = packed_attention(q, k, v, layout.params("cpu", backend="sdpa"), scale)
+    out = packed_attention(q, k, v, pack_params(layout, "cpu", backend="sdpa"), scale)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     expected = reference(q64, k64, v64, allowed, scale)
     upstream = torch.randn(expected.shape, generator=g, dtype=torch.float64)
@@ -112,7 +113,7 @@ def test_flex_forward_matches_dense_reference_on_cpu_and_refuses_cpu_backward():
     layout = layout_of(TREES)
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(layout.length, 1, h, 16, generator=g) for h in (4, 2, 2))
-    params = layout.params("cpu", backend="flex")
+    params = pack_params(layout, "cpu", backend="flex")
     with torch.no_grad():
         out = packed_attention(q, k, v, params, 0.25)
     torch.testing.assert_close(out.double(), reference(q, k, v, hand_mask(TREES), 0.25), atol=1e-5, rtol=0)
@@ -144,7 +145,7 @@ def test_te_spec_sends_document_packs_to_tes_thd_kernel_and_tree_packs_to_ours()
         layout = layout_of(pieces)
         q, k, v = (torch.randn(layout.length, 1, h, 16, generator=g) for h in (4, 2, 2))
         attention.calls.clear()
-        out = attention(q, k, v, None, None, packed_seq_params=layout.params("cpu"))
+        out = attention(q, k, v, None, None, packed_seq_params=pack_params(layout, "cpu"))
         torch.testing.assert_close(out.double(), reference(q, k, v, hand_mask(pieces), 0.25), atol=1e-5, rtol=0)
         calls[name] = list(attention.calls)
     assert calls["trees"] == []
@@ -161,8 +162,8 @@ def test_bad_structures_are_refused():
     with pytest.raises(ValueError, match="segment 1"):
         PackLayout((Segment(3), Segment(2, 3, (1,))))
     with pytest.raises(ValueError, match="backend"):
-        PackLayout.documents([4]).params("cpu", backend="fast")
+        pack_params(PackLayout.documents([4]), "cpu", backend="fast")
     layout = PackLayout.documents([4, 4])
     with pytest.raises(ValueError, match="8 positions"):
         packed_attention(torch.zeros(6, 1, 2, 4), torch.zeros(6, 1, 2, 4), torch.zeros(6, 1, 2, 4),
-                         layout.params("cpu"), 0.5)
+                         pack_params(layout, "cpu"), 0.5)
