@@ -172,13 +172,13 @@ def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Opti
     if run_dir is not None and iteration < cfg.train.iters:
         run_dir.clear_complete()
 
-    data = setup_training_data(cfg.data, cfg.train.global_batch_size, consumed, PAD_TOKEN_ID)
+    peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
+    logger = MetricsLogger(cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl, enabled=logging_rank)
+    data = setup_training_data(cfg.data, cfg.train.global_batch_size, consumed, PAD_TOKEN_ID)  # its workers: close
     dataset = data.dataset
     install_grad_hooks(state, p)
     forward_step = partial(_forward_step, itemic.id_ranges if itemic else [], len(dataset.source_names))
     forward_backward = get_forward_backward_func()
-    peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
-    logger = MetricsLogger(cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl, enabled=logging_rank)
     stop = _StopFlag(cfg.train.exit_after_minutes)
     history: List[Dict[str, float]] = []
     gbs = cfg.train.global_batch_size
@@ -300,6 +300,7 @@ def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Opti
         return TrainingResult(history, iteration, completed=True)
     finally:
         logger.close()
+        data.close()
 
 
 def _committed(root: Optional[str]) -> str:
