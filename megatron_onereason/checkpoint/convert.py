@@ -33,7 +33,7 @@ from megatron_onereason.checkpoint.mcore_io import (
     global_sharded_state_dict,
     iter_checkpoint_tensors,
 )
-from megatron_onereason.checkpoint.integrity import check_directory, write_manifest
+from megatron_onereason.checkpoint.integrity import SAVED_WITH_CHECKSUMS, check_directory, write_manifest
 from megatron_onereason.cli import raise_on_sigterm, run_cli
 from megatron_onereason.fileio import atomic_directory, is_no_space, no_space_message
 from megatron_onereason.model.builder import ModelBuildConfig, check_parallel_layout
@@ -97,6 +97,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, ove
             output_layer=None if cfg.tie_word_embeddings else get("lm_head.weight"),
             layers=layers(),
         )
+        sd[SAVED_WITH_CHECKSUMS] = True
         iter_dir = os.path.join(tmp, RELEASE)
         os.makedirs(iter_dir)
         log.info("hf_to_mcore: writing %s", out_dir)

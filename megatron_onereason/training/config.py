@@ -191,9 +191,13 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
+# Settings that decide which packs the restored data position points at: changing one on resume reshuffles or
+# re-packs the data, so the position is meaningless (with the override the data starts again from its beginning).
+DATA_ORDER = ("data.blend", "data.seed", "data.seq_length", "data.max_sample_length", "data.overlong_policy",
+              "data.total_tokens")
 # Settings a resumed run must share with its checkpoint (or override explicitly): they define the optimizer, the
-# LR/WD schedule and what an iteration is. Layout, logging and paths may change freely.
-RESUME_CHECKED = ("optim.", "train.iters", "train.global_batch_size", "train.trainable")
+# LR/WD schedule, what an iteration is and the data order. Layout, logging, paths and data workers may change freely.
+RESUME_CHECKED = ("optim.", "train.iters", "train.global_batch_size", "train.trainable") + DATA_ORDER
 # Not part of what a run trains (fingerprint): where it writes, how it logs, when this process stops.
 _NOT_FINGERPRINTED = ("checkpoint.", "logging.", "train.exit_at_iteration", "train.exit_after_minutes")
 
