@@ -24,7 +24,7 @@ import time
 from megatron_onereason.tokenizer.itemic_tokens import DEFAULT_SCHEME
 from megatron_onereason.tokenizer.qwen3_tokenizer import save_tiny_hf_qwen3
 from megatron_onereason.tokenizer.vocab_extension import extend_vocabulary
-from tools.preprocess_data import preprocess
+from megatron_onereason.tools.preprocess_data import preprocess
 
 WORDS = """the of and to a in is that for it as was with be by on not he this are or his from at which but have an
 they you were her she there been one all we their has would when if so no will more can about other into some could

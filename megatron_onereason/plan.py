@@ -52,7 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="Qwen3 preset, HF dir / config.json, or megatron checkpoint dir")
     p.add_argument("--vocab-size", type=int, help="true vocabulary size (e.g. 176250: Qwen3 + 5 domains + 3×8192)")
     p.add_argument("--device-memory-gib", type=float, default=80.0, help="per device (default 80: H100)")
-    p.add_argument("--kernels", default="te", choices=("te", "plain", "cpu"))
+    p.add_argument("--kernels", default="te", choices=("te", "plain", "cpu"),
+                   help="the fused kernels planned for: te (NGC container: TE + apex), plain (CUDA PyTorch, no TE), "
+                        "cpu (nothing fused)")
     p.add_argument("--runtime-gib", type=float, default=3.0, help="CUDA context, NCCL, cuBLAS workspaces")
     p.add_argument("--doc-length", type=int, help="document length for attention FLOPs (default: the sample cap)")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the time estimate")

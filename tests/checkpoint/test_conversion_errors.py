@@ -2,14 +2,10 @@
 import json
 import os
 import shutil
-import sys
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "checkpoints_convert"))
-import hf_to_mcore  # noqa: E402
+from megatron_onereason.tools import hf_to_mcore
 
 
 def _convert(hf_dir, out, *extra):

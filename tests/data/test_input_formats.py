@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from megatron_onereason.data.formats import FormatConfig, SampleError, iter_input, parse_sample
 from megatron_onereason.data.indexed import lossmask_prefix, tokens_prefix
 from megatron_onereason.tokenizer.itemic_import import import_itemic_vocab
-from tools.preprocess_data import main, preprocess
+from megatron_onereason.tools.preprocess_data import main, preprocess
 
 PROMPT = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>\n<\|im_start\|>user\n(.*?)/think<\|im_end\|>\n"
                     r"<\|im_start\|>assistant\n\Z", re.S)

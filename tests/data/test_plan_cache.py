@@ -1,13 +1,11 @@
 """Pack plans built once and memory-mapped, and the prefetching loader: same packs, same order as planning in memory."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
 from megatron_onereason.data import packed_dataset
 from megatron_onereason.data.blending import BlendComponent, BlendConfig
 from megatron_onereason.data.indexed import IndexedPairWriter
@@ -138,8 +136,7 @@ def test_loader_prefetches_the_same_packs_as_direct_reads(corpora, workers):
 
 
 def test_plan_tool_builds_once(corpora, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from plan_packs import main
+    from megatron_onereason.tools.plan_packs import main
 
     root, _ = corpora
     args = [f"data.blend=[0.4, {root / 'text'}, 0.6, {root / 'items'}]", "data.seq_length=128",

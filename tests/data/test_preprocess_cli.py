@@ -9,7 +9,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_onereason.data.formats import SampleEncoder, parse_sample
 from megatron_onereason.data.indexed import lossmask_prefix, tokens_prefix
 
-from tools.preprocess_data import InputError, main, preprocess
+from megatron_onereason.tools.preprocess_data import InputError, main, preprocess
 
 
 def _records(n):

@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import os
+import pkgutil
 import resource
 import shutil
 import signal
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import megatron_onereason.tools
 from conftest import REPO
 from megatron_onereason.config import ConfigError, load_config
 from megatron_onereason.data.indexed import IndexedPair, IndexedPairWriter, check_prefix
@@ -161,11 +163,8 @@ def test_empty_npy_is_named(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLIs
-CLIS = ["tools.preprocess_data", "tools.summarize_metrics", "tools.build_itemic_tokenizer", "tools.extend_vocab",
-        "tools.make_tiny_qwen3", "tools.make_synthetic_catalog", "tools.make_synthetic_corpus",
-        "tools.make_synthetic_benchmark", "tools.compare_logits", "checkpoints_convert.hf_to_mcore",
-        "checkpoints_convert.mcore_to_hf", "megatron_onereason.train", "megatron_onereason.evaluate",
-        "megatron_onereason.rl.run"]
+CLIS = [f"megatron_onereason.tools.{m.name}" for m in pkgutil.iter_modules(megatron_onereason.tools.__path__)]
+CLIS += ["megatron_onereason.train", "megatron_onereason.evaluate", "megatron_onereason.plan", "megatron_onereason.rl.run"]
 
 
 class _Parsed(Exception):
@@ -181,7 +180,6 @@ def test_every_cli_option_has_help(module, monkeypatch):
         raise _Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    monkeypatch.syspath_prepend(os.path.join(REPO, "checkpoints_convert"))
     main = importlib.import_module(module).main
     with pytest.raises(_Parsed):
         main([]) if inspect.signature(main).parameters else main()
@@ -190,7 +188,7 @@ def test_every_cli_option_has_help(module, monkeypatch):
 
 
 def test_summarize_metrics_help_and_null_values(tmp_path, capsys):
-    from tools.summarize_metrics import main
+    from megatron_onereason.tools.summarize_metrics import main
 
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -248,8 +246,7 @@ def test_leftovers_of_killed_writers_are_removed_or_restored(tmp_path):
 
 
 def test_killed_converter_leftovers_are_removed_at_the_next_start(tiny_hf_dirs, tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "checkpoints_convert"))
-    import hf_to_mcore
+    from megatron_onereason.tools import hf_to_mcore
 
     out = str(tmp_path / "mc")
     stale = leftover(out)
@@ -328,8 +325,7 @@ def test_disk_full_during_preprocessing_leaves_nothing(tmp_path, tokenizers_3x32
 # ------------------------------------------------------------------------------------------- checkpoints, converters
 @pytest.fixture(scope="module")
 def converted(tiny_hf_dirs, tmp_path_factory):
-    sys.path.insert(0, os.path.join(REPO, "checkpoints_convert"))
-    import hf_to_mcore
+    from megatron_onereason.tools import hf_to_mcore
 
     out = str(tmp_path_factory.mktemp("conv") / "mc")
     assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out]) == 0
@@ -337,8 +333,7 @@ def converted(tiny_hf_dirs, tmp_path_factory):
 
 
 def test_damaged_converted_checkpoint_is_refused_on_export(converted, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "checkpoints_convert"))
-    import mcore_to_hf
+    from megatron_onereason.tools import mcore_to_hf
 
     damaged = str(tmp_path / "damaged")
     shutil.copytree(converted, damaged)
@@ -360,8 +355,7 @@ def test_nonfinite_weights_are_neither_converted_nor_verified(tiny_hf_dirs, conv
 
     from megatron_onereason.checkpoint.convert import verify_logits
 
-    sys.path.insert(0, os.path.join(REPO, "checkpoints_convert"))
-    import hf_to_mcore
+    from megatron_onereason.tools import hf_to_mcore
 
     nan_dir = str(tmp_path / "nan_hf")
     shutil.copytree(tiny_hf_dirs["tied"], nan_dir)

@@ -92,8 +92,7 @@ def test_a_diverging_actor_stops_before_the_update(local_ray, task, tmp_path):
 def test_every_ablation_config_runs_two_steps(local_ray, task):
     """Figs. 13–16 and unconstrained decoding: each config of examples/configs/ablations runs (one engine, started
     once; the variants run one after another) and changes what it says it changes."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    from run_ablations import run_variants, variant_configs
+    from megatron_onereason.tools.run_ablations import run_variants, variant_configs
 
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ABLATIONS, "*.yaml")))
     assert {"full", "n_by_1", "no_diversity", "uniform_clip", "no_downweight", "unconstrained"} <= set(names)

@@ -1,0 +1,77 @@
+"""Print per-run tables from metrics JSONL files: trainer runs (losses) and RL runs (reward, Recall@K, time split).
+
+    python tools/summarize_metrics.py stage1=runs/x/stage1.jsonl grpo=runs/x/grpo.jsonl ...
+"""
+import argparse
+import json
+import sys
+
+
+def _values(rows, key):
+    return [r[key] for r in rows if r.get(key) is not None]  # null: a skipped non-finite step
+
+
+def _fmt(rows, key):
+    values = _values(rows, key)
+    return f"{values[0]:.3f} → {values[-1]:.3f}" if values else "–"
+
+
+def _mean(rows, key):
+    values = _values(rows, key)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _window(rows, key, n=5):
+    """Mean of the first and of the last ``n`` values: RL step metrics are too noisy to read one at a time."""
+    values = _values(rows, key)
+    head, tail = values[:n], values[-n:]
+    return f"{sum(head) / len(head):.3f} → {sum(tail) / len(tail):.3f}" if values else "–"
+
+
+def _rl_row(name, rows):
+    steps = [r for r in rows if r["step"] > 0]
+    recall = [k for k in rows[-1] if k.startswith("eval/recall@")]
+    gen, indep = _mean(steps, "generated_tokens"), _mean(steps, "independent_rollout_tokens")
+    shares = "/".join(f"{_mean(steps, f'time_share/{p}'):.2f}" for p in ("rollout", "train", "sync"))
+    signal = "reward" if "reward" in steps[0] else "student_teacher_logp_abs_gap"
+    ratio = f"{gen / indep:.2f}" if indep == indep and indep else "–"
+    return (f"| {name} | {steps[0]['step']}–{steps[-1]['step']} | {signal} {_window(steps, signal)} | "
+            f"{_fmt(rows, recall[0]) if recall else '–'} | {shares} | {ratio} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="NAME=PATH",
+                   help="a run's name and its metrics JSONL (logging.metrics_jsonl / metrics_jsonl of an RL run)")
+    args = p.parse_args(argv)
+    runs = []
+    for item in args.runs:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"{item!r} is not NAME=PATH")
+        try:
+            with open(path) as f:
+                runs.append((name, [json.loads(line) for line in f if line.strip()]))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"summarize_metrics: {path}: {e}", file=sys.stderr)
+            return 1
+    train = [(n, rows) for n, rows in runs if rows and "loss" in rows[-1]]
+    rl = [(n, rows) for n, rows in runs if rows and "loss" not in rows[-1]]
+    if train:
+        print("| run | iterations | loss | loss (itemic targets) | loss (text targets) | tokens/s |")
+        print("|---|---|---|---|---|---|")
+        for name, rows in train:
+            print(f"| {name} | {rows[0]['step']}–{rows[-1]['step']} | {_fmt(rows, 'loss')} | "
+                  f"{_fmt(rows, 'loss_itemic')} | {_fmt(rows, 'loss_text')} | {_mean(rows, 'tokens_per_sec'):.0f} |")
+    if rl:
+        print("\n| RL run | steps | signal (mean of first 5 → last 5 steps) | Recall@K (before → after) | "
+              "time rollout/train/sync | "
+              "tokens two-stage / N×K |")
+        print("|---|---|---|---|---|---|")
+        for name, rows in rl:
+            print(_rl_row(name, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
