@@ -41,6 +41,7 @@ def stats_path(prefix: str) -> str:
 
 
 FILES_KEY = "files"  # in P_stats.json: the data files' sizes at commit
+MAX_TOKEN_ID_KEY = "max_token_id"  # in P_stats.json: the largest token id of the data
 
 
 def _final_paths(prefix: str) -> Tuple[str, ...]:
@@ -68,6 +69,7 @@ class IndexedPairWriter:
         self._tokens = IndexedDatasetBuilder(self._tmp[t + ".bin"], dtype=TOKEN_DTYPE)
         self._lossmask = IndexedDatasetBuilder(self._tmp[m + ".bin"], dtype=LOSSMASK_DTYPE)
         self.documents = self.tokens = self.loss_tokens = 0
+        self.max_token_id = -1  # recorded: the trainer refuses data with ids its model has no row for
         self._closed = False
 
     def add(self, tokens: np.ndarray, lossmask: np.ndarray) -> None:
@@ -86,6 +88,7 @@ class IndexedPairWriter:
         self.documents += 1
         self.tokens += int(tokens.size)
         self.loss_tokens += int(lossmask.sum())
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
 
     def commit(self, stats: Optional[Dict] = None) -> None:
         """Finish the index files, write ``P_stats.json`` (document, token and loss-token counts plus ``stats``),
@@ -108,7 +111,8 @@ class IndexedPairWriter:
         sizes = {os.path.basename(p): os.path.getsize(self._tmp[p]) for p in data}
         with open(self._tmp[stats_path(self.prefix)], "w") as f:
             json.dump({"documents": self.documents, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
-                       **(stats or {}), FILES_KEY: sizes}, f, indent=2, sort_keys=True)
+                       MAX_TOKEN_ID_KEY: self.max_token_id, **(stats or {}), FILES_KEY: sizes}, f, indent=2,
+                      sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(stats_path(self.prefix)):

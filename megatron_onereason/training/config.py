@@ -37,6 +37,9 @@ class ModelSection:
     load: Optional[str] = None
     init_from: Optional[str] = None
     itemic_vocab: Optional[str] = None  # dir with itemic_tokens.json; default: the checkpoint's hf/ assets
+    # Data and itemic vocabularies must have been made with the model's tokenizer (their recorded fingerprint is
+    # compared with the checkpoint's hf/ tokenizer); true accepts another one whose ids mean the same tokens.
+    allow_other_tokenizer: bool = False
     layer_spec: Literal["auto", "te", "local"] = "auto"
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     # Every fused kernel the machine has (model/builder.py: fused_kernel_flags); false: unfused torch ops.

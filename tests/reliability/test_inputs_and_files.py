@@ -317,7 +317,7 @@ def test_disk_full_during_preprocessing_leaves_nothing(tmp_path, tokenizers_3x32
                            tokenizers_3x32["extended"], "--output-prefix", str(out / "p")], cwd=REPO,
                           capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("preprocess_data: error:")]
     assert len(line) == 1 and "disk full" in line[0] and "nothing was left" in line[0], proc.stderr[-3000:]
     assert os.listdir(out) == []
 
