@@ -59,6 +59,24 @@ def finite(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
     return tensor
 
 
+def _check_tokenizer_fits(hf_dir: str, vocab_size: int) -> None:
+    """Refuse a model with fewer embedding rows than its tokenizer has ids (those tokens would index past the
+    table); without tokenizer files say that the checkpoint (and its export) will have none."""
+    from megatron_onereason.tokenizer.fingerprint import tokenizer_fingerprint
+
+    try:
+        fingerprint = tokenizer_fingerprint(hf_dir)
+    except FileNotFoundError:
+        log.warning("%s has no tokenizer files (tokenizer.json / tokenizer_config.json): the checkpoint and its HF "
+                    "export will have none, and its data cannot be checked against it", hf_dir)
+        return
+    if fingerprint["max_id"] >= vocab_size:
+        raise ValueError(f"{hf_dir}: config.json vocab_size={vocab_size}, but its tokenizer has ids up to "
+                         f"{fingerprint['max_id']}: those tokens have no embedding row. Resize the embeddings to the "
+                         "tokenizer (tools/extend_vocab.py does it when adding itemic tokens) or use the tokenizer "
+                         "the model was trained with")
+
+
 def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, overwrite: bool = False,
                         make_vocab_size_divisible_by: int = 128) -> CheckpointModelInfo:
     """Write ``out_dir`` as a megatron checkpoint of the HF model in ``hf_dir``.
@@ -70,6 +88,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, ove
     from megatron.core import dist_checkpointing
 
     cfg = Qwen3Config.from_hf_dir(hf_dir)
+    _check_tokenizer_fits(hf_dir, cfg.vocab_size)
     check_parallel_layout(cfg, ModelBuildConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     reader = HFCheckpointReader(hf_dir)
     reader.check_against(expected_hf_shapes(cfg))
