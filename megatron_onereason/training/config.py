@@ -110,6 +110,7 @@ class DataSection:
     def __post_init__(self):
         _at_least(self, 2, "seq_length")
         _at_least(self, 1, "max_sample_length", "total_tokens")
+        _at_least(self, 0, "seed", "num_workers")  # numpy's generators take non-negative seeds only
         _require(self.max_sample_length is None or self.max_sample_length <= self.seq_length,
                  f"max_sample_length={self.max_sample_length} is larger than seq_length={self.seq_length} (a sample "
                  "is cut to max_sample_length, then packed into seq_length-token packs)")
@@ -137,6 +138,7 @@ class TrainSection:
 
     def __post_init__(self):
         _at_least(self, 1, "iters", "global_batch_size", "exit_at_iteration")
+        _at_least(self, 0, "seed")
         _at_least(self, 0, "max_nonfinite_skips")
         _require(self.exit_after_minutes is None or self.exit_after_minutes > 0,
                  f"exit_after_minutes={self.exit_after_minutes} must be > 0")
