@@ -263,3 +263,49 @@ def test_data_loader_workers_die_with_a_killed_trainer(small_model, tmp_path):
         proc.wait(timeout=30)
     _, alive = psutil.wait_procs([psutil.Process(p) for p in workers if psutil.pid_exists(p)], timeout=10)
     assert alive == [], f"orphaned workers: {alive}"
+
+
+# ------------------------------------------------------------------------------------------- RL start-up
+def _rl(capsys, tmp_path, *overrides):
+    from megatron_onereason.cli import run_cli
+    from megatron_onereason.rl.run import main
+
+    base = [f"rollout.model_dir={tmp_path}/missing_hf", "data.benchmark=b.jsonl", f"data.catalog={tmp_path}",
+            f"actor.model.load={tmp_path}"]
+    start = time.time()
+    code = run_cli("rl.run", lambda: main([*base, *overrides]))
+    return code, one_line(capsys.readouterr().err, "rl.run"), time.time() - start
+
+
+def test_rl_start_up_refusals_come_before_ray(tmp_path, capsys):
+    import socket
+
+    import ray
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, line, seconds = _rl(capsys, tmp_path, f"ray.address=127.0.0.1:{port}")
+    assert code == 1 and f"ray.address=127.0.0.1:{port}: nothing answers at 127.0.0.1:{port}" in line
+    assert seconds < 15
+    code, line, _ = _rl(capsys, tmp_path, "data.prompts_per_step=0")
+    assert code == 2 and "data.prompts_per_step=0: must be >= 1" in line
+    model = tmp_path / "hf"
+    model.mkdir()
+    code, line, _ = _rl(capsys, tmp_path, f"rollout.model_dir={model}")
+    assert code == 1 and f"rollout.model_dir={model}: no itemic_tokens.json" in line
+    assert not ray.is_initialized()
+
+
+def test_a_rank_that_only_lost_its_peer_does_not_report_an_error(capsys):
+    from megatron_onereason.cli import run_cli
+
+    def lost():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:29500")
+
+    assert run_cli("train", lost) == 1
+    err = capsys.readouterr().err
+    assert "error:" not in err and "Connection closed" not in err and "another process of the job ended" in err
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        run_cli("train", lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
