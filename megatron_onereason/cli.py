@@ -41,7 +41,8 @@ def report_error(prog: str, exc: BaseException) -> None:
     if rank != 0 and shared:
         return
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+    bare = message.startswith("[Errno")  # OSError's own wording: say the file first, like every other message
+    if isinstance(exc, OSError) and exc.filename and (bare or str(exc.filename) not in message):
         message = f"{exc.filename}: {exc.strerror or message}"
     where = "" if rank == 0 or shared else f"[rank {rank}] "
     kind = "config error" if isinstance(exc, ConfigError) else "error"

@@ -136,6 +136,10 @@ def test_converter_refuses_a_vocab_smaller_than_its_tokenizer(tiny_hf_dirs, toke
     line = one_line(capsys.readouterr().err, "hf_to_mcore")
     assert "vocab_size=1024, but its tokenizer has ids up to 1124" in line
     assert not os.path.exists(tmp_path / "mc")
+    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", str(tmp_path / "mc")]) == 1
+    line = one_line(capsys.readouterr().err, "hf_to_mcore")
+    assert f"{tiny_hf_dirs['tied']}: no tokenizer files" in line and "pass --no-tokenizer" in line
+    assert not os.path.exists(tmp_path / "mc")
 
 
 # ------------------------------------------------------------------------------------------- overrides
@@ -165,7 +169,7 @@ def test_a_deleted_manifest_is_damage_only_old_checkpoints_load_unverified(tiny_
     from megatron_onereason.tools import hf_to_mcore
 
     out = str(tmp_path / "mc")
-    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out]) == 0
+    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
     release = os.path.join(out, "release")
     assert check_directory(release)
     os.remove(os.path.join(release, MANIFEST))
@@ -222,7 +226,7 @@ def small_model(tiny_hf_dirs, tmp_path_factory):
     from megatron_onereason.tools import hf_to_mcore
 
     out = str(tmp_path_factory.mktemp("hang") / "mc")
-    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out]) == 0
+    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
     return out
 
 

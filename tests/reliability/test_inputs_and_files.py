@@ -251,7 +251,7 @@ def test_killed_converter_leftovers_are_removed_at_the_next_start(tiny_hf_dirs, 
     out = str(tmp_path / "mc")
     stale = leftover(out)
     os.makedirs(os.path.join(stale, "release"))  # a multi-GB half conversion, in real life
-    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out]) == 0
+    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["mc"]
 
 
@@ -328,7 +328,7 @@ def converted(tiny_hf_dirs, tmp_path_factory):
     from megatron_onereason.tools import hf_to_mcore
 
     out = str(tmp_path_factory.mktemp("conv") / "mc")
-    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out]) == 0
+    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
     return out
 
 
@@ -347,7 +347,7 @@ def test_damaged_converted_checkpoint_is_refused_on_export(converted, tmp_path, 
     assert mcore_to_hf.main(["--mcore-dir", damaged, "--out-dir", out]) == 1
     line = one_error_line(capsys.readouterr().err, "mcore_to_hf")
     assert f"{os.path.basename(shard)}: checksum mismatch" in line and not os.path.exists(out)
-    assert mcore_to_hf.main(["--mcore-dir", converted, "--out-dir", out]) == 0  # the intact original exports
+    assert mcore_to_hf.main(["--mcore-dir", converted, "--out-dir", out, "--no-tokenizer"]) == 0  # the intact original exports
 
 
 def test_nonfinite_weights_are_neither_converted_nor_verified(tiny_hf_dirs, converted, tmp_path, capsys):
@@ -363,7 +363,7 @@ def test_nonfinite_weights_are_neither_converted_nor_verified(tiny_hf_dirs, conv
     tensors = load_file(weights)
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, weights, metadata={"format": "pt"})
-    assert hf_to_mcore.main(["--hf-dir", nan_dir, "--out-dir", str(tmp_path / "mc")]) == 1
+    assert hf_to_mcore.main(["--hf-dir", nan_dir, "--out-dir", str(tmp_path / "mc"), "--no-tokenizer"]) == 1
     line = one_error_line(capsys.readouterr().err, "hf_to_mcore")
     assert "model.layers.1.mlp.up_proj.weight has 1 non-finite (NaN/inf) values" in line
     # --verify never passes NaN logits as "within tolerance" (nan > 1e-4 is False)
