@@ -74,8 +74,11 @@ def _plan(args: argparse.Namespace) -> int:
     world = args.world_size or (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
                                 * par.context_parallel_size)
     model, rows = _model(args.model, cfg, args.vocab_size, par.tensor_model_parallel_size)
-    plan = plan_training(cfg, model, rows, world, PlannedKernels.named(args.kernels),
-                         int(args.device_memory_gib * GIB), args.runtime_gib, args.doc_length)
+    try:  # a layout the model cannot take is a config error (exit 2)
+        plan = plan_training(cfg, model, rows, world, PlannedKernels.named(args.kernels),
+                             int(args.device_memory_gib * GIB), args.runtime_gib, args.doc_length)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     f = plan.flops
     seconds = f.model / (world * args.peak_tflops * 1e12 * args.mfu)
     print(f"{args.config or 'config'}: {model.num_parameters() / 1e9:.2f}B parameters, padded vocabulary {rows}")

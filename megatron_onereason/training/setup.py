@@ -290,6 +290,9 @@ def check_training_inputs(cfg: "TrainConfig") -> None:
         raise UserError(f"{field}={value}: {problem}")
 
     c = cfg.checkpoint
+    for field_name, path in (("checkpoint.save", c.save), ("checkpoint.load", c.load)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            fail(field_name, path, "is a file; it names a checkpoint directory")
     resuming = checkpointing.has_checkpoint(c.load)
     if c.load and not resuming and os.path.abspath(c.load) != os.path.abspath(c.save or "") \
             and os.path.exists(c.load):
