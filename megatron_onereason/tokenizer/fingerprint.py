@@ -35,7 +35,7 @@ def tokenizer_fingerprint(directory: str) -> Dict:
 
 def describe(fingerprint: Dict) -> str:
     itemic = fingerprint.get("itemic")
-    items = (f"itemic {itemic['scheme']} {itemic['levels']}x{itemic['codebook_size']}" if itemic else "no itemic tokens")
+    items = f"itemic {itemic['scheme']} {itemic['levels']}x{itemic['codebook_size']}" if itemic else "no itemic tokens"
     return f"vocabulary {str(fingerprint.get('vocab_sha256'))[:12]} of {fingerprint.get('vocab_size')} tokens, {items}"
 
 

@@ -162,14 +162,13 @@ def test_override_errors_are_blamed_on_the_override(override, message, tmp_path,
 
 
 # ------------------------------------------------------------------------------------------- checksums
-def test_a_deleted_manifest_is_damage_only_old_checkpoints_load_unverified(tiny_hf_dirs, tmp_path, caplog):
+def test_a_deleted_manifest_is_damage_only_old_checkpoints_load_unverified(tiny_mcore, tmp_path, caplog):
     import torch
 
     from megatron_onereason.checkpoint.integrity import SAVED_WITH_CHECKSUMS
-    from megatron_onereason.tools import hf_to_mcore
 
     out = str(tmp_path / "mc")
-    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
+    shutil.copytree(tiny_mcore, out)
     release = os.path.join(out, "release")
     assert check_directory(release)
     os.remove(os.path.join(release, MANIFEST))
@@ -221,22 +220,13 @@ def _job_processes(marker):
     return found
 
 
-@pytest.fixture(scope="module")
-def small_model(tiny_hf_dirs, tmp_path_factory):
-    from megatron_onereason.tools import hf_to_mcore
-
-    out = str(tmp_path_factory.mktemp("hang") / "mc")
-    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
-    return out
-
-
 def _trainer(model, prefix, iters):
     return [sys.executable, "-m", "megatron_onereason.train", f"model.load={model}", f"data.blend=[1.0, {prefix}]",
             "data.seq_length=96", "data.max_sample_length=48", "train.global_batch_size=4", f"train.iters={iters}"]
 
 
 @pytest.mark.multiprocess
-def test_an_error_in_the_forward_ends_the_trainer_and_its_workers(small_model, tmp_path):
+def test_an_error_in_the_forward_ends_the_trainer_and_its_workers(tiny_mcore, tmp_path):
     """Data without its recorded largest id (an older preprocessing) reaches the forward with ids past the
     embedding: the IndexError used to leave the trainer waiting forever for its data-loader workers."""
     prefix = write_ids(str(tmp_path / "beyond"), 1000, 1100)
@@ -245,16 +235,16 @@ def test_an_error_in_the_forward_ends_the_trainer_and_its_workers(small_model, t
     del stats["max_token_id"]
     with open(stats_path(prefix), "w") as f:
         json.dump(stats, f)
-    proc = subprocess.run(_trainer(small_model, prefix, 3), cwd=REPO, capture_output=True, text=True, timeout=150,
+    proc = subprocess.run(_trainer(tiny_mcore, prefix, 3), cwd=REPO, capture_output=True, text=True, timeout=150,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode != 0 and "IndexError" in proc.stderr
     assert _job_processes(prefix) == []
 
 
 @pytest.mark.multiprocess
-def test_data_loader_workers_die_with_a_killed_trainer(small_model, tmp_path):
+def test_data_loader_workers_die_with_a_killed_trainer(tiny_mcore, tmp_path):
     prefix = write_ids(str(tmp_path / "good"), 0, 1000)
-    proc = subprocess.Popen(_trainer(small_model, prefix, 100000), cwd=REPO, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_trainer(tiny_mcore, prefix, 100000), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.time() + 120

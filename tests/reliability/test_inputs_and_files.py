@@ -323,20 +323,11 @@ def test_disk_full_during_preprocessing_leaves_nothing(tmp_path, tokenizers_3x32
 
 
 # ------------------------------------------------------------------------------------------- checkpoints, converters
-@pytest.fixture(scope="module")
-def converted(tiny_hf_dirs, tmp_path_factory):
-    from megatron_onereason.tools import hf_to_mcore
-
-    out = str(tmp_path_factory.mktemp("conv") / "mc")
-    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
-    return out
-
-
-def test_damaged_converted_checkpoint_is_refused_on_export(converted, tmp_path, capsys):
+def test_damaged_converted_checkpoint_is_refused_on_export(tiny_mcore, tmp_path, capsys):
     from megatron_onereason.tools import mcore_to_hf
 
     damaged = str(tmp_path / "damaged")
-    shutil.copytree(converted, damaged)
+    shutil.copytree(tiny_mcore, damaged)
     shard = sorted(glob.glob(os.path.join(damaged, "release", "*.distcp")))[0]
     with open(shard, "r+b") as f:  # 64 flipped bytes in the middle of one shard
         f.seek(os.path.getsize(shard) // 2)
@@ -347,10 +338,10 @@ def test_damaged_converted_checkpoint_is_refused_on_export(converted, tmp_path, 
     assert mcore_to_hf.main(["--mcore-dir", damaged, "--out-dir", out]) == 1
     line = one_error_line(capsys.readouterr().err, "mcore_to_hf")
     assert f"{os.path.basename(shard)}: checksum mismatch" in line and not os.path.exists(out)
-    assert mcore_to_hf.main(["--mcore-dir", converted, "--out-dir", out, "--no-tokenizer"]) == 0  # the intact original exports
+    assert mcore_to_hf.main(["--mcore-dir", tiny_mcore, "--out-dir", out]) == 0  # the intact original exports
 
 
-def test_nonfinite_weights_are_neither_converted_nor_verified(tiny_hf_dirs, converted, tmp_path, capsys):
+def test_nonfinite_weights_are_neither_converted_nor_verified(tiny_hf_dirs, tiny_mcore, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     from megatron_onereason.checkpoint.convert import verify_logits
@@ -368,7 +359,7 @@ def test_nonfinite_weights_are_neither_converted_nor_verified(tiny_hf_dirs, conv
     assert "model.layers.1.mlp.up_proj.weight has 1 non-finite (NaN/inf) values" in line
     # --verify never passes NaN logits as "within tolerance" (nan > 1e-4 is False)
     with pytest.raises(AssertionError, match="non-finite"):
-        verify_logits(nan_dir, converted)
+        verify_logits(nan_dir, tiny_mcore)
 
 
 def test_a_checkpoint_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch):

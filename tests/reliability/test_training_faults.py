@@ -299,7 +299,7 @@ def test_resharding_refusals_name_the_format_and_the_version(monkeypatch):
         checkpointing._check_optimizer_resharding("ck/iter_0000002", "fully_reshardable", saved, now)
 
 
-# ------------------------------------------------------------------------------------------- round 2: data and checksums
+# ----------------------------------------------------------------------------------- round 2: data and checksums
 def test_changed_data_seed_on_resume_is_refused_then_restarts_the_data_with_the_override(setup, base):
     """The restored data position indexes the old shuffle: a new data.seed is refused, or with the override the data
     starts again from its first pack (the first step then sees what a fresh run with that seed sees first)."""
