@@ -302,7 +302,7 @@ def test_resharding_refusals_name_the_format_and_the_version(monkeypatch):
 # ----------------------------------------------------------------------------------- round 2: data and checksums
 def test_changed_data_seed_on_resume_is_refused_then_restarts_the_data_with_the_override(setup, base):
     """The restored data position indexes the old shuffle: a new data.seed is refused, or with the override the data
-    starts again from its first pack (the first step then sees what a fresh run with that seed sees first)."""
+    starts again from its first pack (the step's consumed_samples counts from 0) and the log says so."""
     save = copy_of(setup, base, "changed_seed")
     before = snapshot(save)
     proc, _ = train(setup, "seed_refused", 1, *resume_args(save), "data.seed=7", code=1)
