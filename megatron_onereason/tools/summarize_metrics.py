@@ -65,6 +65,8 @@ def _read_rows(path: str) -> List[Dict]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: no metrics rows (did the run log any step? logging.metrics_jsonl / metrics_jsonl)")
     return rows
 
 

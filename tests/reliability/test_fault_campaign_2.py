@@ -303,3 +303,18 @@ def test_a_rank_that_only_lost_its_peer_does_not_report_an_error(capsys):
     assert "error:" not in err and "Connection closed" not in err and "another process of the job ended" in err
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         run_cli("train", lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
+def test_summarize_metrics_names_an_empty_or_broken_metrics_file(tmp_path, capsys):
+    from megatron_onereason.tools.summarize_metrics import main
+
+    empty, broken = tmp_path / "empty.jsonl", tmp_path / "broken.jsonl"
+    empty.write_text("")
+    broken.write_text('{"step": 1, "loss": 2.0}\n{"step": 2,\n')
+    assert main([f"a={empty}"]) == 1
+    assert f"{empty}: no metrics rows" in one_line(capsys.readouterr().err, "summarize_metrics")
+    assert main([f"b={broken}"]) == 1
+    assert f"{broken}:2: not a JSON line" in one_line(capsys.readouterr().err, "summarize_metrics")
+    assert main([f"c={tmp_path}/missing.jsonl"]) == 1
+    assert f"{tmp_path}/missing.jsonl: No such file or directory" in one_line(capsys.readouterr().err,
+                                                                            "summarize_metrics")
