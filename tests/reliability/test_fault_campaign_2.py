@@ -318,3 +318,15 @@ def test_summarize_metrics_names_an_empty_or_broken_metrics_file(tmp_path, capsy
     assert main([f"c={tmp_path}/missing.jsonl"]) == 1
     assert f"{tmp_path}/missing.jsonl: No such file or directory" in one_line(capsys.readouterr().err,
                                                                             "summarize_metrics")
+
+
+def test_a_missing_weight_shard_is_named(tiny_hf_dirs, tmp_path, capsys):
+    from megatron_onereason.tools import hf_to_mcore
+
+    src = tmp_path / "untied"
+    shutil.copytree(tiny_hf_dirs["untied"], src)  # sharded, with an index
+    shard = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))[1]
+    os.remove(src / shard)
+    assert hf_to_mcore.main(["--hf-dir", str(src), "--out-dir", str(tmp_path / "mc"), "--no-tokenizer"]) == 1
+    line = one_line(capsys.readouterr().err, "hf_to_mcore")
+    assert f"{src}: 1 weight file(s) listed in its index are missing ({shard};" in line
