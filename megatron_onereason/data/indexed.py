@@ -50,6 +50,16 @@ def _final_paths(prefix: str) -> Tuple[str, ...]:
     return t + ".bin", m + ".bin", t + ".idx", m + ".idx"
 
 
+def _parents(directory: str):
+    """``directory`` and each directory above it."""
+    while True:
+        yield directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
+
+
 class IndexedPairWriter:
     """Writes the tokens/loss-mask pair under temporary names; :meth:`commit` renames them into place.
 
@@ -60,6 +70,9 @@ class IndexedPairWriter:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         directory = os.path.dirname(os.path.abspath(prefix))
+        blocking = next((d for d in _parents(directory) if os.path.exists(d) and not os.path.isdir(d)), None)
+        if blocking:
+            raise NotADirectoryError(f"output prefix {prefix}: {blocking} is a file, not a directory")
         os.makedirs(directory, exist_ok=True)
         paths = _final_paths(prefix) + (stats_path(prefix),)
         for path in paths:  # temporary files of killed earlier runs

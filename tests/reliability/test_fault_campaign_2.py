@@ -100,6 +100,10 @@ def test_preprocessing_records_the_tokenizer_and_refuses_a_repeated_input(tokeni
                                  "--output-prefix", str(tmp_path / "twice")])
     line = one_line(capsys.readouterr().err, "preprocess_data")
     assert code == 1 and f"--input names {alias} twice (also as {data['jsonl']})" in line
+    code = preprocess_data.main(["--input", data["jsonl"], "--tokenizer", tokenizers["x32"],
+                                 "--output-prefix", str(alias / "sub" / "p")])  # under a file
+    line = one_line(capsys.readouterr().err, "preprocess_data")
+    assert code == 1 and f"{alias} is a file, not a directory" in line
     assert os.listdir(tmp_path) == ["alias.jsonl"]
 
 
