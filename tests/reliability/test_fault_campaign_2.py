@@ -206,8 +206,8 @@ def test_scoring_never_overwrites_its_input_and_refuses_k_above_the_generations(
     with open(tmp_path / "scores.json") as f:
         counts = json.load(f)["counts"]
     out = capsys.readouterr().out
-    if counts["unparsed_generations"]:
-        assert f"{counts['unparsed_generations']} of {counts['generations']} generations hold no item" in out
+    assert counts["unparsed_generations"] == 64  # the real fixture holds 64 generations without an item
+    assert "64 of 3200 generations hold no item of scheme" in out  # on stdout, not only in the JSON
     assert dump.read_bytes() == before
 
 
@@ -334,3 +334,18 @@ def test_a_missing_weight_shard_is_named(tiny_hf_dirs, tmp_path, capsys):
     assert hf_to_mcore.main(["--hf-dir", str(src), "--out-dir", str(tmp_path / "mc"), "--no-tokenizer"]) == 1
     line = one_line(capsys.readouterr().err, "hf_to_mcore")
     assert f"{src}: 1 weight file(s) listed in its index are missing ({shard};" in line
+
+
+def test_damaged_model_json_and_a_checkpoint_path_that_is_a_file_are_named(tiny_mcore, tmp_path, capsys):
+    from megatron_onereason.tools import mcore_to_hf
+
+    damaged = tmp_path / "mc"
+    shutil.copytree(tiny_mcore, damaged)
+    (damaged / "onereason_model.json").write_text('{"qwen3": ')
+    assert mcore_to_hf.main(["--mcore-dir", str(damaged), "--out-dir", str(tmp_path / "hf")]) == 1
+    line = one_line(capsys.readouterr().err, "mcore_to_hf")
+    assert f"{damaged}/onereason_model.json: damaged (" in line and not os.path.exists(tmp_path / "hf")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    code, line = _train(capsys, "model.init_from=tiny", f"checkpoint.save={a_file}", "data.blend=[1.0, /nowhere]")
+    assert code == 1 and f"checkpoint.save={a_file}: is a file; it names a checkpoint directory" in line
