@@ -333,7 +333,7 @@ def test_a_missing_weight_shard_is_named(tiny_hf_dirs, tmp_path, capsys):
     os.remove(src / shard)
     assert hf_to_mcore.main(["--hf-dir", str(src), "--out-dir", str(tmp_path / "mc"), "--no-tokenizer"]) == 1
     line = one_line(capsys.readouterr().err, "hf_to_mcore")
-    assert f"{src}: 1 weight file(s) listed in its index are missing ({shard};" in line
+    assert f"{src}/model.safetensors.index.json: shard {shard} is listed but missing" in line
 
 
 def test_damaged_model_json_and_a_checkpoint_path_that_is_a_file_are_named(tiny_mcore, tmp_path, capsys):
