@@ -41,7 +41,8 @@ def main():
     start = time.time()
     make_hf_qwen3(cfg, dtype=torch.bfloat16).save_pretrained(hf)
     print(f"random {args.preset} HF checkpoint written in {time.time() - start:.0f}s", flush=True)
-    t1, r1 = timed_cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf, "--out-dir", mc, "--tp", args.tp)
+    t1, r1 = timed_cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf, "--out-dir", mc, "--tp", args.tp,
+                        "--no-tokenizer")
     t2, r2 = timed_cli("checkpoints_convert/mcore_to_hf.py", "--mcore-dir", mc, "--out-dir", back)
     gb = sum(os.path.getsize(os.path.join(hf, f)) for f in os.listdir(hf) if f.endswith(".safetensors")) / 1e9
     print("\n| preset | params | bf16 size | direction | wall s | peak RSS GiB |\n|---|---|---|---|---|---|")

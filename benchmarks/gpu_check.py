@@ -173,7 +173,7 @@ def step_logits(sizes: Sizes, work: str) -> Dict:
     cfg = dataclasses.replace(qwen3_preset(sizes.logits_preset), num_layers=sizes.logits_layers)
     hf_dir, mc_dir = os.path.join(work, "logits_hf"), os.path.join(work, "logits_mcore")
     make_hf_qwen3(cfg, seed=0).save_pretrained(hf_dir)
-    _cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", mc_dir, "--tp", "1")
+    _cli("checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf_dir, "--out-dir", mc_dir, "--tp", "1", "--no-tokenizer")
     initialize_distributed(1, 1)
     dev = _device()
     model, info = build_model_from_checkpoint(mc_dir, layer_spec="local", bf16=True, params_dtype=torch.bfloat16)

@@ -31,7 +31,8 @@ def make_inputs(work: str, preset: str, seq_length: int, max_tp: int) -> str:
     hf = os.path.join(work, "hf")
     make_hf_qwen3(cfg, dtype=torch.bfloat16).save_pretrained(hf)
     subprocess.run([sys.executable, "checkpoints_convert/hf_to_mcore.py", "--hf-dir", hf, "--out-dir",
-                    os.path.join(work, "mcore"), "--tp", str(max_tp)], cwd=REPO, check=True, capture_output=True)
+                    os.path.join(work, "mcore"), "--tp", str(max_tp), "--no-tokenizer"],
+                   cwd=REPO, check=True, capture_output=True)
     rng = np.random.default_rng(0)
     with IndexedPairWriter(os.path.join(work, "corpus")) as writer:
         for _ in range(512):

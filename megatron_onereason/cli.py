@@ -41,7 +41,8 @@ def report_error(prog: str, exc: BaseException) -> None:
     if rank != 0 and shared:
         return
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in message:
+    bare = message.startswith("[Errno")  # OSError's own wording: say the file first, like every other message
+    if isinstance(exc, OSError) and exc.filename and (bare or str(exc.filename) not in message):
         message = f"{exc.filename}: {exc.strerror or message}"
     where = "" if rank == 0 or shared else f"[rank {rank}] "
     kind = "config error" if isinstance(exc, ConfigError) else "error"
@@ -50,8 +51,22 @@ def report_error(prog: str, exc: BaseException) -> None:
         traceback.print_exception(exc)
 
 
+# How gloo / NCCL / TCPStore report that another process of the job went away: a consequence, never the cause.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "recvValue failed", "Socket Timeout", "failed to recv, got 0 bytes")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` only says that another rank of the job ended (whose own error is the one to report)."""
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_LOST)
+
+
 def run_cli(prog: str, action: Callable[[], Optional[int]]) -> int:
-    """Run ``action()``; user errors become one line and exit code 1 (2 for config errors)."""
+    """Run ``action()``; user errors become one line and exit code 1 (2 for config errors).
+
+    On any error, SIGTERM gets its default action back (the trainer turns it into an early-stop request), so a
+    launcher stopping the job after the first failure is obeyed at once; a rank that failed only because another
+    one ended first says so in a short line without ``error:``, leaving the first rank's error the one line."""
     from megatron_onereason.config import ConfigError
 
     try:
@@ -60,12 +75,30 @@ def run_cli(prog: str, action: Callable[[], Optional[int]]) -> int:
         print(f"{prog}: {e}; partial output removed", file=sys.stderr, flush=True)
         return EXIT_TERMINATED
     except ConfigError as e:
+        _default_sigterm()
         report_error(prog, e)
         return EXIT_CONFIG
     except USER_ERRORS as e:
+        _default_sigterm()
         report_error(prog, e)
         return EXIT_ERROR
+    except BaseException as e:
+        _default_sigterm()
+        if not peer_lost(e):
+            raise
+        from megatron_onereason.platform.distributed import detect_launch_env
+
+        print(f"{prog}: [rank {detect_launch_env().rank}] stopped: another process of the job ended first (its "
+              "error is the one to read)", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     return EXIT_OK if code is None else code
+
+
+def _default_sigterm() -> None:
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class Terminated(BaseException):

@@ -39,6 +39,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from megatron_onereason.checkpoint.mcore_io import MODEL_JSON
+from megatron_onereason.cli import run_cli
 from megatron_onereason.eval.benchmark import TASKS, RecInstance, load_benchmark, rec_instances, rec_messages
 from megatron_onereason.eval.rec_eval import (
     cot_measurement,
@@ -52,7 +53,6 @@ from megatron_onereason.eval.recif import (
     DEFAULT_KS,
     PID_STRATEGIES,
     RECIF_ANSWER_SEPARATOR,
-    RecifError,
     Sid2Pid,
     generated_sample,
     load_recif_task,
@@ -275,14 +275,36 @@ def run_recif(args: argparse.Namespace, model_dir: str, out_dir: str) -> Dict:
     return report
 
 
+SCORES_JSON = "scores.json"  # what --score-generations writes when --out is a directory
+
+
+def scores_path(out: str, source: str) -> str:
+    """Where ``--score-generations SOURCE --out OUT`` writes: inside OUT when it is a directory (or ends in /);
+    never over the dump it scores."""
+    path = os.path.join(out, SCORES_JSON) if os.path.isdir(out) or out.endswith(os.sep) else out
+    if os.path.exists(path) and os.path.samefile(path, source):
+        raise ValueError(f"--out {out} is the generation dump being scored ({source}): it would be replaced by its "
+                         "scores; give another file or a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"--out {out}: {parent} is not a directory (create it, or name a file in an existing "
+                                 "one)")
+    return path
+
+
 def _score_generations(args: argparse.Namespace) -> Dict:
+    out = scores_path(args.out, args.score_generations)
     sid2pid = Sid2Pid.load(args.sid2pid, args.sid2pid_strategy, args.seed) if args.sid2pid else None
     scheme = preset(args.scheme) if args.scheme else None
     report = score_generations(args.score_generations, args.k, sid2pid, scheme)
-    with atomic_file(args.out) as f:
+    with atomic_file(out) as f:
         json.dump(report, f, indent=1)
     means = ", ".join(f"{name} {value:.4f}" for name, value in report["mean"].items())
-    print(f"{report['counts']['samples']} samples from {args.score_generations}: {means} -> {args.out}")
+    counts = report["counts"]
+    print(f"{counts['samples']} samples from {args.score_generations}: {means} -> {out}")
+    if counts["unparsed_generations"] or counts["no_generations"]:
+        print(f"{counts['unparsed_generations']} of {counts['generations']} generations hold no item of scheme "
+              f"{report['scheme']} (scored as misses); {counts['no_generations']} samples have no generation")
     return report
 
 
@@ -307,12 +329,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """``main`` with bad input reported as one line on stderr (exit status 1) instead of a traceback."""
-    try:
+    def evaluate() -> None:
         main(argv)
-    except (RecifError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli("evaluate", evaluate)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 
 import yaml
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.config import ConfigError, load_config, to_dict
 from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.model.builder import ModelBuildConfig, check_parallel_layout
@@ -64,14 +65,18 @@ def main(argv=None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) first")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        if args.print_config:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False, width=120))
-        par = cfg.parallel
-        world = args.world_size or (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-                                    * par.context_parallel_size)
-        model, rows = _model(args.model, cfg, args.vocab_size, par.tensor_model_parallel_size)
+    return run_cli("plan", lambda: _plan(args))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False, width=120))
+    par = cfg.parallel
+    world = args.world_size or (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                                * par.context_parallel_size)
+    model, rows = _model(args.model, cfg, args.vocab_size, par.tensor_model_parallel_size)
+    try:  # a layout the model cannot take is a config error (exit 2)
         # the trainer's own checks at model build: heads, query groups, FFN and padded vocabulary by TP, layers by PP
         check_parallel_layout(model, ModelBuildConfig(
             tensor_model_parallel_size=par.tensor_model_parallel_size,
@@ -79,9 +84,8 @@ def main(argv=None) -> int:
             virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size, padded_vocab_size=rows))
         plan = plan_training(cfg, model, rows, world, PlannedKernels.named(args.kernels),
                              int(args.device_memory_gib * GIB), args.runtime_gib, args.doc_length)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"plan: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     f = plan.flops
     seconds = f.model / (world * args.peak_tflops * 1e12 * args.mfu)
     print(f"{args.config or 'config'}: {model.num_parameters() / 1e9:.2f}B parameters, padded vocabulary {rows}")

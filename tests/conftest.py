@@ -42,6 +42,17 @@ def tiny_hf_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_mcore(tiny_hf_dirs, tmp_path_factory):
+    """The tied tiny Qwen3 converted to a megatron checkpoint (1024 rows, no tokenizer), built once: copy it first
+    to change it."""
+    from megatron_onereason.tools import hf_to_mcore
+
+    out = str(tmp_path_factory.mktemp("tiny_mcore") / "mc")
+    assert hf_to_mcore.main(["--hf-dir", tiny_hf_dirs["tied"], "--out-dir", out, "--no-tokenizer"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tokenizers_3x32(tmp_path_factory):
     """Tiny Qwen3 HF dir ("base") and its itemic extension with 3 levels x 32 codes ("extended"), built once."""
     from megatron_onereason.tokenizer.itemic_tokens import preset

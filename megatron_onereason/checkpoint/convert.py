@@ -33,7 +33,7 @@ from megatron_onereason.checkpoint.mcore_io import (
     global_sharded_state_dict,
     iter_checkpoint_tensors,
 )
-from megatron_onereason.checkpoint.integrity import check_directory, write_manifest
+from megatron_onereason.checkpoint.integrity import SAVED_WITH_CHECKSUMS, check_directory, write_manifest
 from megatron_onereason.cli import raise_on_sigterm, run_cli
 from megatron_onereason.fileio import atomic_directory, is_no_space, no_space_message
 from megatron_onereason.metrics_log import RateLog
@@ -59,17 +59,41 @@ def finite(name: str, tensor: torch.Tensor, where: str) -> torch.Tensor:
     return tensor
 
 
+def _check_tokenizer_fits(hf_dir: str, vocab_size: int, require_tokenizer: bool) -> None:
+    """Refuse a model with fewer embedding rows than its tokenizer has ids (those tokens would index past the
+    table), and one without tokenizer files unless ``require_tokenizer`` is false (then said once)."""
+    from megatron_onereason.tokenizer.fingerprint import tokenizer_fingerprint
+
+    try:
+        fingerprint = tokenizer_fingerprint(hf_dir)
+    except FileNotFoundError:
+        if require_tokenizer:
+            raise FileNotFoundError(f"{hf_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json): the "
+                                    "checkpoint and its HF export would have none and its data could not be checked "
+                                    "against it. Copy the tokenizer in, or pass --no-tokenizer") from None
+        log.warning("%s has no tokenizer files: the checkpoint and its HF export will have none", hf_dir)
+        return
+    if fingerprint["max_id"] >= vocab_size:
+        raise ValueError(f"{hf_dir}: config.json vocab_size={vocab_size}, but its tokenizer has ids up to "
+                         f"{fingerprint['max_id']}: those tokens have no embedding row. Resize the embeddings to the "
+                         "tokenizer (tools/extend_vocab.py does it when adding itemic tokens) or use the tokenizer "
+                         "the model was trained with")
+
+
 def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, overwrite: bool = False,
-                        make_vocab_size_divisible_by: int = 128) -> CheckpointModelInfo:
+                        make_vocab_size_divisible_by: int = 128,
+                        require_tokenizer: bool = False) -> CheckpointModelInfo:
     """Write ``out_dir`` as a megatron checkpoint of the HF model in ``hf_dir``.
 
     ``tp`` fixes the vocab padding (a multiple of ``128 × tp``) and is validated against the heads, like ``pp``
     against the layers; the stored tensors are global, so the checkpoint loads at any TP dividing the padded
-    vocab and any PP dividing the layers. Every tensor is checked to be finite; the files get checksums.
+    vocab and any PP dividing the layers. Every tensor is checked to be finite; the files get checksums. A tokenizer
+    with ids past ``vocab_size`` is refused; none at all only with ``require_tokenizer`` (the CLI's default).
     """
     from megatron.core import dist_checkpointing
 
     cfg = Qwen3Config.from_hf_dir(hf_dir)
+    _check_tokenizer_fits(hf_dir, cfg.vocab_size, require_tokenizer)
     check_parallel_layout(cfg, ModelBuildConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     reader = HFCheckpointReader(hf_dir)
     reader.check_against(expected_hf_shapes(cfg))
@@ -97,6 +121,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, ove
             output_layer=None if cfg.tie_word_embeddings else get("lm_head.weight"),
             layers=layers(),
         )
+        sd[SAVED_WITH_CHECKSUMS] = True
         iter_dir = os.path.join(tmp, RELEASE)
         os.makedirs(iter_dir)
         log.info("hf_to_mcore: writing %s", out_dir)

@@ -20,6 +20,9 @@ from megatron_onereason.fileio import atomic_write_text
 log = logging.getLogger(__name__)
 
 MANIFEST = "onereason_checksums.json"
+# In the common state (common.pt) of every checkpoint saved with a manifest: its manifest missing is then damage, not
+# the mark of a checkpoint that predates checksums (which alone loads unverified).
+SAVED_WITH_CHECKSUMS = "saved_with_checksums"
 ALGORITHM = "sha256"
 _BLOCK = 16 << 20
 _THREADS = 4
@@ -111,11 +114,12 @@ def read_manifest(directory: str) -> Optional[Dict[str, Dict]]:
 
 
 def verify_directory(directory: str) -> Optional[List[str]]:
-    """Problems of ``directory`` against its manifest (``[]``: intact), identical on every rank; ``None`` when it
-    has no manifest (written before checksums existed, or by another tool). Collective when distributed."""
+    """Problems of ``directory`` against its manifest (``[]``: intact), identical on every rank; ``None`` only when
+    it has no manifest and its common state says it predates checksums (a missing manifest of a checkpoint saved
+    with one is damage). Collective when distributed."""
     manifest = read_manifest(directory)
     if manifest is None:
-        return None
+        return _manifest_lost(directory)
     rank, world = _world()
     problems: List[str] = []
     if MANIFEST in manifest:
@@ -142,6 +146,19 @@ def verify_directory(directory: str) -> Optional[List[str]]:
         problems += [f"{n}: not listed in {MANIFEST} (from another save?)" for n in sorted(present - set(manifest))
                      if n.endswith(".distcp")]
     return sorted(p for part in _all_gather(problems) for p in part)
+
+
+def _manifest_lost(directory: str) -> Optional[List[str]]:
+    """Why a directory without a manifest is damaged, or None when its common state says it predates checksums."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        saved_with = dist_checkpointing.load_common_state_dict(directory).get(SAVED_WITH_CHECKSUMS, False)
+    except Exception as e:  # noqa: BLE001 - any unreadable common state is damage, whatever torch.load raises
+        return [f"{MANIFEST}: missing, and the common state is unreadable ({type(e).__name__}: {e})"]
+    if saved_with:
+        return [f"{MANIFEST}: missing (this checkpoint was saved with checksums: it was deleted)"]
+    return None
 
 
 def damaged_message(directory: str, problems: Sequence[str]) -> str:

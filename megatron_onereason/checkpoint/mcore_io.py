@@ -52,9 +52,14 @@ class CheckpointModelInfo:
         path = os.path.join(ckpt_root, MODEL_JSON)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: not a megatron_onereason checkpoint (no {MODEL_JSON})")
-        with open(path) as f:
-            d = json.load(f)
-        return cls(Qwen3Config.from_dict(d["qwen3"]), int(d["padded_vocab_size"]))
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            return cls(Qwen3Config.from_dict(d["qwen3"]), int(d["padded_vocab_size"]))
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path}: damaged ({what}); it is written with the checkpoint: copy it from the "
+                             "checkpoint's source, or convert again") from None
 
 
 def iteration_dir_name(iteration: int) -> str:

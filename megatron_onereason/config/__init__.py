@@ -104,19 +104,42 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """``["optim.lr=1e-4", "data.blend=[1.0, /d/a]"]`` → nested updates; values are parsed as YAML."""
+def _check_override(cls: Optional[type], keys: Sequence[str], value: Any, item: str) -> None:
+    """Errors of an override blamed on the override: an unknown name (with the known ones) or a value of the wrong
+    type for its field (values that are sections are checked when the config is built)."""
+    for depth, k in enumerate(keys):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return
+        names = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        if k not in names:
+            section = ".".join(keys[:depth]) or "the top level"
+            raise ConfigError(f"override {item!r}: no {k!r} in {section} (known: {names})")
+        cls = typing.get_type_hints(cls)[k]
+    if not (dataclasses.is_dataclass(cls) and isinstance(value, dict)):
+        _coerce(value, cls, f"override {item!r}")
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str], cls: Optional[type] = None) -> Dict[str, Any]:
+    """``["optim.lr=1e-4", "data.blend=[1.0, /d/a]"]`` → nested updates; values are parsed as YAML. With ``cls``
+    (the config dataclass) names and value types are checked here, so their errors name the override."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key.path=value")
         path, raw = item.split("=", 1)
-        node = data
         keys = path.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it if it is a "
+                              "string") from None
+        _check_override(cls, keys, value, item)
+        node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = value
     return data
 
 
@@ -152,4 +175,4 @@ def read_yaml_config(path: str, _chain: Sequence[str] = ()) -> Dict[str, Any]:
 
 def load_config(cls: Type[T], path: Optional[str] = None, overrides: Sequence[str] = ()) -> T:
     data = read_yaml_config(path) if path is not None else {}
-    return from_dict(cls, apply_overrides(data, overrides), where=path or "config")
+    return from_dict(cls, apply_overrides(data, overrides, cls), where=path or "config")

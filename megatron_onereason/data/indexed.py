@@ -41,12 +41,23 @@ def stats_path(prefix: str) -> str:
 
 
 FILES_KEY = "files"  # in P_stats.json: the data files' sizes at commit
+MAX_TOKEN_ID_KEY = "max_token_id"  # in P_stats.json: the largest token id of the data
 
 
 def _final_paths(prefix: str) -> Tuple[str, ...]:
     """The four data files in the order they are renamed into place (indexes last: a reader needs both)."""
     t, m = tokens_prefix(prefix), lossmask_prefix(prefix)
     return t + ".bin", m + ".bin", t + ".idx", m + ".idx"
+
+
+def _parents(directory: str):
+    """``directory`` and each directory above it."""
+    while True:
+        yield directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
 
 
 class IndexedPairWriter:
@@ -59,6 +70,9 @@ class IndexedPairWriter:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         directory = os.path.dirname(os.path.abspath(prefix))
+        blocking = next((d for d in _parents(directory) if os.path.exists(d) and not os.path.isdir(d)), None)
+        if blocking:
+            raise NotADirectoryError(f"output prefix {prefix}: {blocking} is a file, not a directory")
         os.makedirs(directory, exist_ok=True)
         paths = _final_paths(prefix) + (stats_path(prefix),)
         for path in paths:  # temporary files of killed earlier runs
@@ -68,6 +82,7 @@ class IndexedPairWriter:
         self._tokens = IndexedDatasetBuilder(self._tmp[t + ".bin"], dtype=TOKEN_DTYPE)
         self._lossmask = IndexedDatasetBuilder(self._tmp[m + ".bin"], dtype=LOSSMASK_DTYPE)
         self.documents = self.tokens = self.loss_tokens = 0
+        self.max_token_id = -1  # recorded: the trainer refuses data with ids its model has no row for
         self._closed = False
 
     def add(self, tokens: np.ndarray, lossmask: np.ndarray) -> None:
@@ -86,6 +101,7 @@ class IndexedPairWriter:
         self.documents += 1
         self.tokens += int(tokens.size)
         self.loss_tokens += int(lossmask.sum())
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
 
     def commit(self, stats: Optional[Dict] = None) -> None:
         """Finish the index files, write ``P_stats.json`` (document, token and loss-token counts plus ``stats``),
@@ -108,7 +124,8 @@ class IndexedPairWriter:
         sizes = {os.path.basename(p): os.path.getsize(self._tmp[p]) for p in data}
         with open(self._tmp[stats_path(self.prefix)], "w") as f:
             json.dump({"documents": self.documents, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
-                       **(stats or {}), FILES_KEY: sizes}, f, indent=2, sort_keys=True)
+                       MAX_TOKEN_ID_KEY: self.max_token_id, **(stats or {}), FILES_KEY: sizes}, f, indent=2,
+                      sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
         if os.path.exists(stats_path(self.prefix)):

@@ -10,7 +10,9 @@ run asynchronously.
 """
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 from typing import Dict, Iterator, List
 
 import torch
@@ -40,10 +42,22 @@ class PackSampler(torch.utils.data.Sampler):
             consumed += self.global_batch_size
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    # SLURM's pre-emption SIGTERM reaches the workers too: they must outlive it while the trainer saves (they stop
-    # with their parent), or the trainer dies of "DataLoader worker killed" instead of exiting cleanly.
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere a no-op): a killed or crashed
+    trainer leaves no orphaned worker behind holding its files and terminal open."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _worker_init(_worker_id: int) -> None:
+    # SLURM's pre-emption SIGTERM reaches the workers too: they must outlive it while the trainer saves, or the
+    # trainer dies of "DataLoader worker killed" instead of exiting cleanly. They end when the trainer closes the
+    # loader (TrainingPacks.close, also on errors) or, if it is killed, with it (parent-death signal).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
 
 
 def make_pack_loader(dataset: PackedDataset, sampler: PackSampler, num_workers: int = 2,
@@ -52,7 +66,7 @@ def make_pack_loader(dataset: PackedDataset, sampler: PackSampler, num_workers: 
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigterm)
+        pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init)
 
 
 class TrainingPacks:
@@ -66,3 +80,10 @@ class TrainingPacks:
 
     def next_global_batch(self) -> List[Dict]:
         return [next(self._packs) for _ in range(self.sampler.per_rank)]
+
+    def close(self) -> None:
+        """Stop the workers now. Needed on every way out: they ignore SIGTERM, and Python's exit would otherwise
+        SIGTERM and then wait for them forever (the hang after an error in the trainer)."""
+        shutdown = getattr(self._packs, "_shutdown_workers", None)  # absent with num_workers=0
+        if shutdown is not None:
+            shutdown()

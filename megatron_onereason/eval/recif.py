@@ -416,6 +416,10 @@ def score_samples(samples: Sequence[StoredSample], scheme: ItemicScheme, ks: Seq
                 pids = [p if p > 0 else None for p in s.pid_generations]
             row.update(sample_metrics(pids, pid_targets, ks, prefix="pid_"))
         per_sample.append(row)
+    most = max(len(s.generations) for s in samples)
+    if max(ks) > most:
+        raise RecifError(f"{source}: K={max(ks)} is above the {most} generations a sample has at most: Pass@{max(ks)} "
+                         f"would be Pass@{most} under another name; use K values <= {most} (--k)")
     metric_names = [k for k in per_sample[0] if k != "id"]
     mean = {name: sum(r[name] for r in per_sample) / len(per_sample) for name in metric_names}
     return {"k": list(ks), "pid_source": None if not with_pids else ("sid2pid" if sid2pid else "pid_generations"),

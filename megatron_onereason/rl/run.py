@@ -9,15 +9,55 @@ validates every input, without starting Ray (megatron_onereason/rl/dry_run.py).
 """
 import argparse
 import logging
+import os
+import socket
 import sys
+from urllib.parse import urlsplit
 
 import yaml
 
-from megatron_onereason.cli import run_cli
-from megatron_onereason.config import load_config, to_dict
+from megatron_onereason.cli import UserError, run_cli
+from megatron_onereason.config import ConfigError, load_config, to_dict
 from megatron_onereason.extras import import_optional
 from megatron_onereason.help_text import DocHelpFormatter, config_epilog
 from megatron_onereason.rl.config import RLConfig
+from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """``ray.address=host:port`` (or ``ray://host:port``) must answer within ``timeout``: ``ray.init`` waits for
+    ever on a port where nothing listens. ``auto`` is left to Ray (it reads the address of a cluster started here)."""
+    if address == "auto":
+        return
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ConfigError(f"ray.address={address}: expected auto, host:port or ray://host:port")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"ray.address={address}: nothing answers at {host}:{port} within {timeout:.0f}s "
+                        f"({e.strerror or e}); start the cluster there (ray start --head --port {port}) or fix the "
+                        "address (unset: a local cluster for this run)") from None
+
+
+def check_startup(cfg: RLConfig) -> None:
+    """What can be checked before Ray and the engines start, each a one-line error naming the setting."""
+    if cfg.data.prompts_per_step < 1:
+        raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step}: must be >= 1 (prompts sampled per "
+                          "RL step)")
+    json_path = os.path.join(cfg.rollout.model_dir, ITEMIC_JSON)
+    if os.path.isdir(cfg.rollout.model_dir) and not os.path.exists(json_path):
+        raise UserError(f"rollout.model_dir={cfg.rollout.model_dir}: no {ITEMIC_JSON} (the itemic vocabulary the "
+                        "rewards parse items with); export the model with checkpoints_convert/mcore_to_hf.py, which "
+                        "carries it, or describe its tokens with tools/import_itemic_vocab.py")
+    if cfg.ray.address:
+        check_ray_address(cfg.ray.address)
 
 
 def main(argv=None) -> int:
@@ -41,6 +81,7 @@ def main(argv=None) -> int:
 
         return dry_run(cfg, args.gpus_per_node, args.device_memory_gib)
     import_optional("ray", "rl", "the RL engine")
+    check_startup(cfg)
     from megatron_onereason.rl.engine import RLEngine
 
     engine = RLEngine(cfg)  # checks model directories, catalog and lineage first: one line (exit 1)

@@ -19,13 +19,15 @@ def main(argv=None) -> int:
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="vocab rows are padded to a multiple of this times --tp (Megatron-LM's default 128)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out-dir")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="convert a model directory without tokenizer files (the checkpoint and its export get none)")
     p.add_argument("--verify", action="store_true", help="compare HF and megatron logits (fp32, max |Δ| <= 1e-4)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     def convert():
         convert_hf_to_mcore(args.hf_dir, args.out_dir, args.tp, args.pp, args.overwrite,
-                            args.make_vocab_size_divisible_by)
+                            args.make_vocab_size_divisible_by, require_tokenizer=not args.no_tokenizer)
         if args.verify:
             verify_logits(args.hf_dir, args.out_dir)
 

@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from megatron_onereason.cli import run_cli
 from megatron_onereason.config import ConfigError, load_config
 from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.training.config import TrainConfig
@@ -23,7 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", help="the trainer's YAML config")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
-    try:
+
+    def plan() -> None:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         if not cfg.data.blend:
             raise ConfigError("data.blend is empty: give [weight, prefix, ...] of tools/preprocess_data.py outputs")
@@ -34,13 +36,11 @@ def main(argv=None) -> int:
         start = time.time()
         directory, built = cached_plans(open_sources(blend), blend, packing,
                                         cfg.data.plan_cache or default_plan_cache(blend))
-    except (ConfigError, OSError, ValueError) as e:
-        print(f"plan_packs: {e}", file=sys.stderr)
-        return 2
-    blended, packs = load_plans(directory)
-    print(json.dumps({"plan": directory, "built": built, "seconds": round(time.time() - start, 1),
-                      "blend": blended.stats(), "packing": packs.stats.to_dict()}, indent=1))
-    return 0
+        blended, packs = load_plans(directory)
+        print(json.dumps({"plan": directory, "built": built, "seconds": round(time.time() - start, 1),
+                          "blend": blended.stats(), "packing": packs.stats.to_dict()}, indent=1))
+
+    return run_cli("plan_packs", plan)
 
 
 if __name__ == "__main__":

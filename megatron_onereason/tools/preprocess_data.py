@@ -30,11 +30,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from megatron_onereason.cli import EXIT_TERMINATED, Terminated, raise_on_sigterm
+from megatron_onereason.cli import UserError, raise_on_sigterm, run_cli
 from megatron_onereason.data.formats import INPUT_FORMATS, FormatConfig, SampleEncoder, SampleError, iter_input, \
     open_parquet, parse_json_line, parse_sample, record_columns
 from megatron_onereason.fileio import is_no_space, no_space_message
 from megatron_onereason.help_text import DocHelpFormatter
+from megatron_onereason.tokenizer.fingerprint import FINGERPRINT_KEY, tokenizer_fingerprint
 
 BATCH_SAMPLES = 256  # samples per worker task: large enough to amortise pickling, small enough to stream
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory on huge inputs
@@ -193,15 +194,21 @@ def preprocess(
     """Run the preprocessing; returns the statistics also written to ``P_stats.json``."""
     from megatron_onereason.data.indexed import IndexedPairWriter  # imports megatron (~5 s): only the writer needs it
 
+    seen: Dict[str, str] = {}
     for path in inputs:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: input file not found")
+        same = seen.setdefault(os.path.realpath(path), path)
+        if same is not path:
+            raise InputError(f"--input names {path} twice{'' if same == path else f' (also as {same})'}: every "
+                             "sample would be written twice; give each file once")
         if path.endswith(".parquet"):
             open_parquet(path)  # a broken file is named before any output or progress bar
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     global _ENCODER
     _ENCODER = SampleEncoder(tokenizer_dir, config)  # load (and validate) the tokenizer once, before any output
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)  # recorded: the trainer refuses data of another tokenizer
     stats = CorpusStats()
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -232,7 +239,7 @@ def preprocess(
         out.update(inputs=list(inputs), tokenizer=tokenizer_dir, output_prefix=output_prefix, workers=workers,
                    append_eod=config.append_eod, input_format=config.input_format, json_keys=list(config.json_keys),
                    soft_switch=config.soft_switch, elapsed_s=round(elapsed, 3),
-                   tokens_per_s=round(stats.tokens / elapsed, 1))
+                   tokens_per_s=round(stats.tokens / elapsed, 1), **{FINGERPRINT_KEY: fingerprint})
         writer.commit(out)
     return out
 
@@ -258,26 +265,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                    "turn (OpenOneRec's qwen3_soft_switch)")
     args = parser.parse_args(argv)
     raise_on_sigterm()  # a killed run removes its temporary files on the way out
-    try:
+
+    def run() -> None:
         config = FormatConfig(append_eod=not args.no_append_eod, input_format=args.input_format,
                               json_keys=tuple(args.json_keys), soft_switch=args.soft_switch)
-        stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.skip_invalid, config)
-    except (InputError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Terminated as e:
-        print(f"error: {e}; nothing was left at the output prefix", file=sys.stderr)
-        return EXIT_TERMINATED
-    except OSError as e:
-        if not is_no_space(e):
-            raise
-        print(f"error: {no_space_message(args.output_prefix, 'the preprocessed data')}; nothing was left at "
-              "the output prefix", file=sys.stderr)
-        return 1
-    print(f"{stats['samples']} samples, {stats['tokens']} tokens ({stats['loss_tokens']} with loss, "
-          f"{stats['itemic_tokens']} itemic), {stats['skipped']['total']} skipped, "
-          f"{stats['tokens_per_s']:.0f} tokens/s -> {args.output_prefix}_{{tokens,lossmask}}.{{bin,idx}}")
-    return 0
+        try:
+            stats = preprocess(args.input, args.tokenizer, args.output_prefix, args.workers, args.skip_invalid,
+                               config)
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            raise UserError(f"{no_space_message(args.output_prefix, 'the preprocessed data')}; nothing was left at "
+                            "the output prefix") from None
+        print(f"{stats['samples']} samples, {stats['tokens']} tokens ({stats['loss_tokens']} with loss, "
+              f"{stats['itemic_tokens']} itemic), {stats['skipped']['total']} skipped, "
+              f"{stats['tokens_per_s']:.0f} tokens/s -> {args.output_prefix}_{{tokens,lossmask}}.{{bin,idx}}")
+
+    return run_cli("preprocess_data", run)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megatron_onereason.fileio import atomic_file
 from megatron_onereason.help_text import DocHelpFormatter
 
 # the checkout this module lies in (megatron_onereason/tools/ -> repository root): the default ablation configs
@@ -118,22 +119,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", help="section.field=value, applied to every variant")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from megatron_onereason.config import ConfigError
+    from megatron_onereason.cli import run_cli
 
-    try:
+    def ablate() -> None:
         configs = variant_configs([v.strip() for v in args.variants.split(",") if v.strip()], args.configs,
                                   args.overrides, args.steps, args.seed)
-    except (ConfigError, ValueError) as e:
-        print(f"run_ablations: {e}", file=sys.stderr)
-        return 2
-    rows = run_variants(configs, args.window, args.share_engine)
-    print(f"\nGRPO ablations: {args.steps} steps, seed {args.seed}; reward/hit/clip/invalid: mean of the last "
-          f"{args.window} steps")
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+        rows = run_variants(configs, args.window, args.share_engine)
+        print(f"\nGRPO ablations: {args.steps} steps, seed {args.seed}; reward/hit/clip/invalid: mean of the last "
+              f"{args.window} steps")
+        print(format_table(rows))
+        if args.json:
+            with atomic_file(args.json) as f:
+                json.dump(rows, f, indent=1)
+
+    return run_cli("run_ablations", ablate)
 
 
 if __name__ == "__main__":

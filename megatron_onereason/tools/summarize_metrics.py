@@ -5,6 +5,9 @@
 import argparse
 import json
 import sys
+from typing import Dict, List, Sequence, Tuple
+
+from megatron_onereason.cli import run_cli
 
 from megatron_onereason.help_text import DocHelpFormatter
 
@@ -46,17 +49,32 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", metavar="NAME=PATH",
                    help="a run's name and its metrics JSONL (logging.metrics_jsonl / metrics_jsonl of an RL run)")
     args = p.parse_args(argv)
-    runs = []
+    named = []
     for item in args.runs:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             p.error(f"{item!r} is not NAME=PATH")
-        try:
-            with open(path) as f:
-                runs.append((name, [json.loads(line) for line in f if line.strip()]))
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"summarize_metrics: {path}: {e}", file=sys.stderr)
-            return 1
+        named.append((name, path))
+    return run_cli("summarize_metrics", lambda: summarize(named))
+
+
+def _read_rows(path: str) -> List[Dict]:
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not a JSON line ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: no metrics rows (did the run log any step? logging.metrics_jsonl / metrics_jsonl)")
+    return rows
+
+
+def summarize(named: Sequence[Tuple[str, str]]) -> None:
+    """Print the tables of the runs ``(name, metrics JSONL path)``."""
+    runs = [(name, _read_rows(path)) for name, path in named]
     train = [(n, rows) for n, rows in runs if rows and "loss" in rows[-1]]
     rl = [(n, rows) for n, rows in runs if rows and "loss" not in rows[-1]]
     if train:
@@ -72,7 +90,6 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|")
         for name, rows in rl:
             print(_rl_row(name, rows))
-    return 0
 
 
 if __name__ == "__main__":

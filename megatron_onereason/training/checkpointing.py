@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from megatron_onereason.checkpoint.integrity import (
+    SAVED_WITH_CHECKSUMS,
     damaged_message,
     has_manifest,
     read_manifest,
@@ -249,6 +250,7 @@ def save_checkpoint(save_root: str, iteration: int, model_chunks: List[torch.nn.
     state["adam_step"] = _adam_step(optimizer)
     state["rng_state"] = _rng_sharded_object()
     state.update(common or {})
+    state[SAVED_WITH_CHECKSUMS] = True
     try:
         dist_checkpointing.save(state, iter_dir)
     except BaseException as e:  # torch's CheckpointException is a BaseException
@@ -356,7 +358,7 @@ def select_resume_iteration(root: str, fallback: bool = False) -> str:
         return iter_dir
     problems = verify_directory(iter_dir)
     if problems is None:
-        log.warning("%s has no checksums (saved by an older version): not verified", iter_dir)
+        log.warning("%s predates checksums (saved by an older version): not verified", iter_dir)
     if not problems:
         _VERIFIED.add(iter_dir)
         return iter_dir

@@ -38,6 +38,9 @@ class ModelSection:
     load: Optional[str] = None
     init_from: Optional[str] = None
     itemic_vocab: Optional[str] = None  # dir with itemic_tokens.json; default: the checkpoint's hf/ assets
+    # Data and itemic vocabularies must have been made with the model's tokenizer (their recorded fingerprint is
+    # compared with the checkpoint's hf/ tokenizer); true accepts another one whose ids mean the same tokens.
+    allow_other_tokenizer: bool = False
     layer_spec: Literal["auto", "te", "local"] = "auto"
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     # Every fused kernel the machine has (model/builder.py: fused_kernel_flags); false: unfused torch ops.
@@ -108,6 +111,7 @@ class DataSection:
     def __post_init__(self):
         _at_least(self, 2, "seq_length")
         _at_least(self, 1, "max_sample_length", "total_tokens")
+        _at_least(self, 0, "seed", "num_workers")  # numpy's generators take non-negative seeds only
         _require(self.max_sample_length is None or self.max_sample_length <= self.seq_length,
                  f"max_sample_length={self.max_sample_length} is larger than seq_length={self.seq_length} (a sample "
                  "is cut to max_sample_length, then packed into seq_length-token packs)")
@@ -135,6 +139,7 @@ class TrainSection:
 
     def __post_init__(self):
         _at_least(self, 1, "iters", "global_batch_size", "exit_at_iteration")
+        _at_least(self, 0, "seed")
         _at_least(self, 0, "max_nonfinite_skips")
         _require(self.exit_after_minutes is None or self.exit_after_minutes > 0,
                  f"exit_after_minutes={self.exit_after_minutes} must be > 0")
@@ -196,9 +201,13 @@ class TrainConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
+# Settings that decide which packs the restored data position points at: changing one on resume reshuffles or
+# re-packs the data, so the position is meaningless (with the override the data starts again from its beginning).
+DATA_ORDER = ("data.blend", "data.seed", "data.seq_length", "data.max_sample_length", "data.overlong_policy",
+              "data.total_tokens")
 # Settings a resumed run must share with its checkpoint (or override explicitly): they define the optimizer, the
-# LR/WD schedule and what an iteration is. Layout, logging and paths may change freely.
-RESUME_CHECKED = ("optim.", "train.iters", "train.global_batch_size", "train.trainable")
+# LR/WD schedule, what an iteration is and the data order. Layout, logging, paths and data workers may change freely.
+RESUME_CHECKED = ("optim.", "train.iters", "train.global_batch_size", "train.trainable") + DATA_ORDER
 # Not part of what a run trains (fingerprint): where it writes, how it logs, when this process stops.
 _NOT_FINGERPRINTED = ("checkpoint.", "logging.", "train.exit_at_iteration", "train.exit_after_minutes")
 

@@ -12,6 +12,13 @@ import torch
 from megatron_onereason.checkpoint.mcore_io import HF_ASSETS, CheckpointModelInfo
 from megatron_onereason.model.builder import FP8Config, ModelBuildConfig, build_qwen3_model
 from megatron_onereason.model.qwen3_config import load_qwen3_config, padded_vocab_size
+from megatron_onereason.data.indexed import MAX_TOKEN_ID_KEY
+from megatron_onereason.tokenizer.fingerprint import (
+    FINGERPRINT_KEY,
+    describe,
+    fingerprint_differences,
+    tokenizer_fingerprint,
+)
 from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON, ItemicVocab
 from megatron_onereason.training import checkpointing
 from megatron_onereason.training.config import (
@@ -223,6 +230,52 @@ def setup_training_data(data: DataSection, global_batch_size: int, consumed_samp
 
 
 # ------------------------------------------------------------------------------------------- input validation
+@dataclass
+class ModelTokenizer:
+    """The tokenizer a run's model was made with (its checkpoint's ``hf/`` files), to check inputs against."""
+
+    where: str  # the config field naming the model, with its value
+    vocab_size: int  # tokens of the model's vocabulary (before padding)
+    assets: Optional[str]  # the model's tokenizer directory, when it has one
+    allow_other: bool
+    _fingerprint: Optional[dict] = None
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", resuming: bool) -> "ModelTokenizer":
+        root, name = (cfg.checkpoint.load, "checkpoint.load") if resuming else (cfg.model.load, "model.load")
+        if root:
+            vocab, assets = CheckpointModelInfo.load(root).config.vocab_size, os.path.join(root, HF_ASSETS)
+        else:
+            name, root = "model.init_from", cfg.model.init_from
+            vocab, assets = load_qwen3_config(root).vocab_size, root if os.path.isdir(root) else None
+        has_tokenizer = assets is not None and any(
+            os.path.exists(os.path.join(assets, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        return cls(f"{name}={root}", vocab, assets if has_tokenizer else None, cfg.model.allow_other_tokenizer)
+
+    @property
+    def fingerprint(self) -> Optional[dict]:
+        if self._fingerprint is None and self.assets is not None:
+            self._fingerprint = tokenizer_fingerprint(self.assets)
+        return self._fingerprint
+
+    def check(self, field_name: str, value: str, theirs: dict, remedy: str, made_by: Optional[str] = None) -> None:
+        """Refuse ``value`` (made with the tokenizer of fingerprint ``theirs``) unless it is the model's tokenizer
+        or ``model.allow_other_tokenizer`` is set."""
+        from megatron_onereason.cli import UserError
+
+        ours = self.fingerprint
+        if ours is None or not fingerprint_differences(ours, theirs):
+            return
+        if self.allow_other:
+            log.warning("%s=%s was made with another tokenizer (%s) than the model's (%s): used anyway "
+                        "(model.allow_other_tokenizer)", field_name, value, describe(theirs), describe(ours))
+            return
+        source = f" ({made_by})" if made_by else ""
+        raise UserError(f"{field_name}={value}: made with the tokenizer{source} of {describe(theirs)}, but the model "
+                        f"({self.where}) has {describe(ours)}: {remedy}; or set model.allow_other_tokenizer=true if "
+                        "the ids mean the same tokens")
+
+
 def check_training_inputs(cfg: "TrainConfig") -> None:
     """Check every path the config names before anything is built: one ``UserError`` naming the field.
 
@@ -237,6 +290,9 @@ def check_training_inputs(cfg: "TrainConfig") -> None:
         raise UserError(f"{field}={value}: {problem}")
 
     c = cfg.checkpoint
+    for field_name, path in (("checkpoint.save", c.save), ("checkpoint.load", c.load)):
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            fail(field_name, path, "is a file; it names a checkpoint directory")
     resuming = checkpointing.has_checkpoint(c.load)
     if c.load and not resuming and os.path.abspath(c.load) != os.path.abspath(c.save or "") \
             and os.path.exists(c.load):
@@ -262,6 +318,10 @@ def check_training_inputs(cfg: "TrainConfig") -> None:
                             "or checkpoint.load (a checkpoint to resume)")
     if cfg.model.itemic_vocab and not os.path.exists(os.path.join(cfg.model.itemic_vocab, ITEMIC_JSON)):
         fail("model.itemic_vocab", cfg.model.itemic_vocab, f"no {ITEMIC_JSON} there")
+    tokenizer = ModelTokenizer.of(cfg, resuming)
+    if cfg.model.itemic_vocab:
+        tokenizer.check("model.itemic_vocab", cfg.model.itemic_vocab, tokenizer_fingerprint(cfg.model.itemic_vocab),
+                        f"point model.itemic_vocab at {tokenizer.assets or 'the tokenizer the model was made with'}")
     if not cfg.data.blend:
         raise UserError("data.blend is empty: give [weight, prefix, ...] of tools/preprocess_data.py outputs")
     try:
@@ -276,6 +336,15 @@ def check_training_inputs(cfg: "TrainConfig") -> None:
             stats = check_prefix(component.prefix)
         except (FileNotFoundError, ValueError) as e:
             fail(f"data.blend[{2 * i + 1}]", component.prefix, str(e).split(": ", 1)[-1])
+        field_name = f"data.blend[{2 * i + 1}]"
+        max_id = stats.get(MAX_TOKEN_ID_KEY)
+        if max_id is not None and max_id >= tokenizer.vocab_size:
+            fail(field_name, component.prefix, f"holds token ids up to {max_id}, but the model ({tokenizer.where}) has "
+                 f"{tokenizer.vocab_size} tokens: the data was made with another tokenizer; preprocess it again with "
+                 f"--tokenizer {tokenizer.assets or 'the tokenizer of the model'}")
+        if stats.get(FINGERPRINT_KEY):
+            tokenizer.check(field_name, component.prefix, stats[FINGERPRINT_KEY],
+                            f"preprocess it again with --tokenizer {tokenizer.assets}", made_by=stats.get("tokenizer"))
         loss_tokens.append(stats.get("loss_tokens"))
         if stats.get("loss_tokens") == 0:
             log.warning("data.blend[%d]=%s: no loss tokens (every token is loss-masked): it adds no training "

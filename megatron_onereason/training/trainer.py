@@ -26,7 +26,13 @@ from megatron_onereason.metrics_log import MetricsLogger, format_eta
 from megatron_onereason.model.forward import pack_to_device
 from megatron_onereason.training import checkpointing
 from megatron_onereason.training.checkpointing import NonFiniteError
-from megatron_onereason.training.config import TrainConfig, config_fingerprint, config_yaml, resume_differences
+from megatron_onereason.training.config import (
+    DATA_ORDER,
+    TrainConfig,
+    config_fingerprint,
+    config_yaml,
+    resume_differences,
+)
 from megatron_onereason.training.flops import default_peak_tflops, training_flops
 from megatron_onereason.training.loss import breakdown_metrics, loss_breakdown
 from megatron_onereason.training.memory_plan import check_run_fits
@@ -128,22 +134,27 @@ def run_training(cfg: TrainConfig) -> TrainingResult:
     return result
 
 
-def _check_resume_settings(cfg: TrainConfig, iter_dir: str) -> None:
-    """Refuse a resume whose optimizer / schedule / iteration settings differ from the checkpoint's, unless
-    ``checkpoint.override_changed_settings`` (then the new values are used and listed)."""
+def _check_resume_settings(cfg: TrainConfig, iter_dir: str) -> bool:
+    """Refuse a resume whose optimizer / schedule / iteration / data-order settings differ from the checkpoint's,
+    unless ``checkpoint.override_changed_settings`` (then the new values are used and listed). Returns whether the
+    data order changed (then the saved data position means nothing and the data starts from its beginning)."""
     saved = checkpointing.saved_config(iter_dir)
     if saved is None:
         log.warning("%s holds no config.yaml (saved by an older version): settings not compared", iter_dir)
-        return
+        return False
     diffs = resume_differences(saved, to_dict(cfg))
     if not diffs:
-        return
+        return False
     listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in diffs)
     if not cfg.checkpoint.override_changed_settings:
         raise UserError(f"resuming {iter_dir} with changed settings: {listed}. Resume with the checkpoint's values, "
                         "or set checkpoint.override_changed_settings=true to continue with the new ones")
+    data_changed = any(k.startswith(DATA_ORDER) for k, _, _ in diffs)
     if torch.distributed.get_rank() == 0:
-        log.warning("checkpoint.override_changed_settings: continuing %s with the new values: %s", iter_dir, listed)
+        log.warning("checkpoint.override_changed_settings: continuing %s with the new values: %s%s", iter_dir, listed,
+                    "; the data order changed, so the data starts again from its first pack (the saved position "
+                    "indexes the old order)" if data_changed else "")
+    return data_changed
 
 
 def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Optional[RunDirectory]) -> TrainingResult:
@@ -155,29 +166,30 @@ def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Opti
     logging_rank = rank == world - 1  # in the last pipeline stage, where the losses are
     check_run_fits(cfg, world, rank)  # the memory planner refuses a layout that cannot fit (train.memory_check)
     skips = 0  # non-finite steps skipped over the whole run (train.nonfinite=skip)
+    fresh_data = False  # the data order changed on resume (overridden): the data position restarts at 0
     if checkpointing.has_checkpoint(cfg.checkpoint.load):
         iter_dir = checkpointing.select_resume_iteration(cfg.checkpoint.load, cfg.checkpoint.fallback_to_previous)
         if os.path.basename(iter_dir) != RELEASE:
-            _check_resume_settings(cfg, iter_dir)
+            fresh_data = _check_resume_settings(cfg, iter_dir)
             skips = int(checkpointing.saved_common(iter_dir).get("nonfinite_skips", 0))
 
     state = setup_model_and_optimizer(cfg.model, p, cfg.precision, cfg.optim, cfg.train.trainable, cfg.train.iters,
                                       resume_from=cfg.checkpoint.load)
     chunks, model, optimizer, scheduler = state.chunks, state.model, state.optimizer, state.scheduler
     info, itemic, row_params = state.info, state.itemic, state.row_params
-    iteration, consumed = state.iteration, state.consumed_samples
+    iteration, consumed = state.iteration, 0 if fresh_data else state.consumed_samples
     apply_optimizer_settings(optimizer, cfg.optim)  # betas / eps of a resumed optimizer follow the config too
     if run_dir is not None and iteration < cfg.train.iters:
         run_dir.clear_complete()
 
-    data = setup_training_data(cfg.data, cfg.train.global_batch_size, consumed, PAD_TOKEN_ID)
+    peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
+    logger = MetricsLogger(cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl, enabled=logging_rank,
+                           wandb=cfg.logging.wandb(run_id, to_dict(cfg)))
+    data = setup_training_data(cfg.data, cfg.train.global_batch_size, consumed, PAD_TOKEN_ID)  # its workers: close
     dataset = data.dataset
     install_grad_hooks(state, p)
     forward_step = partial(_forward_step, itemic.id_ranges if itemic else [], len(dataset.source_names))
     forward_backward = get_forward_backward_func()
-    peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
-    logger = MetricsLogger(cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl, enabled=logging_rank,
-                           wandb=cfg.logging.wandb(run_id, to_dict(cfg)))
     stop = _StopFlag(cfg.train.exit_after_minutes)
     history: List[Dict[str, float]] = []
     gbs = cfg.train.global_batch_size
@@ -289,6 +301,7 @@ def _train(cfg: TrainConfig, resolved: str, run_id: Optional[str], run_dir: Opti
         return TrainingResult(history, iteration, completed=True)
     finally:
         logger.close()
+        data.close()
 
 
 def _committed(root: Optional[str]) -> str:

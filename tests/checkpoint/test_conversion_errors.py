@@ -9,7 +9,7 @@ from megatron_onereason.tools import hf_to_mcore
 
 
 def _convert(hf_dir, out, *extra):
-    return hf_to_mcore.main(["--hf-dir", hf_dir, "--out-dir", out, *extra])
+    return hf_to_mcore.main(["--hf-dir", hf_dir, "--out-dir", out, "--no-tokenizer", *extra])
 
 
 def _copy(src, dst, edit_config=None, drop=()):

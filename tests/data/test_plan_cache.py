@@ -147,5 +147,5 @@ def test_plan_tool_builds_once(corpora, tmp_path, capsys):
     second = json.loads(capsys.readouterr().out)
     assert first["built"] and not second["built"] and first["plan"] == second["plan"]
     assert first["packing"]["packs"] == load_plans(first["plan"])[1].stats.packs
-    assert main(["data.blend=[1.0, /nonexistent/x]"]) == 2
+    assert main(["data.blend=[1.0, /nonexistent/x]"]) == 1  # a missing input: a user error
     assert "preprocess_data.py" in capsys.readouterr().err

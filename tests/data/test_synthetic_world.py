@@ -2,7 +2,6 @@
 Monte Carlo draws of the generator, and the tool's outputs."""
 import json
 import os
-import random
 import subprocess
 import sys
 

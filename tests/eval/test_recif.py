@@ -184,7 +184,8 @@ def test_bad_dump_is_one_line_and_leaves_no_output(recif_fixture, tmp_path, caps
     assert evaluate.cli(["--score-generations", str(tmp_path / "dump.json"), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert err.startswith(f"error: {tmp_path / 'dump.json'}: sample {sample_id}: ground_truth: malformed item")
+    assert err.startswith(f"evaluate: error: {tmp_path / 'dump.json'}: sample {sample_id}: ground_truth: "
+                          "malformed item")
     assert not out.exists() and os.listdir(tmp_path) == ["dump.json"]
     (tmp_path / "dump.json").write_bytes(b"\xff{")
     assert evaluate.cli(["--score-generations", str(tmp_path / "dump.json"), "--out", str(out)]) == 1

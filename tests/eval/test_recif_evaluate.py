@@ -156,5 +156,5 @@ def test_bad_inputs_are_one_line_and_leave_nothing(setup, tmp_path, capsys):
     for args, message in cases:
         assert evaluate.cli([*args, "--out", str(out), "--mode", "non-thinking"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+        assert len(err) == 1 and err[0].startswith("evaluate: error: ") and message in err[0], err
         assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".report")]

@@ -297,3 +297,33 @@ def test_resharding_refusals_name_the_format_and_the_version(monkeypatch):
     with pytest.raises(UserError, match=rf"megatron-core {re.escape(megatron.core.__version__)} has no fully "
                                         "reshardable distributed-optimizer format"):
         checkpointing._check_optimizer_resharding("ck/iter_0000002", "fully_reshardable", saved, now)
+
+
+# ----------------------------------------------------------------------------------- round 2: data and checksums
+def test_changed_data_seed_on_resume_is_refused_then_restarts_the_data_with_the_override(setup, base):
+    """The restored data position indexes the old shuffle: a new data.seed is refused, or with the override the data
+    starts again from its first pack (the step's consumed_samples counts from 0) and the log says so."""
+    save = copy_of(setup, base, "changed_seed")
+    before = snapshot(save)
+    proc, _ = train(setup, "seed_refused", 1, *resume_args(save), "data.seed=7", code=1)
+    line = the_error(proc)
+    assert "data.seed: 1234 in the checkpoint, 7 now" in line and "checkpoint.override_changed_settings=true" in line
+    assert snapshot(save) == before
+    proc, rows = train(setup, "seed_override", 1, *resume_args(save), "data.seed=7",
+                       "checkpoint.override_changed_settings=true", f"train.exit_at_iteration={STOP + 1}", code=75)
+    assert "the data order changed, so the data starts again from its first pack" in proc.stderr
+    assert [r["step"] for r in rows] == [STOP + 1] and rows[0]["consumed_samples"] == 4  # one batch from 0
+
+
+def test_a_deleted_manifest_with_a_damaged_shard_is_not_resumed(setup, base):
+    save = copy_of(setup, base, "no_manifest")
+    iter_dir = os.path.join(save, f"iter_{STOP:07d}")
+    os.remove(os.path.join(iter_dir, "onereason_checksums.json"))
+    flip_bytes(sorted(glob.glob(os.path.join(iter_dir, "*.distcp")))[0])
+    before = snapshot(save)
+    proc, _ = train(setup, "no_manifest", 1, *resume_args(save), code=1)
+    line = the_error(proc)
+    assert "onereason_checksums.json: missing (this checkpoint was saved with checksums" in line
+    assert f"the previous checkpoint, iteration {STOP - 1}, verifies" in line
+    assert "not verified" not in proc.stderr
+    assert snapshot(save) == before
