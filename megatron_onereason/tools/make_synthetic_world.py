@@ -31,6 +31,7 @@ from megatron_onereason.data.synthetic_world import (
 )
 from megatron_onereason.eval.benchmark import write_benchmark
 from megatron_onereason.fileio import atomic_directory
+from megatron_onereason.help_text import DocHelpFormatter
 from megatron_onereason.tokenizer.catalog_builder import CatalogInputs, build_itemic_tokenizer
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog
 from megatron_onereason.tokenizer.rq_kmeans import RQKMeansConfig
@@ -42,7 +43,7 @@ def _write_jsonl(path: str, records) -> None:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--seed", type=int, default=0, help="random seed (catalog, codebooks, users)")
     p.add_argument("--items-per-domain", type=int, default=200, help="catalog items per domain")

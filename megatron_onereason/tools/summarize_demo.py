@@ -18,6 +18,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from megatron_onereason.cli import run_cli
+from megatron_onereason.help_text import DocHelpFormatter
 
 
 def _rows(path: str) -> List[Dict]:
@@ -100,7 +101,7 @@ def plot(run: str, summary: Dict, out_path: str) -> None:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--run", required=True, help="examples/tiny_cpu.sh's run directory")
     p.add_argument("--domain", default="video", help="the RL target domain")
     p.add_argument("--window", type=int, default=5, help="steps averaged at the start and at the end")

@@ -36,6 +36,7 @@ import torch
 
 from megatron_onereason.cli import run_cli
 from megatron_onereason.eval.world_sim import MopdConfig, SimConfig, WorldPolicy, tiny_world, train_grpo, train_mopd
+from megatron_onereason.help_text import DocHelpFormatter
 
 KS = (1, 8, 32)
 GRPO_VARIANTS: Dict[str, Dict] = {
@@ -211,7 +212,7 @@ def plot(results: Dict, out_dir: str) -> None:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DocHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (results.json, table.md, PNGs)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (>= 3 for a standard error)")
     p.add_argument("--steps", type=int, default=100, help="GRPO steps per run")

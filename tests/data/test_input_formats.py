@@ -205,5 +205,5 @@ def test_broken_parquet_error_is_one_line_naming_the_file(tmp_path, tokenizers_3
     assert main(["--input", str(good), str(broken), "--tokenizer", tokenizers_3x32["extended"], "--output-prefix",
                  str(prefix)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: {broken}: not a readable parquet file")
+    assert err.count("\n") == 1 and err.startswith(f"preprocess_data: error: {broken}: not a readable parquet file")
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")  # nothing half-written

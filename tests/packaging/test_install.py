@@ -54,7 +54,8 @@ def test_converter_only_install_neither_needs_nor_imports_the_extras(tiny_hf_dir
         for module in {BASE_COMMANDS!r}:
             importlib.import_module(module)
         from megatron_onereason.tools import build_itemic_tokenizer, hf_to_mcore
-        assert hf_to_mcore.main(["--hf-dir", {tiny_hf_dirs["tied"]!r}, "--out-dir", {str(tmp_path / "mc")!r}]) == 0
+        assert hf_to_mcore.main(["--hf-dir", {tiny_hf_dirs["tied"]!r}, "--out-dir", {str(tmp_path / "mc")!r},
+                                 "--no-tokenizer"]) == 0
         code = build_itemic_tokenizer.main(["--embeddings", "x.npy", "--ids", "x.txt", "--domain", "video",
                                             "--out", {str(tmp_path / "tok")!r}, "--threads", "1"])
         assert code == 1, code

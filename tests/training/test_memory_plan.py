@@ -125,7 +125,7 @@ def test_cli_prints_the_8b_table_and_refuses_what_does_not_fit(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert plan_main(args[:-4] + ["--world-size", "20", "--model", "8b",
                                   "parallel.pipeline_model_parallel_size=5"]) == 2  # 36 layers: not in 5 stages
-    assert "does not split over PP=5" in capsys.readouterr().err
+    assert "PP=5 does not divide num_layers=36" in capsys.readouterr().err
     assert plan_main(args + ["train.global_batch_size=100"]) == 2
     assert "not divisible by DP=16" in capsys.readouterr().err
 
