@@ -18,6 +18,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from megatron_onereason.cli import run_cli
+from megatron_onereason.fileio import atomic_file
 from megatron_onereason.help_text import DocHelpFormatter
 
 
@@ -107,7 +108,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--window", type=int, default=5, help="steps averaged at the start and at the end")
     args = p.parse_args(argv)
     summary = summarize(args.run, args.domain, args.window)
-    with open(os.path.join(args.run, "summary.json"), "w") as f:
+    with atomic_file(os.path.join(args.run, "summary.json")) as f:
         json.dump(summary, f, indent=1)
     plot(args.run, summary, os.path.join(args.run, "curves.png"))
     g, ks = summary["grpo"], sorted(summary["oracle_recall"], key=int)
