@@ -19,6 +19,7 @@ from megatron_onereason.config import to_dict
 from megatron_onereason.model.qwen3_config import Qwen3Config, padded_vocab_size
 from megatron_onereason.rl.config import RLConfig
 from megatron_onereason.rl.data import load_run_prompts, prompt_renderer
+from megatron_onereason.rl.lineage import check_tokenizers
 from megatron_onereason.rl.rollout_batch import tree_length
 from megatron_onereason.rl.runtime import check_engine_devices, engine_plan
 from megatron_onereason.rl.tree_pack import TreeSequence
@@ -84,6 +85,7 @@ def dry_run(cfg: RLConfig, gpus_per_node: int = 8, device_gib: float = 80.0, out
 
     out("# resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False, width=120))
     cfg.check_model_dirs()
+    check_tokenizers(cfg)
     plan = engine_plan(cfg)
     check_engine_devices(cfg, plan)
     placement = plan_placement(cfg.ray.layout, plan.actor_ranks, cfg.actor.gpus_per_rank, plan.engines)

@@ -21,6 +21,7 @@ from megatron_onereason.config import ConfigError, load_config, to_dict
 from megatron_onereason.extras import import_optional
 from megatron_onereason.help_text import DocHelpFormatter, config_epilog
 from megatron_onereason.rl.config import RLConfig
+from megatron_onereason.rl.lineage import check_tokenizers
 from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON
 
 RAY_CONNECT_TIMEOUT_S = 10.0
@@ -56,6 +57,7 @@ def check_startup(cfg: RLConfig) -> None:
         raise UserError(f"rollout.model_dir={cfg.rollout.model_dir}: no {ITEMIC_JSON} (the itemic vocabulary the "
                         "rewards parse items with); export the model with checkpoints_convert/mcore_to_hf.py, which "
                         "carries it, or describe its tokens with tools/import_itemic_vocab.py")
+    check_tokenizers(cfg)
     if cfg.ray.address:
         check_ray_address(cfg.ray.address)
 

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Dict, List, Optional
 
 from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON, ItemicVocab, TokenizerFiles
 
 FINGERPRINT_KEY = "tokenizer_fingerprint"  # in P_stats.json of preprocessed data
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+log = logging.getLogger("megatron_onereason.tokenizer")
+
+
+def has_tokenizer_files(directory: Optional[str]) -> bool:
+    return bool(directory) and any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_FILES)
 
 
 def itemic_summary(vocab: Optional[ItemicVocab]) -> Optional[Dict]:
@@ -42,3 +50,22 @@ def describe(fingerprint: Dict) -> str:
 def fingerprint_differences(a: Dict, b: Dict) -> List[str]:
     """What differs between two fingerprints (empty: the same tokenizer)."""
     return [key for key in ("vocab_sha256", "vocab_size", "itemic") if a.get(key) != b.get(key)]
+
+
+def check_same_tokenizer(field_name: str, value: str, theirs: Dict, ours: Dict, where: str, remedy: str,
+                         override: str, allowed: bool, made_by: Optional[str] = None) -> None:
+    """Refuse ``field_name=value`` (made with the tokenizer of fingerprint ``theirs``) when the model (``where``)
+    has another one (``ours``), in one line naming both and ``remedy``; with ``allowed`` (the setting ``override``)
+    warn and go on, for the rare case where the ids mean the same tokens."""
+    from megatron_onereason.cli import UserError
+
+    if not fingerprint_differences(ours, theirs):
+        return
+    if allowed:
+        log.warning("%s=%s was made with another tokenizer (%s) than %s (%s): used anyway (%s)", field_name, value,
+                    describe(theirs), where, describe(ours), override)
+        return
+    source = f" ({made_by})" if made_by else ""
+    raise UserError(f"{field_name}={value}: made with the tokenizer{source} of {describe(theirs)}, but the model "
+                    f"({where}) has {describe(ours)}: {remedy}; or set {override}=true if the ids mean the same "
+                    "tokens")

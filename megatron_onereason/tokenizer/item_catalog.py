@@ -31,6 +31,15 @@ REVERSE_MAP_FILE = "codes_to_item.parquet"
 MANIFEST_FILE = "manifest.json"
 
 
+def catalog_manifest(directory: str) -> dict:
+    """``DIR/manifest.json`` of a catalog: its ``levels`` and ``codebook_size`` (read without the items)."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found (build a catalog with tools/build_itemic_tokenizer.py)")
+    with open(path) as f:
+        return json.load(f)
+
+
 class UnknownItemError(KeyError):
     """An item id, or a well-formed itemic pattern, that the catalog does not hold."""
 
@@ -167,12 +176,9 @@ class ItemCatalog:
         import pyarrow.parquet as pq
 
         path = os.path.join(directory, CATALOG_FILE)
-        manifest_path = os.path.join(directory, MANIFEST_FILE)
-        for p in (path, manifest_path):
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"{p}: not found (build a catalog with tools/build_itemic_tokenizer.py)")
-        with open(manifest_path) as f:
-            manifest = json.load(f)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: not found (build a catalog with tools/build_itemic_tokenizer.py)")
+        manifest = catalog_manifest(directory)
         levels, size = int(manifest["levels"]), int(manifest["codebook_size"])
         shared = bool(manifest.get("shared_codes", {}).get("kept", False))
         table = pq.read_table(path)

@@ -15,8 +15,8 @@ from megatron_onereason.model.qwen3_config import load_qwen3_config, padded_voca
 from megatron_onereason.data.indexed import MAX_TOKEN_ID_KEY
 from megatron_onereason.tokenizer.fingerprint import (
     FINGERPRINT_KEY,
-    describe,
-    fingerprint_differences,
+    check_same_tokenizer,
+    has_tokenizer_files,
     tokenizer_fingerprint,
 )
 from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON, ItemicVocab
@@ -248,9 +248,8 @@ class ModelTokenizer:
         else:
             name, root = "model.init_from", cfg.model.init_from
             vocab, assets = load_qwen3_config(root).vocab_size, root if os.path.isdir(root) else None
-        has_tokenizer = assets is not None and any(
-            os.path.exists(os.path.join(assets, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-        return cls(f"{name}={root}", vocab, assets if has_tokenizer else None, cfg.model.allow_other_tokenizer)
+        return cls(f"{name}={root}", vocab, assets if has_tokenizer_files(assets) else None,
+                   cfg.model.allow_other_tokenizer)
 
     @property
     def fingerprint(self) -> Optional[dict]:
@@ -261,19 +260,9 @@ class ModelTokenizer:
     def check(self, field_name: str, value: str, theirs: dict, remedy: str, made_by: Optional[str] = None) -> None:
         """Refuse ``value`` (made with the tokenizer of fingerprint ``theirs``) unless it is the model's tokenizer
         or ``model.allow_other_tokenizer`` is set."""
-        from megatron_onereason.cli import UserError
-
-        ours = self.fingerprint
-        if ours is None or not fingerprint_differences(ours, theirs):
-            return
-        if self.allow_other:
-            log.warning("%s=%s was made with another tokenizer (%s) than the model's (%s): used anyway "
-                        "(model.allow_other_tokenizer)", field_name, value, describe(theirs), describe(ours))
-            return
-        source = f" ({made_by})" if made_by else ""
-        raise UserError(f"{field_name}={value}: made with the tokenizer{source} of {describe(theirs)}, but the model "
-                        f"({self.where}) has {describe(ours)}: {remedy}; or set model.allow_other_tokenizer=true if "
-                        "the ids mean the same tokens")
+        if self.fingerprint is not None:
+            check_same_tokenizer(field_name, value, theirs, self.fingerprint, self.where, remedy,
+                                 "model.allow_other_tokenizer", self.allow_other, made_by)
 
 
 def check_training_inputs(cfg: "TrainConfig") -> None:

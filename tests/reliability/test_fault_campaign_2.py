@@ -349,3 +349,86 @@ def test_damaged_model_json_and_a_checkpoint_path_that_is_a_file_are_named(tiny_
     a_file.write_text("x")
     code, line = _train(capsys, "model.init_from=tiny", f"checkpoint.save={a_file}", "data.blend=[1.0, /nowhere]")
     assert code == 1 and f"checkpoint.save={a_file}: is a file; it names a checkpoint directory" in line
+
+
+# ------------------------------------------------------------------------------------------- RL tokenizer lineage
+@pytest.fixture(scope="module")
+def rl_inputs(tokenizers, tmp_path_factory):
+    """An actor checkpoint of the 3x16 model (converted with its tokenizer) and catalogs of 3x16 and 2x32 codes."""
+    from megatron_onereason.tokenizer.item_catalog import MANIFEST_FILE, ItemCatalog
+    from megatron_onereason.tools import hf_to_mcore
+
+    root = tmp_path_factory.mktemp("rl_lineage")
+    actor = root / "actor16"
+    assert hf_to_mcore.main(["--hf-dir", tokenizers["x16"], "--out-dir", str(actor)]) == 0
+    catalogs = {}
+    for name, levels, size in (("c3x16", 3, 16), ("c2x32", 2, 32)):
+        directory = root / name
+        directory.mkdir()
+        codes = np.arange(6 * levels).reshape(6, levels) % size
+        ItemCatalog([f"i{n}" for n in range(6)], ["video"] * 6, codes, size).save(str(directory))
+        (directory / MANIFEST_FILE).write_text(json.dumps({"levels": levels, "codebook_size": size}))
+        catalogs[name] = str(directory)
+    return {"actor16": str(actor), **catalogs}
+
+
+def _rl_lineage(capsys, tokenizers, tmp_path, *overrides):
+    """rl.run (GRPO) with the 3x32 tokenizer as the rollout model; refused before Ray starts."""
+    import ray
+
+    from megatron_onereason.cli import run_cli
+    from megatron_onereason.rl.run import main
+
+    base = [f"rollout.model_dir={tokenizers['x32']}", f"data.prompts={tmp_path}/p.jsonl",
+            f"data.catalog={tmp_path}/no_catalog", f"actor.model.load={tmp_path}/no_actor"]
+    code = run_cli("rl.run", lambda: main([*base, *overrides]))
+    assert not ray.is_initialized()
+    return code, one_line(capsys.readouterr().err, "rl.run")
+
+
+def test_rl_refuses_an_actor_teacher_or_catalog_of_another_tokenizer(tokenizers, rl_inputs, tmp_path, capsys):
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, f"actor.model.load={rl_inputs['actor16']}")
+    assert code == 1 and line.startswith(f"rl.run: error: actor.model.load={rl_inputs['actor16']}: made with the "
+                                         f"tokenizer ({rl_inputs['actor16']}/hf) of")
+    assert "itemic onereason_report 3x16" in line and f"rollout.model_dir={tokenizers['x32']}) has" in line
+    assert "3x32" in line and f"mcore_to_hf.py --mcore-dir {rl_inputs['actor16']}" in line
+    assert "actor.model.allow_other_tokenizer=true" in line
+    # The override passes the tokenizer but not a vocabulary the rollout cannot serve (1077 tokens vs 1125).
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, f"actor.model.load={rl_inputs['actor16']}",
+                             "actor.model.allow_other_tokenizer=true")
+    assert code == 1 and f"actor.model.load={rl_inputs['actor16']}: a model of 1077 tokens, but rollout" in line
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, "algorithm=mopd",
+                             f"mopd.teachers={{video: {tokenizers['x32']}, ad: {tokenizers['x16']}}}")
+    assert code == 1 and f"mopd.teachers.ad={tokenizers['x16']}: made with the tokenizer of" in line
+    assert "3x16" in line and "use a teacher trained from the student's model" in line
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, "algorithm=mopd", f"mopd.teachers={{video: "
+                             f"{tokenizers['x32']}}}", f"mopd.general_teacher={tokenizers['x16']}", "mopd.adv_clip=[0, 1]",
+                             f"data.general_prompts={tmp_path}/g.jsonl", "rollout.backend=hf")
+    from transformers import AutoTokenizer
+
+    student, teacher = (AutoTokenizer.from_pretrained(tokenizers[n]).get_vocab() for n in ("x32", "x16"))
+    moved = sum(student.get(token) != i for token, i in teacher.items())  # <b_*>, <c_*>: 2 x 16
+    assert code == 1 and f"mopd.general_teacher={tokenizers['x16']}: {moved} of its tokens have other ids" in line
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, f"data.catalog={rl_inputs['c3x16']}")
+    assert code == 1 and f"data.catalog={rl_inputs['c3x16']}: items of 3 levels x 16 codes, but the rollout " in line
+    assert "--levels 3 --codebook-size 16" in line and "actor.model.allow_other_tokenizer=true" in line
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, f"data.catalog={rl_inputs['c2x32']}",
+                             "actor.model.allow_other_tokenizer=true")  # 2 levels: no token writes them, no override
+    assert code == 1 and "items of 2 levels x 32 codes" in line and "allow_other_tokenizer" not in line
+
+
+def test_rl_tokenizer_checks_pass_the_inputs_of_one_tokenizer(tokenizers, rl_inputs, caplog):
+    from megatron_onereason.config import load_config
+    from megatron_onereason.rl.config import RLConfig
+    from megatron_onereason.rl.lineage import check_tokenizers
+
+    def cfg(*overrides):
+        return load_config(RLConfig, None, ["data.prompts=p.jsonl", f"actor.model.load={rl_inputs['actor16']}",
+                                            *overrides])
+
+    check_tokenizers(cfg(f"rollout.model_dir={tokenizers['x16']}", f"data.catalog={rl_inputs['c3x16']}",
+                         "algorithm=mopd", f"mopd.teachers={{video: {tokenizers['x16']}}}"))
+    assert caplog.text == ""
+    check_tokenizers(cfg(f"rollout.model_dir={tokenizers['x32']}", f"data.catalog={rl_inputs['c3x16']}",
+                         "actor.model.load=none", "actor.model.allow_other_tokenizer=true"))
+    assert "items of 3 levels x 16 codes" in caplog.text and "used anyway" in caplog.text
