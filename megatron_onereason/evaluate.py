@@ -38,6 +38,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+from megatron_onereason.checkpoint.hf_io import read_weight_map
 from megatron_onereason.checkpoint.mcore_io import MODEL_JSON
 from megatron_onereason.cli import run_cli
 from megatron_onereason.eval.benchmark import TASKS, RecInstance, load_benchmark, rec_instances, rec_messages
@@ -313,6 +314,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.score_generations is not None:
         return _score_generations(args)
     run = run_recif if args.recif is not None else run_evaluation
+    if not os.path.exists(os.path.join(args.model, MODEL_JSON)):  # a HF directory: its weights, before any work
+        try:
+            read_weight_map(args.model)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--model {e}") from None
     with tempfile.TemporaryDirectory(prefix="onereason_eval_") as tmp, \
             atomic_directory(args.out, overwrite=args.overwrite) as out_dir:
         model_dir = args.model

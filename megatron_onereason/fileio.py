@@ -129,6 +129,7 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: output directory already exists (pass --overwrite to replace it)")
+    check_writable(out_dir)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     remove_leftovers(out_dir)
     tmp = temp_sibling(out_dir)
@@ -150,6 +151,7 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
 def atomic_file(path: str, mode: str = "w", encoding: str = "utf-8") -> Iterator:
     """Yield a file open on a temporary sibling of ``path``; it replaces ``path`` only on success (readers see the
     old file or the new one, never half of one)."""
+    check_writable(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = temp_sibling(path)
     try:
@@ -192,6 +194,19 @@ def no_space_message(path: str, what: str) -> str:
     except OSError:
         free = "free space unknown"
     return f"{path}: disk full (or quota exceeded) while writing {what} ({free}); free space and run again"
+
+
+def check_writable(path: str, what: str = "") -> None:
+    """Refuse, before any work, an output ``path`` that cannot be created or written: its nearest existing directory
+    is not writable (permissions, a read-only file system). ``what`` names the setting, e.g. ``checkpoint.save=``."""
+    existing = _existing_parent(path)
+    directory = existing if os.path.isdir(existing) else os.path.dirname(existing)
+    if os.access(directory, os.W_OK | os.X_OK):
+        return
+    read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    raise PermissionError(f"{what}{path}: not writable ({directory}: "
+                          f"{'read-only file system' if read_only else 'permission denied'}); write it elsewhere or "
+                          "make that directory writable")
 
 
 def _existing_parent(path: str) -> str:

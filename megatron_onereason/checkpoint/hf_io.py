@@ -46,21 +46,25 @@ def link_or_copy(src: str, dst: str) -> None:
 # ---------------------------------------------------------------------------------------------- weight maps
 def read_weight_map(hf_dir: str) -> Tuple[Dict[str, str], Optional[Dict[str, Any]]]:
     """``(tensor name -> safetensors file name, index json or None)`` of a single-file or sharded directory."""
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: no such directory")
     index_path = os.path.join(hf_dir, INDEX_FILE)
     if os.path.exists(index_path):
         with open(index_path) as f:
             index = json.load(f)
         if not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{index_path}: no 'weight_map' object")
-        for fname in set(index["weight_map"].values()):
+        for fname in sorted(set(index["weight_map"].values())):
             if not os.path.exists(os.path.join(hf_dir, fname)):
-                raise FileNotFoundError(f"{index_path}: shard {fname} is listed but missing")
+                held = sorted(name for name, shard in index["weight_map"].items() if shard == fname)
+                more = f" and {len(held) - 1} more tensors" if len(held) > 1 else ""
+                raise FileNotFoundError(f"{index_path}: shard {fname} is listed but missing (it holds {held[0]}{more}); "
+                                        "copy it from the model's source again")
         return dict(index["weight_map"]), index
     single = os.path.join(hf_dir, SINGLE_FILE)
     if not os.path.exists(single):
-        raise FileNotFoundError(
-            f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors are supported)"
-        )
+        raise FileNotFoundError(f"{hf_dir}: no weights: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors "
+                                "are supported; a model saved as .bin: load and save_pretrained it again)")
     header, _ = read_safetensors_header(single)
     return {name: SINGLE_FILE for name in header if name != "__metadata__"}, None
 

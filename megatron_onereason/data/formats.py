@@ -418,7 +418,12 @@ def open_parquet(path: str):
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+        raise ValueError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """pyarrow's messages may run over several lines (thrift's): the first says what is wrong."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def iter_input(path: str, columns: Optional[Sequence[str]] = None
@@ -442,7 +447,7 @@ def iter_input(path: str, columns: Optional[Sequence[str]] = None
                     row += 1
                     yield row, record
         except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{path}: not a readable parquet file after row {row} ({e})") from None
+            raise ValueError(f"{path}: not a readable parquet file after row {row} ({_first_line(e)})") from None
         return
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):

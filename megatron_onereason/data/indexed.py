@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from megatron_onereason.fileio import remove_leftovers, temp_sibling
+from megatron_onereason.fileio import check_writable, remove_leftovers, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class IndexedPairWriter:
         blocking = next((d for d in _parents(directory) if os.path.exists(d) and not os.path.isdir(d)), None)
         if blocking:
             raise NotADirectoryError(f"output prefix {prefix}: {blocking} is a file, not a directory")
+        check_writable(prefix, "output prefix ")
         os.makedirs(directory, exist_ok=True)
         paths = _final_paths(prefix) + (stats_path(prefix),)
         for path in paths:  # temporary files of killed earlier runs

@@ -30,6 +30,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from megatron_onereason.data.formats import parse_json_line
 from megatron_onereason.data.synthetic_catalog import DOMAIN_NOUNS, SyntheticCatalog
 from megatron_onereason.data.synthetic_corpus import items_from_catalogs
 from megatron_onereason.tokenizer.item_catalog import ItemCatalog, UnknownItemError
@@ -138,15 +139,15 @@ def _parse_user(record: object, catalog: ItemCatalog) -> BenchmarkUser:
 
 def load_benchmark(path: str, catalog: ItemCatalog) -> List[BenchmarkUser]:
     users, seen = [], set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 (a parquet given as JSONL) is named like any other
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                user = _parse_user(json.loads(line), catalog)
+                user = _parse_user(parse_json_line(line), catalog)
                 if user.user_id in seen:
                     raise ValueError(f"duplicate user_id {user.user_id!r}")
-            except (json.JSONDecodeError, ValueError, UnknownItemError) as e:
+            except (ValueError, UnknownItemError) as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             seen.add(user.user_id)
             users.append(user)

@@ -202,13 +202,17 @@ class RLConfig(WandbLogging):
                              "to -1e9; OpenOneRec clips the advantage to [alpha, beta])")
         validate_method_settings(self)
 
+    def hf_model_dirs(self) -> List[Tuple[str, str]]:
+        """``(setting, HF directory)`` of every model the run's engines load."""
+        hf_dirs = [("rollout.model_dir", self.rollout.model_dir), ("mopd.general_teacher", self.mopd.general_teacher)]
+        hf_dirs += [(f"mopd.teachers.{domain}", path) for domain, path in sorted(self.mopd.teachers.items())]
+        return [(name, path) for name, path in hf_dirs if path]
+
     def check_model_dirs(self) -> None:
         """Every HF directory the run loads exists (run before any engine starts; not part of parsing, so configs can
         be built and validated anywhere): a missing path would otherwise reach transformers as a Hub repo id."""
-        hf_dirs = [("rollout.model_dir", self.rollout.model_dir), ("mopd.general_teacher", self.mopd.general_teacher)]
-        hf_dirs += [(f"mopd.teachers.{domain}", path) for domain, path in sorted(self.mopd.teachers.items())]
-        for name, path in hf_dirs:
-            if path and not os.path.isfile(os.path.join(path, "config.json")):
+        for name, path in self.hf_model_dirs():
+            if not os.path.isfile(os.path.join(path, "config.json")):
                 problem = "no config.json in it" if os.path.isdir(path) else "no such directory"
                 raise ValueError(f"{name}={path}: not a HF model directory ({problem}); give a local directory, e.g. "
                                  "one written by checkpoints_convert/mcore_to_hf.py")

@@ -118,10 +118,7 @@ def prompt_renderer(cfg, tokenizer, scheme: ItemicScheme) -> PromptRenderer:
 def detect_format(path: str) -> str:
     """The format of ``path`` from its fields (parquet schema, or the first JSONL record's keys)."""
     if path.endswith(".parquet"):
-        try:
-            names = set(open_parquet(path).schema_arrow.names)
-        except Exception as e:  # pyarrow raises several kinds
-            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+        names = set(open_parquet(path).schema_arrow.names)
     else:
         names = set()
         with open(path, "rb") as f:

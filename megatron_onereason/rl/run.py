@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from megatron_onereason.checkpoint.hf_io import read_weight_map
 from megatron_onereason.cli import UserError, run_cli
 from megatron_onereason.config import ConfigError, load_config, to_dict
 from megatron_onereason.extras import import_optional
@@ -58,6 +59,12 @@ def check_startup(cfg: RLConfig) -> None:
                         "rewards parse items with); export the model with checkpoints_convert/mcore_to_hf.py, which "
                         "carries it, or describe its tokens with tools/import_itemic_vocab.py")
     check_tokenizers(cfg)
+    for name, path in cfg.hf_model_dirs():  # the engines load them after Ray started: a traceback in a worker
+        if os.path.isfile(os.path.join(path, "config.json")):
+            try:
+                read_weight_map(path)
+            except FileNotFoundError as e:
+                raise UserError(f"{name}: {e}") from None
     if cfg.ray.address:
         check_ray_address(cfg.ray.address)
 

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from megatron_onereason.checkpoint.mcore_io import HF_ASSETS, CheckpointModelInfo
+from megatron_onereason.fileio import check_writable
 from megatron_onereason.model.builder import FP8Config, ModelBuildConfig, build_qwen3_model
 from megatron_onereason.model.qwen3_config import load_qwen3_config, padded_vocab_size
 from megatron_onereason.data.indexed import MAX_TOKEN_ID_KEY
@@ -282,6 +283,8 @@ def check_training_inputs(cfg: "TrainConfig") -> None:
     for field_name, path in (("checkpoint.save", c.save), ("checkpoint.load", c.load)):
         if path and os.path.exists(path) and not os.path.isdir(path):
             fail(field_name, path, "is a file; it names a checkpoint directory")
+    if c.save:
+        check_writable(c.save, "checkpoint.save=")
     resuming = checkpointing.has_checkpoint(c.load)
     if c.load and not resuming and os.path.abspath(c.load) != os.path.abspath(c.save or "") \
             and os.path.exists(c.load):
