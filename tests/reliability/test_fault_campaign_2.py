@@ -432,3 +432,20 @@ def test_rl_tokenizer_checks_pass_the_inputs_of_one_tokenizer(tokenizers, rl_inp
     check_tokenizers(cfg(f"rollout.model_dir={tokenizers['x32']}", f"data.catalog={rl_inputs['c3x16']}",
                          "actor.model.load=none", "actor.model.allow_other_tokenizer=true"))
     assert "items of 3 levels x 16 codes" in caplog.text and "used anyway" in caplog.text
+
+
+@pytest.mark.multiprocess
+def test_when_one_rank_fails_first_its_error_is_the_one_line(tmp_path):
+    """Two gloo ranks under the project's launcher; rank 1 alone reads a missing file while rank 0 waits in an
+    all-reduce: rank 1's error is the job's one ``error:`` line, rank 0 says it stopped because a peer ended."""
+    missing = tmp_path / "only_rank_1_reads.txt"
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "megatron_onereason.launch", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(REPO, "tests", "dist_workers", "one_rank_fails_worker.py"),
+                           "--rank-1-reads", str(missing)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert time.time() - start < 60 and proc.returncode == 1, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert errors == [f"train: error: [rank 1] {missing}: No such file or directory"], proc.stderr[-3000:]
+    assert "train: [rank 0] stopped: another process of the job ended first" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
