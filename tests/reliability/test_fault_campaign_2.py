@@ -333,7 +333,10 @@ def test_a_missing_weight_shard_is_named(tiny_hf_dirs, tmp_path, capsys):
     os.remove(src / shard)
     assert hf_to_mcore.main(["--hf-dir", str(src), "--out-dir", str(tmp_path / "mc"), "--no-tokenizer"]) == 1
     line = one_line(capsys.readouterr().err, "hf_to_mcore")
-    assert f"{src}/model.safetensors.index.json: shard {shard} is listed but missing" in line
+    with open(src / "model.safetensors.index.json") as f:
+        held = sorted(name for name, file in json.load(f)["weight_map"].items() if file == shard)
+    more = f" and {len(held) - 1} more tensors" if len(held) > 1 else ""
+    assert f"{src}/model.safetensors.index.json: shard {shard} is listed but missing (it holds {held[0]}{more})" in line
 
 
 def test_damaged_model_json_and_a_checkpoint_path_that_is_a_file_are_named(tiny_mcore, tmp_path, capsys):
@@ -449,3 +452,113 @@ def test_when_one_rank_fails_first_its_error_is_the_one_line(tmp_path):
     assert errors == [f"train: error: [rank 1] {missing}: No such file or directory"], proc.stderr[-3000:]
     assert "train: [rank 0] stopped: another process of the job ended first" in proc.stderr
     assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------- unclear endings
+def _without_weights(src, dst):
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    return str(dst)
+
+
+def test_a_model_directory_without_weights_is_named_before_any_work(tokenizers, tiny_mcore, tmp_path, capsys):
+    from megatron_onereason import evaluate
+    from megatron_onereason.tools import compare_logits, hf_to_mcore
+
+    bare = _without_weights(tokenizers["x32"], tmp_path / "bare")
+    no_weights = f"{bare}: no weights: neither model.safetensors nor model.safetensors.index.json found"
+    out = tmp_path / "report"
+    assert evaluate.cli(["--model", bare, "--data", "b.jsonl", "--catalog", "c", "--out", str(out)]) == 1
+    assert f"evaluate: error: --model {no_weights}" in one_line(capsys.readouterr().err, "evaluate")
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, f"rollout.model_dir={bare}")
+    assert code == 1 and f"rl.run: error: rollout.model_dir: {no_weights}" in line
+    assert hf_to_mcore.main(["--hf-dir", bare, "--out-dir", str(out)]) == 1
+    assert no_weights in one_line(capsys.readouterr().err, "hf_to_mcore")
+    assert compare_logits.main(["--mcore-dir", tiny_mcore, "--hf-dir", bare]) == 1
+    assert f"compare_logits: error: --hf-dir {no_weights}" in one_line(capsys.readouterr().err, "compare_logits")
+    assert compare_logits.main(["--mcore-dir", str(tmp_path / "nothing"), "--hf-dir", bare]) == 1
+    assert f"--mcore-dir {tmp_path}/nothing/onereason_model.json: not a megatron_onereason checkpoint" in \
+        one_line(capsys.readouterr().err, "compare_logits")
+    assert compare_logits.main(["--mcore-dir", tiny_mcore, "--hf-dir", tokenizers["x32"]]) == 1  # 1024 vs 1125 rows
+    line = one_line(capsys.readouterr().err, "compare_logits")
+    assert f"--hf-dir {tokenizers['x32']} has 1125 tokens, --mcore-dir {tiny_mcore} 1024: not the same model" in line
+    assert not out.exists()
+
+
+def test_compare_logits_verdict_stays_the_exit_code(tiny_hf_dirs, tiny_mcore, tmp_path, capsys):
+    """1 with a FAIL line (not an error line) for another model of the same shape; 0 with OK for its source."""
+    import torch
+
+    from megatron_onereason.model.hf_qwen3 import make_hf_qwen3
+    from megatron_onereason.model.qwen3_config import qwen3_preset
+    from megatron_onereason.tools import compare_logits
+
+    other = str(tmp_path / "other")
+    make_hf_qwen3(qwen3_preset("tiny"), seed=7).save_pretrained(other)  # the tied tiny model is seed 1
+    for hf_dir, code, verdict in ((other, 1, "-> FAIL"), (tiny_hf_dirs["tied"], 0, "-> OK")):
+        assert compare_logits.main(["--mcore-dir", tiny_mcore, "--hf-dir", hf_dir]) == code
+        out, err = capsys.readouterr()
+        assert out.strip().endswith(verdict) and "error:" not in err
+        assert not torch.distributed.is_initialized()  # torn down on the way out
+
+
+def test_a_corrupt_parquet_is_named_by_evaluate_and_rl(tokenizers, tiny_recommender, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_onereason import evaluate
+    from megatron_onereason.cli import run_cli
+    from megatron_onereason.rl.run import main as rl_main
+
+    rng = np.random.default_rng(0)
+    rows = [{"messages": json.dumps([{"role": "user", "content": "".join(rng.choice(list("abcdefgh"), 300))}]),
+             "metadata": json.dumps({"answer": ""})} for _ in range(64)]
+    corrupt = tmp_path / "task_test.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), corrupt, row_group_size=16)
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # a data page in the middle, the footer intact
+    corrupt.write_bytes(bytes(data))
+    out = tmp_path / "report"
+    assert evaluate.cli(["--model", tokenizers["x32"], "--recif", str(corrupt), "--out", str(out)]) == 1
+    line = one_line(capsys.readouterr().err, "evaluate")
+    assert f"evaluate: error: {corrupt}: not a readable parquet file after row " in line and not out.exists()
+    code = run_cli("rl.run", lambda: rl_main([
+        "--dry-run", f"rollout.model_dir={tiny_recommender.model_dir}", f"data.catalog={tiny_recommender.catalog_dir}",
+        f"data.prompts={corrupt}", f"actor.model.load={tmp_path}/none"]))
+    line = one_line(capsys.readouterr().err, "rl.run")
+    assert code == 1 and f"rl.run: error: {corrupt}: not a readable parquet file after row " in line
+    assert line.endswith(")")  # pyarrow's message cut at its first line, not in the middle of ours
+
+
+def test_read_only_outputs_are_named_before_any_work(tokenizers, recif_fixture_path, tmp_path):
+    """Run as a user without the right to write there (root without CAP_DAC_OVERRIDE: root ignores permissions)."""
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    blocked = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+               "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    if blocked and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    driver = """if True:
+        import json, sys
+        from megatron_onereason import evaluate
+        from megatron_onereason.tools import hf_to_mcore, preprocess_data
+        from megatron_onereason.train import main as train
+        ro, fixture, hf, src = sys.argv[1:]
+        print(json.dumps([
+            evaluate.cli(["--score-generations", fixture, "--k", "1,32", "--out", f"{ro}/scores.json"]),
+            preprocess_data.main(["--input", src, "--tokenizer", hf, "--output-prefix", f"{ro}/sub/p"]),
+            hf_to_mcore.main(["--hf-dir", hf, "--out-dir", f"{ro}/mc"]),
+            train(["model.init_from=tiny", f"checkpoint.save={ro}/ckpt", "data.blend=[1.0, /nowhere]"])]))
+    """
+    src = write_jsonl(tmp_path / "in.jsonl", n=3)
+    proc = subprocess.run([*blocked, sys.executable, "-c", driver, str(read_only), recif_fixture_path,
+                           tokenizers["x32"], src], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [1, 1, 1, 1], proc.stderr[-3000:]
+    why = f"not writable ({read_only}: permission denied); write it elsewhere or make that directory writable"
+    lines = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
+    assert lines == [f"evaluate: error: {read_only}/scores.json: {why}",
+                     f"preprocess_data: error: output prefix {read_only}/sub/p: {why}",
+                     f"hf_to_mcore: error: {read_only}/mc: {why}",
+                     f"train: error: checkpoint.save={read_only}/ckpt: {why}"], proc.stderr[-3000:]
+    assert os.listdir(read_only) == []
