@@ -143,8 +143,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--data needs --catalog")
     if not is_recif and (args.sid2pid or args.scheme):
         p.error("--sid2pid and --scheme apply to RecIF (--recif, --score-generations)")
-    if args.num_traces < 1 or (args.num_beams is not None and args.num_beams < 1):
-        p.error("--num-traces and --num-beams must be >= 1")
+    if args.num_traces < 1 or (args.num_beams is not None and args.num_beams < 1) or args.batch_size < 1:
+        p.error("--num-traces, --num-beams and --batch-size must be >= 1")
     if args.temperature is None:
         args.temperature = 0.6 if is_recif else 0.0  # OpenOneRec's stage-1 temperature
     if args.max_think_tokens is None:

@@ -186,8 +186,12 @@ class RLConfig(WandbLogging):
             missing.append("actor.model.load")
         if missing:
             raise ValueError(f"required settings missing: {', '.join(missing)}")
+        if self.steps < 0 or (self.steps == 0 and not self.eval_interval):
+            raise ValueError(f"steps={self.steps}: nothing to run; give steps >= 1 (steps=0 with eval_interval only "
+                             "evaluates the starting policy)")
         for name, value in (("actor.data_parallel_size", self.actor.data_parallel_size),
-                            ("rollout.replicas", self.rollout.replicas)):
+                            ("rollout.replicas", self.rollout.replicas), ("rollout.num_traces", self.rollout.num_traces),
+                            ("rollout.num_items", self.rollout.num_items)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         for role in ("rollout", "teachers", "reference", "evaluator"):

@@ -129,6 +129,8 @@ def detect_format(path: str) -> str:
                     except SampleError as e:
                         raise ValueError(f"{path}: row 0: {e}") from None
                     break
+            else:
+                raise ValueError(f"{path}: empty (no prompt records): nothing to train or evaluate on")
     for name, required in _SIGNATURES:
         if set(required) <= names:
             return name

@@ -37,7 +37,15 @@ def catalog_manifest(directory: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not found (build a catalog with tools/build_itemic_tokenizer.py)")
     with open(path) as f:
-        return json.load(f)
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: damaged, not valid JSON ({e}); build the catalog again "
+                             "(tools/build_itemic_tokenizer.py)") from None
+    missing = [key for key in ("levels", "codebook_size") if key not in manifest]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)} (not a catalog manifest of tools/build_itemic_tokenizer.py)")
+    return manifest
 
 
 class UnknownItemError(KeyError):

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-length", type=int, default=48, help="random tokens per sequence")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest max |logits difference| accepted")
     args = p.parse_args(argv)
+    if args.seq_length < 4:
+        p.error(f"--seq-length must be >= 4 (the pack holds three documents of at least one token), got "
+                f"{args.seq_length}")
     return run_cli("compare_logits", lambda: compare(args))
 
 

@@ -33,6 +33,8 @@ def run(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--evolution", action="store_true", help="also write R2 evolution tasks (Mix-RL)")
     args = p.parse_args(argv)
+    if args.users < 1:
+        p.error(f"--users must be >= 1, got {args.users} (a benchmark without users evaluates nothing)")
     config = SyntheticBenchmarkConfig(num_users=args.users, history_length=tuple(args.history_length),
                                       targets_per_domain=tuple(args.targets_per_domain), seed=args.seed,
                                       evolution=args.evolution)

@@ -196,6 +196,8 @@ def preprocess(
 
     seen: Dict[str, str] = {}
     for path in inputs:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path}: a directory; --input takes files (JSONL or parquet), e.g. {path}/*.jsonl")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: input file not found")
         same = seen.setdefault(os.path.realpath(path), path)
