@@ -562,3 +562,37 @@ def test_read_only_outputs_are_named_before_any_work(tokenizers, recif_fixture_p
                      f"hf_to_mcore: error: {read_only}/mc: {why}",
                      f"train: error: checkpoint.save={read_only}/ckpt: {why}"], proc.stderr[-3000:]
     assert os.listdir(read_only) == []
+
+
+# ------------------------------------------------------------------------------------------- own cases, round 3
+def test_own_cases_end_in_one_line(tokenizers, tmp_path, capsys):
+    """Cases of the third campaign that ended silent (exit 0) or unclear: each is refused naming what is wrong."""
+    from megatron_onereason import evaluate
+    from megatron_onereason.rl.data import detect_format
+    from megatron_onereason.tools import compare_logits, make_synthetic_benchmark, preprocess_data
+
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    (catalog / "manifest.json").write_text('{"levels": 3,')
+    code, line = _rl_lineage(capsys, tokenizers, tmp_path, f"data.catalog={catalog}")
+    assert code == 1 and f"{catalog}/manifest.json: damaged, not valid JSON" in line
+    for override in ("rollout.num_traces=0", "rollout.num_items=0", "steps=0"):  # used to run and learn nothing
+        code, line = _rl_lineage(capsys, tokenizers, tmp_path, override, "grpo.diversity=false")
+        assert code == 2 and override.split(".")[-1].split("=")[0] in line and "config error" in line
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=f"{empty}: empty \\(no prompt records\\)"):
+        detect_format(str(empty))
+    assert preprocess_data.main(["--input", str(tmp_path), "--tokenizer", tokenizers["x32"], "--output-prefix",
+                                 str(tmp_path / "p")]) == 1
+    line = one_line(capsys.readouterr().err, "preprocess_data")
+    assert f"{tmp_path}: a directory; --input takes files" in line
+    for main, argv in ((compare_logits.main, ["--mcore-dir", "m", "--hf-dir", "h", "--seq-length", "0"]),
+                       (evaluate.cli, ["--model", "m", "--data", "d", "--catalog", "c", "--out", "o", "--batch-size",
+                                       "0"]),
+                       (make_synthetic_benchmark.main, ["--synthetic-catalog", "s", "--catalog", "c", "--out", "o",
+                                                        "--users", "0"])):
+        with pytest.raises(SystemExit) as stop:  # bad usage: argparse's one line, exit 2
+            main(argv)
+        assert stop.value.code == 2 and "must be >= " in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["catalog", "prompts.jsonl"]
