@@ -68,7 +68,7 @@ from megatron_onereason.generation.backend import BACKENDS, GenerationBackend
 from megatron_onereason.generation.params import ITEM_STRATEGIES, GenerationParams, Prompt
 from megatron_onereason.generation.prompts import chat_prompt_ids
 from megatron_onereason.help_text import DocHelpFormatter
-from megatron_onereason.tokenizer.itemic_tokens import PRESETS, ItemicScheme, preset
+from megatron_onereason.tokenizer.itemic_tokens import PRESETS, ItemicScheme, TokenizerFiles, preset
 
 SYNTHETIC_KS = (1, 8, 16, 32, 64)
 MODES = {"thinking": (True,), "non-thinking": (False,), "both": (True, False)}
@@ -314,9 +314,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.score_generations is not None:
         return _score_generations(args)
     run = run_recif if args.recif is not None else run_evaluation
-    if not os.path.exists(os.path.join(args.model, MODEL_JSON)):  # a HF directory: its weights, before any work
+    if not os.path.exists(os.path.join(args.model, MODEL_JSON)):  # a HF directory: weights, tokenizer, before any work
         try:
             read_weight_map(args.model)
+            TokenizerFiles(args.model)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--model {e}") from None
     with tempfile.TemporaryDirectory(prefix="onereason_eval_") as tmp, \

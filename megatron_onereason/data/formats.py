@@ -36,7 +36,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from megatron_onereason.tokenizer.itemic_tokens import ITEMIC_JSON, ITEMIC_LIKE_RE, ItemicPatternError, ItemicVocab
+from megatron_onereason.tokenizer.itemic_tokens import (
+    ITEMIC_JSON,
+    ITEMIC_LIKE_RE,
+    ItemicPatternError,
+    ItemicVocab,
+    read_tokenizer_json,
+)
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -354,12 +360,10 @@ class SampleEncoder:
     ``itemic_tokens.json``, when there is one, names the itemic vocabulary."""
 
     def __init__(self, tokenizer_dir: str, config: FormatConfig = FormatConfig()) -> None:
-        from tokenizers import Tokenizer
-
         path = os.path.join(tokenizer_dir, "tokenizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no tokenizer.json (need a fast HF tokenizer directory)")
-        self.tokenizer = Tokenizer.from_file(path)
+        self.tokenizer = read_tokenizer_json(path)
         has_itemic = os.path.exists(os.path.join(tokenizer_dir, ITEMIC_JSON))
         self.vocab = ItemicVocab.load(tokenizer_dir) if has_itemic else None
         self.config = config

@@ -629,15 +629,25 @@ def _recorded_ids(d: Dict, scheme: ItemicScheme) -> Dict:
     return {k: d[k] for k in keys if k in d}
 
 
+def read_tokenizer_json(path: str):
+    """``tokenizers.Tokenizer`` of ``path``; a damaged file (truncated, not JSON) is a ``ValueError`` naming it (the
+    tokenizers library raises a bare ``Exception("EOF while parsing ...")``)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # the library raises nothing more specific
+        raise ValueError(f"{path}: damaged, not a readable tokenizer ({e}); copy the model's tokenizer files "
+                         "again") from None
+
+
 class TokenizerFiles:
     """Token lookups and encoding with the tokenizer files of a HF directory (``tokenizer.json`` when present)."""
 
     def __init__(self, directory: str):
         path = os.path.join(directory, "tokenizer.json")
         if os.path.exists(path):
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_file(path)
+            tok = read_tokenizer_json(path)
             self.token_to_id = tok.token_to_id
             self.encode = lambda text: tok.encode(text, add_special_tokens=False).ids
             self.vocab = lambda: tok.get_vocab(with_added_tokens=True)

@@ -595,4 +595,14 @@ def test_own_cases_end_in_one_line(tokenizers, tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:  # bad usage: argparse's one line, exit 2
             main(argv)
         assert stop.value.code == 2 and "must be >= " in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["catalog", "prompts.jsonl"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tokenizers["x32"], damaged)
+    text = (damaged / "tokenizer.json").read_text()
+    (damaged / "tokenizer.json").write_text(text[:len(text) // 2])  # a copy that stopped half-way
+    why = f"{damaged}/tokenizer.json: damaged, not a readable tokenizer (EOF while parsing"
+    assert preprocess_data.main(["--input", str(empty), "--tokenizer", str(damaged), "--output-prefix",
+                                 str(tmp_path / "p")]) == 1
+    assert why in one_line(capsys.readouterr().err, "preprocess_data")
+    assert evaluate.cli(["--model", str(damaged), "--data", "d", "--catalog", "c", "--out", str(tmp_path / "o")]) == 1
+    assert why in one_line(capsys.readouterr().err, "evaluate")
+    assert sorted(os.listdir(tmp_path)) == ["catalog", "damaged", "prompts.jsonl"]
