@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default: OneReason's pre-training pipeline end to end on a tiny random Qwen3, on CPU, no downloads.
 #   bash examples/tiny_cpu.sh [RUN_DIR]      (default runs/tiny_cpu; re-running starts it afresh, deleting RUN_DIR only
-#   if this script created it; 37 min measured at a load average of 25-28 on 2 cores, not yet re-measured quiet).
+#   if this script created it; 9-10 min measured on 2 quiet cores, plus ~2 min for the venv on a first run).
 #   WORLD_SEED (default 0) and RL_SEED (default 1234) pick the world and the RL runs' seeds.
 # learnable synthetic world (catalog, RQ-KMeans itemic codes, corpus, SFT data with CoTs, RL prompts, oracle) ->
 # tiny Qwen3 + extended vocabulary -> megatron checkpoint -> preprocessing -> stage 1 (TP=2) -> stage 2 (PP=2) ->
@@ -26,8 +26,10 @@ torchrun2() { $PY -m torch.distributed.run --standalone --nproc_per_node 2 "$@";
 start=$(date +%s)
 
 step "1-2. learnable world: 4 domains x 200 items in 8 interests each, RQ-KMeans itemic codes (3 levels x 16),
-users whose next video follows their dominant interest's sequence; the oracle's Recall@K"
-$PY tools/make_synthetic_world.py --out "$RUN/world" --seed "${WORLD_SEED:-0}" --target-domains video
+users whose next video is a popular item of their dominant interest (Zipf popularity); SFT answers from a demonstrator
+that knows the interest but not the popularity, so GRPO's reward has something to teach; the oracle's Recall@K"
+$PY tools/make_synthetic_world.py --out "$RUN/world" --seed "${WORLD_SEED:-0}" --target-domains video \
+  --follow-prob 0 --popularity-skew 2 --sft-answers interest --train-users 512 --eval-users 256
 W=$RUN/world
 
 step "3. tiny random Qwen3 + locally built Qwen3 tokenizer, vocabulary extended with the itemic tokens"

