@@ -69,7 +69,7 @@ evaluate() {  # name model: held-out Recall@1/8/32 (greedy CoT, then a beam of 3
 }
 step "11. held-out Recall@K of the SFT model"; evaluate sft "$RUN/hf_final"
 
-step "12. GRPO on video: two-stage rollout (N=2 traces x K=8 items), TP=2 megatron actor + vLLM rollout on Ray"
+step "12. GRPO on video: two-stage rollout (16 prompts x N=2 traces x K=16 items per step), TP=2 megatron actor + vLLM rollout on Ray"
 $PY -m megatron_onereason.rl.run --config examples/configs/tiny/grpo.yaml actor.model.load="$RUN/ckpt/sft" \
   "${RL_DATA[@]}" save="$RUN/ckpt/grpo_video" metrics_jsonl="$RUN/metrics/grpo.jsonl" tensorboard_dir="$RUN/tb/grpo"
 $PY checkpoints_convert/mcore_to_hf.py --mcore-dir "$RUN/ckpt/grpo_video" --out-dir "$RUN/hf_grpo_video"
