@@ -141,13 +141,10 @@ def test_catalog_and_sid2pid(setup):
 
 
 def test_bad_inputs_are_one_line_and_leave_nothing(setup, tmp_path, capsys):
-    from megatron_onereason.tokenizer.qwen3_tokenizer import build_tiny_qwen3_tokenizer
-
-    plain = tmp_path / "plain_model"
-    build_tiny_qwen3_tokenizer().save_pretrained(str(plain))
     out = tmp_path / "report"
     cases = [
-        (["--model", str(plain), "--recif", setup["task"]], "itemic_tokens.json"),
+        # the released checkpoint before import_itemic_vocab: weights and itemic tokens, no itemic_tokens.json
+        (["--model", str(setup["root"] / "spread"), "--recif", setup["task"]], "itemic_tokens.json"),
         (["--model", setup["model"], "--recif", str(tmp_path / "nope")], "no such file or directory"),
     ]
     broken = tmp_path / "broken_test.parquet"

@@ -453,7 +453,8 @@ def test_when_one_rank_fails_first_its_error_is_the_one_line(tmp_path):
     # Rank 0 says it stopped when it sees the peer end before the launcher's stop reaches it (19 of 20 runs by hand);
     # whatever it says is that line, never a second error.
     rank_0 = [ln for ln in proc.stderr.splitlines() if "[rank 0]" in ln]
-    assert set(rank_0) <= {"train: [rank 0] stopped: another process of the job ended first"}, proc.stderr[-3000:]
+    assert set(rank_0) <= {"train: [rank 0] stopped: another process of the job ended first (its error is the one to "
+                           "read)"}, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
 
 
